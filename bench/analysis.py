@@ -1,0 +1,73 @@
+"""Results as a pandas DataFrame: one row per episode, the run's manifest fields as columns.
+
+    from bench.analysis import load_results
+    df = load_results("results/*")
+    df.groupby(["policy", "suite"]).success.mean()
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pandas as pd
+
+from bench.records import MANIFEST, read_episodes, read_manifest
+
+
+def find_run_dirs(spec: str | Path) -> list[Path]:
+    """A run directory, a directory of run directories, or a glob of either."""
+    matches = sorted(glob.glob(str(spec))) or [str(spec)]
+    runs: list[Path] = []
+    for match in map(Path, matches):
+        if (match / MANIFEST).is_file():
+            runs.append(match)
+        elif match.is_dir():
+            runs.extend(sorted(p.parent for p in match.glob(f"*/{MANIFEST}")))
+    if not runs:
+        raise FileNotFoundError(f"no run directory (with {MANIFEST}) found at {spec}")
+    return runs
+
+
+def _flatten(prefix: str, data: dict) -> dict:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(f"{name}.", value))
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_frame(run_dir: Path) -> pd.DataFrame:
+    manifest = read_manifest(run_dir)
+    rows = []
+    run_fields = {
+        "run_id": manifest["run_id"],
+        "run_dir": str(run_dir),
+        "policy": manifest["config"]["policy"],
+        **_flatten("config.", manifest["config"]),
+        **_flatten("protocol.", manifest.get("protocol", {})),
+        **_flatten("versions.", manifest.get("versions", {})),
+        **_flatten("code.", manifest.get("code", {})),
+        "host": manifest.get("host", {}).get("hostname"),
+        "started_at": manifest.get("started_at"),
+    }
+    for record in read_episodes(run_dir):
+        row = {k: v for k, v in record.items() if not isinstance(v, dict)}
+        row.update(_flatten("latency_ms.", record.get("latency_ms") or {}))
+        row.update(_flatten("stats.", record.get("policy_stats") or {}))
+        row.update(run_fields)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        # 1.0 / 0.0, and NaN for errors, so that .mean() is the success rate over judged episodes.
+        frame["success"] = frame["outcome"].map({"success": 1.0, "failure": 0.0})
+    return frame
+
+
+def load_results(spec: str | Path) -> pd.DataFrame:
+    frames = [run_frame(run) for run in find_run_dirs(spec)]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

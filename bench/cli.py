@@ -1,0 +1,201 @@
+"""The ``bench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_POLICY = "noop"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="LIBERO benchmark harness for VLA policies")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run episodes and record them")
+    run.add_argument("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 (libero_long), libero_90")
+    run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}); see 'bench list policies'")
+    run.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+                     help="policy option, repeatable")
+    run.add_argument("--tasks", help="task indices, e.g. 0,3 or 0-4 (default: all)")
+    sel = run.add_mutually_exclusive_group()
+    sel.add_argument("--episodes-per-task", type=int, help="use the first N init states of each task (default 50)")
+    sel.add_argument("--init-states", help="init state indices, e.g. 0,7,12")
+    run.add_argument("--seed", type=int, help="policy seed (default 0); the env seed is fixed by the protocol")
+    run.add_argument("--chunk-length", type=int, help="execute the first K actions of each chunk (default: the policy's)")
+    run.add_argument("--max-steps", type=int, help="override the suite's step budget (smoke tests only)")
+    run.add_argument("--watchdog", type=float, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
+    run.add_argument("--video", action="store_true", default=None, help="write an MP4 per episode")
+    run.add_argument("--out", type=Path, help="run directory (default results/<suite>_<policy>_<time>)")
+    run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    run.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    lst = sub.add_parser("list", help="list suites, tasks or policies")
+    lst.add_argument("what", choices=["suites", "tasks", "policies"])
+    lst.add_argument("--suite", help="suite for 'list tasks'")
+
+    rep = sub.add_parser("report", help="tables from run directories")
+    rep.add_argument("runs", nargs="+", help="run directories (or globs)")
+    rep.add_argument("--csv", type=Path, help="also write the table as CSV to this file ('-' for stdout only)")
+
+    cmp = sub.add_parser("compare", help="exit non-zero if CANDIDATE regresses against BASELINE")
+    cmp.add_argument("baseline")
+    cmp.add_argument("candidate")
+    cmp.add_argument("--max-drop", type=float, required=True, help="allowed drop in success, percentage points")
+    cmp.add_argument("--alpha", type=float, default=0.05, help="significance level of the McNemar test")
+    return parser
+
+
+def _config_from_args(args):
+    from bench.config import RunConfig
+    from bench.plan import parse_index_list
+    from bench.records import read_manifest
+
+    given = {
+        "suite": args.suite,
+        "policy": args.policy,
+        "policy_args": dict(args.policy_arg) if args.policy_arg else None,
+        "tasks": parse_index_list(args.tasks, "task"),
+        "episodes_per_task": args.episodes_per_task,
+        "init_states": parse_index_list(args.init_states, "init state"),
+        "seed": args.seed,
+        "chunk_length": args.chunk_length,
+        "max_steps": args.max_steps,
+        "watchdog_s": args.watchdog_s,
+        "video": args.video,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        # Settings not given again are those recorded; settings given again must match them.
+        base = read_manifest(args.resume)["config"]
+        if "episodes_per_task" in given or "init_states" in given:
+            base = {**base, "episodes_per_task": None, "init_states": None}
+        return RunConfig.from_dict({**base, **given})
+    if "suite" not in given:
+        raise ValueError("--suite is required (or --resume DIR)")
+    given.setdefault("policy", DEFAULT_POLICY)
+    return RunConfig(**given)
+
+
+def cmd_run(args) -> int:
+    from bench.report import markdown_report
+    from bench.analysis import load_results
+    from bench.runner import default_run_dir, execute
+
+    if args.resume and args.out and args.out != args.resume:
+        raise ValueError("--out and --resume name different directories; give one")
+    config = _config_from_args(args)
+    run_dir = args.resume or args.out or default_run_dir(config)
+    summary = execute(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    df = load_results(summary.run_dir)
+    if args.json:
+        judged = summary.outcomes["success"] + summary.outcomes["failure"]
+        print(json.dumps({
+            "run_dir": str(summary.run_dir),
+            "suite": config.suite,
+            "policy": config.policy,
+            "planned": summary.planned,
+            "recorded": summary.recorded,
+            "ran_now": summary.ran_now,
+            "outcomes": summary.outcomes,
+            "success_rate": summary.outcomes["success"] / judged if judged else None,
+        }, indent=2))
+    else:
+        print(f"run directory: {summary.run_dir}")
+        if not df.empty:
+            print(markdown_report(df))
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "suites":
+        from suites import list_suites
+
+        print("| suite | aliases | tasks | max steps | settle steps |\n|---|---|---|---|---|")
+        for s in list_suites():
+            print(f"| {s.name} | {', '.join(s.aliases)} | {s.num_tasks} | {s.max_steps} | {s.settle_steps} |")
+    elif args.what == "tasks":
+        from suites import get_suite
+
+        if not args.suite:
+            raise ValueError("'bench list tasks' needs --suite")
+        suite = get_suite(args.suite)
+        print(f"{suite.name}: {suite.num_tasks} tasks, {suite.max_steps} max steps")
+        for task in suite.tasks:
+            print(f"{task.index:3d}  {task.instruction}")
+    else:
+        from policies import list_policies
+
+        for name, summary in list_policies():
+            print(f"{name:12s} {summary}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bench.analysis import load_results
+    from bench.report import markdown_report, success_table
+
+    frames = [load_results(spec) for spec in args.runs]
+    import pandas as pd
+
+    df = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) else None
+    if df is None:
+        raise ValueError("the run directories hold no recorded episodes yet")
+    print(markdown_report(df))
+    if args.csv:
+        table = success_table(df)
+        if str(args.csv) == "-":
+            table.to_csv(sys.stdout, index=False)
+        else:
+            table.to_csv(args.csv, index=False)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import pandas as pd
+
+    from bench.analysis import load_results, find_run_dirs
+    from bench.compare import compare_runs
+
+    dirs = [find_run_dirs(args.baseline), find_run_dirs(args.candidate)]
+    for spec, found in zip((args.baseline, args.candidate), dirs):
+        if len(found) != 1:
+            raise ValueError(f"{spec} must name exactly one run directory, found {len(found)}")
+    df = pd.concat([load_results(d[0]) for d in dirs], ignore_index=True)
+    ids = [d[0].name for d in dirs]
+    if ids[0] == ids[1]:
+        df.loc[df["run_dir"] == str(dirs[1][0]), "run_id"] = ids[1] = ids[1] + " (candidate)"
+    verdict = compare_runs(df, ids[0], ids[1], args.max_drop, args.alpha)
+    print("\n".join(verdict.lines))
+    return 1 if verdict.regressed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+    from bench.records import RunDirError
+    from policies.base import PolicyOptionError
+
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, RunDirError, PolicyOptionError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; recorded episodes are kept. Continue with: bench run --resume DIR",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

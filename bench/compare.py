@@ -1,0 +1,46 @@
+"""Regression gate: does a candidate run do worse than a baseline run?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from bench.report import paired_comparison
+
+
+@dataclass
+class Verdict:
+    regressed: bool
+    lines: list[str]
+
+
+def compare_runs(df: pd.DataFrame, baseline: str, candidate: str, max_drop: float, alpha: float = 0.05) -> Verdict:
+    """Regressed if success drops by more than ``max_drop`` points on the paired episodes,
+    or if the paired drop is significant (exact McNemar, two-sided, at ``alpha``)."""
+    cmp = paired_comparison(df, baseline, candidate)
+    if cmp.pairs == 0:
+        return Verdict(True, [f"REGRESSION CHECK IMPOSSIBLE: {baseline} and {candidate} share no judged episode "
+                              "(same suite, task and init state, neither an error)"])
+    base_rate = 100.0 * cmp.baseline_success / cmp.pairs
+    cand_rate = 100.0 * cmp.candidate_success / cmp.pairs
+    lines = [
+        f"paired episodes: {cmp.pairs}",
+        f"baseline success: {cmp.baseline_success}/{cmp.pairs} = {base_rate:.1f}%",
+        f"candidate success: {cmp.candidate_success}/{cmp.pairs} = {cand_rate:.1f}%",
+        f"discordant pairs: baseline-only {cmp.only_baseline}, candidate-only {cmp.only_candidate}; "
+        f"exact McNemar p = {cmp.p_value:.4g}",
+    ]
+    errors = df[(df["outcome"] == "error") & df["run_id"].isin([baseline, candidate])]
+    if not errors.empty:
+        lines.append(f"episodes left out for errors: {len(errors)}")
+    regressed = False
+    if cmp.drop_points > max_drop:
+        regressed = True
+        lines.append(f"REGRESSION: success dropped by {cmp.drop_points:.1f} points, more than the allowed {max_drop:g}")
+    if cmp.p_value < alpha and cmp.only_baseline > cmp.only_candidate:
+        regressed = True
+        lines.append(f"REGRESSION: the drop is significant on the paired episodes (p = {cmp.p_value:.4g} < {alpha:g})")
+    if not regressed:
+        lines.append(f"OK: drop {cmp.drop_points:.1f} points (allowed {max_drop:g}), not significant at {alpha:g}")
+    return Verdict(regressed, lines)

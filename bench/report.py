@@ -1,0 +1,145 @@
+"""Tables from run directories: success with 95% Wilson intervals, latency, policy statistics.
+
+Errors are counted apart and excluded from success rates. With several runs, episodes that
+both runs recorded (same suite, task and init state) are paired and compared with the exact
+McNemar test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from bench.stats import mcnemar_exact, wilson_interval
+
+ALL_TASKS = "all"
+
+
+def _stat_columns(df: pd.DataFrame) -> list[str]:
+    cols = [c for c in df.columns if c.startswith("stats.")]
+    return [c for c in cols if pd.api.types.is_numeric_dtype(df[c])]
+
+
+def _group_row(group: pd.DataFrame, stat_cols: list[str]) -> dict:
+    n_success = int((group["outcome"] == "success").sum())
+    n_failure = int((group["outcome"] == "failure").sum())
+    judged = n_success + n_failure
+    low, high = wilson_interval(n_success, judged)
+    latencies = [x for lst in group["query_latency_ms"] for x in (lst or [])]
+    row = {
+        "episodes": len(group),
+        "success": n_success,
+        "failure": n_failure,
+        "errors": int((group["outcome"] == "error").sum()),
+        "success_rate": n_success / judged if judged else math.nan,
+        "ci95_low": low if judged else math.nan,
+        "ci95_high": high if judged else math.nan,
+        "mean_steps": float(group.loc[group["outcome"] != "error", "steps"].mean()) if judged else math.nan,
+    }
+    if latencies:
+        p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+        row.update(latency_mean_ms=float(np.mean(latencies)), latency_p50_ms=p50, latency_p90_ms=p90, latency_p99_ms=p99)
+    else:
+        row.update(latency_mean_ms=math.nan, latency_p50_ms=math.nan, latency_p90_ms=math.nan, latency_p99_ms=math.nan)
+    for col in stat_cols:
+        row[col.removeprefix("stats.")] = float(group[col].mean())
+    return row
+
+
+def success_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run, suite, task) and one per (run, suite) with task ``all``."""
+    stat_cols = _stat_columns(df)
+    rows = []
+    for (run_id, suite), run_suite in df.groupby(["run_id", "suite"], sort=False):
+        policy = run_suite["policy"].iloc[0]
+        for task, group in run_suite.groupby("task_index"):
+            rows.append({"run": run_id, "policy": policy, "suite": suite, "task": str(task), **_group_row(group, stat_cols)})
+        rows.append({"run": run_id, "policy": policy, "suite": suite, "task": ALL_TASKS, **_group_row(run_suite, stat_cols)})
+    table = pd.DataFrame(rows)
+    empty_cols = [c for c in table.columns if table[c].isna().all()]
+    return table.drop(columns=empty_cols)
+
+
+@dataclass
+class PairedComparison:
+    baseline: str
+    candidate: str
+    pairs: int
+    baseline_success: int
+    candidate_success: int
+    only_baseline: int  # b: baseline succeeded, candidate did not
+    only_candidate: int  # c
+    p_value: float
+
+    @property
+    def drop_points(self) -> float:
+        """Baseline minus candidate success rate on the paired episodes, in percentage points."""
+        return 100.0 * (self.baseline_success - self.candidate_success) / self.pairs if self.pairs else 0.0
+
+
+def paired_comparison(df: pd.DataFrame, baseline: str, candidate: str) -> PairedComparison:
+    """Pair episodes on (suite, task, init state); pairs with an error on either side are left out."""
+    judged = df[df["outcome"] != "error"]
+    cols = ["key", "outcome"]
+    a = judged[judged["run_id"] == baseline][cols]
+    b = judged[judged["run_id"] == candidate][cols]
+    merged = a.merge(b, on="key", suffixes=("_a", "_b"))
+    sa = merged["outcome_a"] == "success"
+    sb = merged["outcome_b"] == "success"
+    only_a, only_b = int((sa & ~sb).sum()), int((~sa & sb).sum())
+    return PairedComparison(
+        baseline, candidate, len(merged), int(sa.sum()), int(sb.sum()), only_a, only_b, mcnemar_exact(only_a, only_b)
+    )
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return ""
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+    return str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def presentable(table: pd.DataFrame) -> pd.DataFrame:
+    """Rates as percentages with the interval in one column, for people to read."""
+    out = table.copy()
+    out["success_%"] = (100 * out["success_rate"]).round(1)
+    out["ci95_%"] = [
+        "" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in zip(out["ci95_low"], out["ci95_high"])
+    ]
+    out = out.drop(columns=["success_rate", "ci95_low", "ci95_high"])
+    first = ["run", "policy", "suite", "task", "episodes", "success_%", "ci95_%", "errors"]
+    return out[first + [c for c in out.columns if c not in first]]
+
+
+def markdown_report(df: pd.DataFrame) -> str:
+    table = presentable(success_table(df))
+    parts = ["## Success by task and suite", "", to_markdown(table)]
+    runs = list(dict.fromkeys(df["run_id"]))
+    if len(runs) > 1:
+        parts += ["", f"## Paired episodes (baseline: {runs[0]})", ""]
+        rows = []
+        for other in runs[1:]:
+            cmp = paired_comparison(df, runs[0], other)
+            rows.append({
+                "candidate": other, "pairs": cmp.pairs, "baseline_success": cmp.baseline_success,
+                "candidate_success": cmp.candidate_success, "only_baseline": cmp.only_baseline,
+                "only_candidate": cmp.only_candidate, "drop_points": round(cmp.drop_points, 2),
+                "mcnemar_p": cmp.p_value,
+            })
+        parts.append(to_markdown(pd.DataFrame(rows)))
+    errors = df[df["outcome"] == "error"]
+    if not errors.empty:
+        parts += ["", f"## Errors ({len(errors)}; not counted as failures)", ""]
+        parts += [f"- {r.run_id} {r.key}: {r.error}" for r in errors.itertuples()]
+    return "\n".join(parts)

@@ -1,0 +1,253 @@
+"""Run a benchmark: plan, resume, drive episodes, append records.
+
+Episodes run in plan order (grouped by task) so one env serves all episodes of its task;
+an episode that ends in ``error`` gets a freshly built env for the next one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench.config import RunConfig
+from bench.episode import ERROR, SUCCESS, EpisodeResult, EpisodeSettings, run_episode
+from bench.plan import PlannedEpisode, plan_episodes
+from bench.provenance import SIMULATOR_PACKAGES, code_revision, host_info, now_iso, package_versions
+from bench.records import MANIFEST, EpisodeLog, RunDirError, read_manifest, write_json_atomic
+from policies import EpisodeInfo, Policy, make_policy
+from suites import TaskSpec, get_suite
+from suites.registry import SETTLE_STEPS
+
+MANIFEST_FORMAT = 1
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    planned: int
+    recorded: int
+    ran_now: int
+    outcomes: dict[str, int]
+
+
+def default_run_dir(config: RunConfig, root: Path = Path("results")) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{config.suite}_{config.policy}_{stamp}"
+
+
+def default_env_factory(config: RunConfig) -> Callable[[TaskSpec], object]:
+    from suites.libero_env import LiberoEnv  # imports the simulator only when a run needs it
+
+    return lambda task: LiberoEnv(task, camera_size=config.camera_size)
+
+
+def execute(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    env_factory: Callable[[TaskSpec], object] | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    suite = get_suite(config.suite)
+    config.suite = suite.name  # record the real suite, never an alias
+    plan = plan_episodes(suite, config.tasks, config.episodes_per_task, config.init_states)
+    policy = make_policy(config.policy, config.policy_args, seed=config.seed)
+    settings = EpisodeSettings(
+        max_steps=config.max_steps or suite.max_steps,
+        settle_steps=SETTLE_STEPS,
+        chunk_length=config.chunk_length or policy.chunk_length,
+        watchdog_s=config.watchdog_s,
+    )
+    run_dir = Path(run_dir)
+    _prepare_run_dir(run_dir, config, policy, plan, settings, resume)
+    env_factory = env_factory or default_env_factory(config)
+
+    with EpisodeLog(run_dir) as log:
+        todo = [ep for ep in plan if ep.key not in log.done_keys]
+        bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)
+        envs: dict[int, object] = {}
+        warm = False
+        try:
+            for planned in todo:
+                task = suite.task(planned.task_index)
+                record = _run_one(planned, task, policy, settings, envs, env_factory, config, run_dir, warm)
+                warm = warm or record["queries"] > 0
+                log.append(record)
+                bar.update(record)
+        finally:
+            bar.close()
+            for env in envs.values():
+                _close_quietly(env)
+        outcomes = {k: sum(r["outcome"] == k for r in log.records) for k in ("success", "failure", "error")}
+        return RunSummary(run_dir, len(plan), len(log.records), len(todo), outcomes)
+
+
+def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs, env_factory, config, run_dir, warm):
+    episode = EpisodeInfo(
+        episode_id=planned.key,
+        suite=planned.suite,
+        task_index=planned.task_index,
+        task_name=task.name,
+        instruction=task.instruction,
+        init_state_index=planned.init_state_index,
+        seed=planned.seed(config.seed),
+    )
+    video = None
+    try:
+        if planned.task_index not in envs:
+            for other in list(envs):  # one live env at a time: they hold GL contexts and memory
+                _close_quietly(envs.pop(other))
+            envs[planned.task_index] = env_factory(task)
+        env = envs[planned.task_index]
+        init_state = task.init_states()[planned.init_state_index]
+        if config.video:
+            from bench.video import EpisodeVideo
+
+            stem = f"{planned.suite}--task{planned.task_index}--init{planned.init_state_index}"
+            video = EpisodeVideo(run_dir / "videos", stem)
+        result = run_episode(env, policy, episode, init_state, settings, on_frame=video.add if video else None)
+    except Exception as exc:  # noqa: BLE001 - env construction or video set-up failed
+        result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
+    if result.outcome == ERROR:
+        _close_quietly(envs.pop(planned.task_index, None))  # rebuilt for the next episode
+    video_path = video.finish(result.outcome).name if video else None
+    return make_record(planned, task, episode, result, warm, video_path)
+
+
+def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video: str | None) -> dict:
+    latencies = list(result.query_latency_ms)
+    warmup = None
+    if not warm and latencies:
+        warmup = latencies.pop(0)  # the run's first query pays for lazy initialisation
+    return {
+        "key": planned.key,
+        "suite": planned.suite,
+        "task_index": planned.task_index,
+        "task_name": task.name,
+        "instruction": task.instruction,
+        "init_state_index": planned.init_state_index,
+        "seed": episode.seed,
+        "outcome": result.outcome,
+        "steps": result.steps,
+        "queries": result.queries,
+        "wall_s": round(result.wall_s, 4),
+        "latency_ms": latency_summary(latencies),
+        "query_latency_ms": [round(x, 4) for x in latencies],
+        "warmup_latency_ms": None if warmup is None else round(warmup, 4),
+        "policy_stats": summarize_stats(result.query_stats),
+        "error": result.error,
+        "video": video,
+        "finished_at": now_iso(),
+    }
+
+
+def latency_summary(latencies_ms: list[float]) -> dict | None:
+    if not latencies_ms:
+        return None
+    arr = np.asarray(latencies_ms)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"n": int(arr.size), "mean": float(arr.mean()), "p50": float(p50), "p90": float(p90),
+            "p99": float(p99), "max": float(arr.max())}
+
+
+def summarize_stats(per_query: list[dict]) -> dict:
+    """Mean over the episode's queries of each numeric statistic (element-wise for lists)."""
+    summary = {}
+    keys = sorted({k for stats in per_query for k in stats})
+    for key in keys:
+        values = [stats[key] for stats in per_query if key in stats]
+        try:
+            arr = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue  # ragged or non-numeric: not summarised
+        mean = arr.mean(axis=0)
+        summary[key] = mean.tolist() if mean.ndim else float(mean)
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path, config: RunConfig, policy: Policy, plan, settings, resume: bool) -> None:
+    manifest_path = run_dir / MANIFEST
+    versions = package_versions()
+    if resume:
+        recorded = read_manifest(run_dir)
+        problems = config.protocol_differences(RunConfig.from_dict(recorded["config"]))
+        problems += [
+            f"{pkg} version: recorded {recorded['versions'].get(pkg)!r}, now {versions.get(pkg)!r}"
+            for pkg in SIMULATOR_PACKAGES
+            if recorded["versions"].get(pkg) != versions.get(pkg)
+        ]
+        if recorded.get("policy") != policy.identity():
+            problems.append(f"policy identity: recorded {recorded.get('policy')}, now {policy.identity()}")
+        if problems:
+            raise RunDirError(
+                f"cannot resume {run_dir}: its episodes were recorded under a different setup, and mixing "
+                "them would make the results incomparable:\n  - " + "\n  - ".join(problems)
+                + "\nStart a new run directory instead."
+            )
+        recorded.setdefault("resumed_at", []).append(now_iso())
+        recorded["config"] = config.to_dict()  # non-protocol settings may change
+        write_json_atomic(manifest_path, recorded)
+        return
+    if manifest_path.exists():
+        raise RunDirError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "run_id": run_dir.name,
+        "config": config.to_dict(),
+        "protocol": {
+            "suite": config.suite,
+            "max_steps": settings.max_steps,
+            "settle_steps": settings.settle_steps,
+            "chunk_length": settings.chunk_length,
+            "executes": "first k actions of each chunk",
+            "env_seed": 0,
+            "camera_size": config.camera_size,
+        },
+        "policy": policy.identity(),
+        "plan": [ep.key for ep in plan],
+        "versions": versions,
+        "code": code_revision(),
+        "host": host_info(),
+        "started_at": now_iso(),
+    }
+    write_json_atomic(manifest_path, manifest)
+
+
+def _close_quietly(env) -> None:
+    if env is None:
+        return
+    try:
+        env.close()
+    except Exception:  # noqa: BLE001 - an env that fails to close is discarded anyway
+        pass
+
+
+class _progress:
+    """tqdm bar with the running success rate (errors shown apart, not counted as failures)."""
+
+    def __init__(self, total: int, done: int, records: list[dict], enabled: bool):
+        from tqdm import tqdm
+
+        self._counts = {"success": 0, "failure": 0, "error": 0}
+        for r in records:
+            self._counts[r["outcome"]] += 1
+        self._bar = tqdm(total=total, initial=done, unit="ep", disable=not enabled, dynamic_ncols=True)
+        self._refresh()
+
+    def update(self, record: dict) -> None:
+        self._counts[record["outcome"]] += 1
+        self._bar.update(1)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        judged = self._counts["success"] + self._counts["failure"]
+        rate = f"{100 * self._counts['success'] / judged:.1f}%" if judged else "-"
+        self._bar.set_postfix(success=rate, errors=self._counts["error"], refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()

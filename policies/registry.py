@@ -1,0 +1,36 @@
+"""Policies by name. A new adapter is one module plus one line here.
+
+Entries name the class by import path so that listing policies, or running a light one,
+never imports the heavy model code.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from policies.base import Policy
+
+POLICIES: dict[str, tuple[str, str]] = {
+    "noop": ("policies.simple:NoopPolicy", "holds still with the gripper open (lower bound, timing)"),
+    "random": ("policies.simple:RandomPolicy", "uniform random actions, seeded per episode"),
+    "replay": ("policies.simple:ReplayPolicy", "replays recorded actions from a .npy/.npz file"),
+}
+
+
+class UnknownPolicyError(ValueError):
+    pass
+
+
+def policy_class(name: str) -> type[Policy]:
+    if name not in POLICIES:
+        raise UnknownPolicyError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+    module_name, class_name = POLICIES[name][0].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def make_policy(name: str, args: dict[str, str] | None = None, seed: int = 0) -> Policy:
+    return policy_class(name).from_args(dict(args or {}), seed=seed)
+
+
+def list_policies() -> list[tuple[str, str]]:
+    return [(name, summary) for name, (_, summary) in POLICIES.items()]

@@ -1,0 +1,116 @@
+"""The LIBERO simulator behind the evaluation protocol's conventions.
+
+Construction, seeding, reset/init state, rotated images and 8-D proprio follow
+the published OpenVLA-OFT / LightVLA evaluation. Cameras are rendered only for steps
+whose observation will be looked at: rendering two 256x256 cameras costs ~10x a
+physics step on a CPU. Physics does not depend on it (tests/suites prove it).
+No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from suites.registry import TaskSpec
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+# robosuite warns on import that it has no private macro file; that is expected here.
+logging.getLogger("robosuite_logs").setLevel(logging.ERROR)
+
+CAMERA_SIZE = 256
+ENV_SEED = 0  # the protocol seeds every env with 0: the seed moves objects even with a fixed init state
+CAMERAS = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}
+# An always-enabled observable with the cameras' sampling rate. Its sampling clock is the one
+# the cameras would have had if they had never been switched off.
+_CLOCK_REFERENCE = "robot0_eef_pos"
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion to axis-angle, as the reference evaluation computes it."""
+    q = np.asarray(quat, dtype=np.float64).copy()
+    q[3] = np.clip(q[3], -1.0, 1.0)
+    den = np.sqrt(1.0 - q[3] * q[3])
+    if np.isclose(den, 0.0):
+        return np.zeros(3)
+    return q[:3] * 2.0 * np.arccos(q[3]) / den
+
+
+def proprio_from_obs(raw: dict) -> np.ndarray:
+    """8-D proprio: eef position, eef axis-angle, two gripper finger positions."""
+    return np.concatenate(
+        [raw["robot0_eef_pos"], quat_to_axis_angle(raw["robot0_eef_quat"]), raw["robot0_gripper_qpos"]]
+    ).astype(np.float64)
+
+
+class LiberoEnv:
+    """One LIBERO task's simulator, reused across that task's episodes."""
+
+    def __init__(self, task: TaskSpec, camera_size: int = CAMERA_SIZE, env_seed: int = ENV_SEED):
+        from libero.libero.envs import OffScreenRenderEnv
+
+        self.task = task
+        self._env = OffScreenRenderEnv(
+            bddl_file_name=task.bddl_file, camera_heights=camera_size, camera_widths=camera_size
+        )
+        self._env.seed(env_seed)
+        self._robosuite_env = self._env.env
+        self._cameras_on = True
+        self._set_cameras(False)
+        self._raw: dict | None = None
+
+    def reset(self, init_state: np.ndarray) -> None:
+        self._set_cameras(False)
+        self._env.reset()
+        self._raw = self._env.set_init_state(np.asarray(init_state))
+
+    def step(self, action: np.ndarray, render: bool) -> bool:
+        """Advance one control step; ``render`` says whether its observation needs images."""
+        self._set_cameras(render)
+        self._raw, _reward, done, _info = self._env.step(np.asarray(action, dtype=np.float64))
+        return bool(done)
+
+    def observe(self, images: bool, privileged: bool = False) -> dict:
+        """The last step's observation in the policy's conventions."""
+        raw = self._raw
+        if raw is None:
+            raise RuntimeError("observe() called before reset()")
+        obs = {"proprio": proprio_from_obs(raw), "instruction": self.task.instruction}
+        if images:
+            missing = [key for key in CAMERAS.values() if key not in raw]
+            if missing:
+                raise RuntimeError(f"images requested but the last step did not render {missing}")
+            # The cameras render upside down: rotate 180 degrees before anything else.
+            obs["images"] = {name: np.ascontiguousarray(raw[key][::-1, ::-1]) for name, key in CAMERAS.items()}
+        if privileged:
+            obs["privileged"] = self.privileged_state()
+        return obs
+
+    def privileged_state(self) -> dict:
+        """Simulator state a scripted policy may read: every low-dimensional observable."""
+        return {k: np.array(v) for k, v in self._raw.items() if k not in CAMERAS.values()}
+
+    def sim_state(self) -> np.ndarray:
+        return np.array(self._env.get_sim_state())
+
+    def close(self) -> None:
+        env, self._env = self._env, None
+        if env is not None:
+            env.close()
+
+    def _set_cameras(self, on: bool) -> None:
+        if on == self._cameras_on:
+            return
+        env = self._robosuite_env
+        clock = env._observables[_CLOCK_REFERENCE]
+        for key in CAMERAS.values():
+            camera = env._observables[key]
+            camera.set_enabled(on)
+            if on:
+                # Re-enabling restarts the camera's sampling clock; give it the clock it would
+                # have had, so images are those of an always-rendering loop.
+                camera._time_since_last_sample = clock._time_since_last_sample
+                camera._sampled = clock._sampled
+        self._cameras_on = on
