@@ -113,7 +113,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 def presentable(table: pd.DataFrame) -> pd.DataFrame:
     """Rates as percentages with the interval in one column, for people to read."""
     out = table.copy()
-    out["success_%"] = (100 * out["success_rate"]).round(1)
+    out["success_%"] = ["" if math.isnan(r) else f"{100 * r:.1f}" for r in out["success_rate"]]
     out["ci95_%"] = [
         "" if math.isnan(lo) else f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in zip(out["ci95_low"], out["ci95_high"])
     ]

@@ -1,0 +1,110 @@
+import pytest
+
+from bench.analysis import load_results
+from bench.cli import main
+from bench.compare import compare_runs
+from bench.config import RunConfig
+from bench.records import EpisodeLog, write_json_atomic
+from bench.report import markdown_report, paired_comparison, success_table
+
+
+def write_run(run_dir, outcomes, policy="noop", latency=None, stats=None):
+    """A run directory with the given outcome per (task, init) and made-up but valid records."""
+    run_dir.mkdir(parents=True)
+    cfg = RunConfig(suite="libero_goal", policy=policy)
+    write_json_atomic(run_dir / "manifest.json", {
+        "format": 1, "run_id": run_dir.name, "config": cfg.to_dict(), "protocol": {"max_steps": 300},
+        "versions": {"mujoco": "3.3.3"}, "code": {"commit": "abc", "dirty": False}, "host": {"hostname": "h"},
+        "started_at": "2026-01-01T00:00:00+00:00",
+    })
+    with EpisodeLog(run_dir) as log:
+        for (task, init), outcome in outcomes.items():
+            log.append({
+                "key": f"libero_goal/{task}/{init}", "suite": "libero_goal", "task_index": task,
+                "init_state_index": init, "outcome": outcome, "steps": 100 if outcome == "success" else 300,
+                "queries": 3, "query_latency_ms": latency or [1.0, 2.0, 3.0],
+                "latency_ms": None, "policy_stats": stats or {}, "error": "boom" if outcome == "error" else None,
+            })
+    return run_dir
+
+
+def test_success_table_math(tmp_path):
+    outcomes = {(0, i): "success" for i in range(3)} | {(0, 3): "failure", (0, 4): "error"}
+    outcomes |= {(1, i): "failure" for i in range(2)}
+    write_run(tmp_path / "a", outcomes, stats={"visual_tokens": 78.0})
+    table = success_table(load_results(tmp_path / "a"))
+    task0 = table[table.task == "0"].iloc[0]
+    assert (task0.episodes, task0.success, task0.failure, task0.errors) == (5, 3, 1, 1)
+    assert task0.success_rate == pytest.approx(0.75)  # the error is not a failure
+    assert task0.ci95_low == pytest.approx(0.3006, abs=1e-4) and task0.ci95_high == pytest.approx(0.9544, abs=1e-4)
+    assert task0.mean_steps == pytest.approx((3 * 100 + 300) / 4)
+    total = table[table.task == "all"].iloc[0]
+    assert (total.episodes, total.success, total.errors) == (7, 3, 1)
+    assert total.success_rate == pytest.approx(0.5)
+    assert total.latency_p50_ms == pytest.approx(2.0)
+    assert total.visual_tokens == pytest.approx(78.0)
+
+
+def test_pandas_success_column_ignores_errors(tmp_path):
+    write_run(tmp_path / "a", {(0, 0): "success", (0, 1): "failure", (0, 2): "error"})
+    df = load_results(tmp_path / "a")
+    assert df.success.mean() == pytest.approx(0.5)
+    assert {"config.policy", "versions.mujoco", "code.commit", "run_id"} <= set(df.columns)
+    assert len(load_results(tmp_path)) == 3  # a directory of run directories works too
+
+
+def test_paired_comparison_and_mcnemar(tmp_path):
+    base = {(0, i): "success" for i in range(10)}
+    cand = {(0, i): ("failure" if i < 7 else "success") for i in range(10)} | {(1, 0): "success"}
+    write_run(tmp_path / "base", base)
+    write_run(tmp_path / "cand", cand)
+    df = load_results(tmp_path)
+    cmp = paired_comparison(df, "base", "cand")
+    assert (cmp.pairs, cmp.only_baseline, cmp.only_candidate) == (10, 7, 0)
+    assert cmp.drop_points == pytest.approx(70.0)
+    assert cmp.p_value == pytest.approx(2 / 2**7)
+    report = markdown_report(df)
+    assert "Paired episodes" in report and "| cand | 10 |" in report
+
+
+def test_compare_verdicts(tmp_path):
+    write_run(tmp_path / "base", {(0, i): "success" for i in range(10)})
+    write_run(tmp_path / "small", {(0, i): ("failure" if i == 0 else "success") for i in range(10)})
+    write_run(tmp_path / "big", {(0, i): ("failure" if i < 7 else "success") for i in range(10)})
+    df = load_results(tmp_path)
+    assert not compare_runs(df, "base", "small", max_drop=15).regressed
+    verdict = compare_runs(df, "base", "small", max_drop=5)
+    assert verdict.regressed and any("more than the allowed 5" in line for line in verdict.lines)
+    verdict = compare_runs(df, "base", "big", max_drop=80)
+    assert verdict.regressed and any("significant" in line for line in verdict.lines)
+
+
+def test_cli_compare_exit_codes(tmp_path, capsys):
+    write_run(tmp_path / "base", {(0, i): "success" for i in range(10)})
+    write_run(tmp_path / "same", {(0, i): "success" for i in range(10)})
+    write_run(tmp_path / "worse", {(0, i): "failure" for i in range(10)})
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "same"), "--max-drop", "5"]) == 0
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "worse"), "--max-drop", "5"]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+
+
+def test_cli_report_markdown_and_csv(tmp_path, capsys):
+    write_run(tmp_path / "a", {(0, 0): "success", (0, 1): "error"})
+    csv_path = tmp_path / "t.csv"
+    assert main(["report", str(tmp_path / "a"), "--csv", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| a | noop | libero_goal | 0 | 2 | 100.0 |" in out
+    assert "Errors (1; not counted as failures)" in out
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert {"success_rate", "ci95_low", "ci95_high", "errors", "latency_p99_ms"} <= set(header)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["run", "--suite", "libero_100"]) == 2
+    assert "unknown suite 'libero_100'; valid suites:" in capsys.readouterr().err
+    assert main(["run", "--suite", "libero_goal", "--policy", "nope"]) == 2
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+    assert main(["run", "--suite", "libero_goal", "--policy", "random", "--policy-arg", "speed=2"]) == 2
+    assert "has no option 'speed'" in capsys.readouterr().err

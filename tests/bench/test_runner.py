@@ -1,0 +1,159 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.config import RunConfig
+from bench.records import EPISODES, RunDirError, read_episodes, read_manifest
+from bench.runner import execute
+from tests.fakes import FakeEnv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class EnvFactory:
+    def __init__(self, **env_kwargs):
+        self.env_kwargs = env_kwargs
+        self.built: list[FakeEnv] = []
+
+    def __call__(self, task):
+        env = FakeEnv(task, **self.env_kwargs)
+        self.built.append(env)
+        return env
+
+
+def config(**overrides):
+    base = dict(suite="libero_long", policy="random", tasks=[0, 1], episodes_per_task=2, max_steps=20)
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def test_run_records_every_planned_episode(tmp_path):
+    factory = EnvFactory()
+    summary = execute(config(), tmp_path / "run", env_factory=factory, progress=False)
+    records = read_episodes(tmp_path / "run")
+    assert [r["key"] for r in records] == ["libero_10/0/0", "libero_10/0/1", "libero_10/1/0", "libero_10/1/1"]
+    assert all(r["outcome"] == "failure" and r["steps"] == 20 for r in records)
+    assert summary.outcomes == {"success": 0, "failure": 4, "error": 0}
+    assert len(factory.built) == 2  # one env per task, reused across its episodes
+    assert factory.built[0].closed and factory.built[0].resets == 2
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["config"]["suite"] == "libero_10"  # the alias is resolved before recording
+    assert manifest["plan"] == [r["key"] for r in records]
+    assert manifest["protocol"]["max_steps"] == 20 and manifest["protocol"]["chunk_length"] == 8
+    for key in ("python", "numpy", "mujoco", "robosuite", "libero"):
+        assert key in manifest["versions"]
+    assert "commit" in manifest["code"] and "dirty" in manifest["code"]
+    assert records[0]["warmup_latency_ms"] is not None and records[1]["warmup_latency_ms"] is None
+
+
+def test_alias_long_means_libero_10_not_90(tmp_path):
+    execute(config(suite="libero_long", tasks=[0], episodes_per_task=1), tmp_path / "r", env_factory=EnvFactory(),
+            progress=False)
+    record = read_episodes(tmp_path / "r")[0]
+    assert record["suite"] == "libero_10"
+    assert record["task_name"].startswith("LIVING_ROOM_SCENE2_put_both_the_alphabet_soup")
+
+
+def test_errors_are_recorded_env_rebuilt_and_run_goes_on(tmp_path):
+    factory = EnvFactory(fail_on_step=15)
+    summary = execute(config(), tmp_path / "run", env_factory=factory, progress=False)
+    records = read_episodes(tmp_path / "run")
+    assert [r["outcome"] for r in records] == ["error"] * 4
+    assert "simulated physics failure" in records[0]["error"]
+    assert len(factory.built) == 4  # a fresh env after every error
+    assert summary.outcomes["error"] == 4
+
+
+def test_env_construction_failure_is_an_error(tmp_path):
+    def factory(task):
+        raise OSError("no GL context")
+
+    execute(config(tasks=[0], episodes_per_task=1), tmp_path / "run", env_factory=factory, progress=False)
+    (record,) = read_episodes(tmp_path / "run")
+    assert record["outcome"] == "error" and "no GL context" in record["error"]
+
+
+def test_resume_runs_only_missing_episodes(tmp_path):
+    run = tmp_path / "run"
+    execute(config(episodes_per_task=1), run, env_factory=EnvFactory(), progress=False)
+    first = read_episodes(run)
+    factory = EnvFactory()
+    summary = execute(config(episodes_per_task=1), run, resume=True, env_factory=factory, progress=False)
+    assert summary.ran_now == 0 and factory.built == []
+    assert read_episodes(run) == first
+    assert len(read_manifest(run)["resumed_at"]) == 1
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run = tmp_path / "run"
+    execute(config(episodes_per_task=1), run, env_factory=EnvFactory(), progress=False)
+    with pytest.raises(RunDirError, match=r"max_steps: recorded 20, now 30"):
+        execute(config(episodes_per_task=1, max_steps=30), run, resume=True, env_factory=EnvFactory(), progress=False)
+    with pytest.raises(RunDirError, match="policy"):
+        execute(config(episodes_per_task=1, policy="noop"), run, resume=True, env_factory=EnvFactory(),
+                progress=False)
+    assert len(read_episodes(run)) == 2  # nothing recorded is lost
+
+
+def test_new_run_into_an_existing_run_dir_is_refused(tmp_path):
+    run = tmp_path / "run"
+    execute(config(episodes_per_task=1), run, env_factory=EnvFactory(), progress=False)
+    with pytest.raises(RunDirError, match="--resume"):
+        execute(config(episodes_per_task=1), run, env_factory=EnvFactory(), progress=False)
+
+
+def test_torn_last_line_is_dropped_and_its_episode_rerun(tmp_path):
+    run = tmp_path / "run"
+    execute(config(), run, env_factory=EnvFactory(), progress=False)
+    path = run / EPISODES
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2]) + lines[2][:40])  # as if killed while writing the third record
+    assert len(read_episodes(run)) == 2
+    summary = execute(config(), run, resume=True, env_factory=EnvFactory(), progress=False)
+    assert summary.ran_now == 2
+    keys = [r["key"] for r in read_episodes(run)]
+    assert keys == ["libero_10/0/0", "libero_10/0/1", "libero_10/1/0", "libero_10/1/1"]
+    assert all(line.endswith("\n") for line in path.read_text().splitlines(keepends=True))
+
+
+_KILLABLE_RUN = """
+import sys
+from bench.config import RunConfig
+from bench.runner import execute
+from tests.fakes import FakeEnv
+cfg = RunConfig(suite="libero_spatial", policy="random", tasks=[0], episodes_per_task=6, max_steps=40)
+execute(cfg, sys.argv[1], resume=len(sys.argv) > 2, progress=False,
+        env_factory=lambda task: FakeEnv(task, step_seconds=0.01))
+"""
+
+
+def test_sigkill_mid_episode_loses_only_that_episode(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE_RUN, str(run)], cwd=REPO, env=env)
+    deadline = time.time() + 60
+    while len(read_episodes(run)) < 2 and time.time() < deadline:  # each episode takes ~0.5 s
+        time.sleep(0.05)
+    time.sleep(0.2)  # now in the middle of an episode
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_episodes(run))
+    assert 2 <= done_before < 6
+    subprocess.run([sys.executable, "-c", _KILLABLE_RUN, str(run), "resume"], cwd=REPO, env=env, check=True)
+    keys = [r["key"] for r in read_episodes(run)]
+    assert keys == [f"libero_spatial/0/{i}" for i in range(6)]
+
+
+def test_records_are_plain_json_lines(tmp_path):
+    execute(config(tasks=[0], episodes_per_task=1), tmp_path / "r", env_factory=EnvFactory(), progress=False)
+    line = (tmp_path / "r" / EPISODES).read_text().splitlines()[0]
+    record = json.loads(line)
+    for field in ("suite", "task_index", "task_name", "init_state_index", "outcome", "steps", "queries", "wall_s",
+                  "latency_ms", "policy_stats", "error"):
+        assert field in record

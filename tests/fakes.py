@@ -1,0 +1,87 @@
+"""A simulator-free env and policies for testing the harness logic quickly."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from policies.base import Policy, PolicyOutput
+from suites.registry import TaskSpec
+
+
+class FakeEnv:
+    """Counts steps; reports success after ``succeed_after`` policy steps (None: never).
+
+    Records every action and whether it was asked to render, so tests can check the loop.
+    """
+
+    def __init__(self, task: TaskSpec | None = None, succeed_after: int | None = None, fail_on_step: int | None = None,
+                 step_seconds: float = 0.0):
+        self.task = task
+        self.succeed_after = succeed_after
+        self.fail_on_step = fail_on_step
+        self.step_seconds = step_seconds
+        self.actions: list[np.ndarray] = []
+        self.render_flags: list[bool] = []
+        self.resets = 0
+        self.closed = False
+        self._rendered_last = False
+        self._t = 0
+
+    def reset(self, init_state) -> None:
+        self.resets += 1
+        self.actions.clear()
+        self.render_flags.clear()
+        self._t = 0
+        self._rendered_last = False
+
+    def step(self, action, render: bool) -> bool:
+        if self.fail_on_step is not None and len(self.actions) == self.fail_on_step:
+            raise RuntimeError("simulated physics failure")
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
+        self.actions.append(np.array(action))
+        self.render_flags.append(render)
+        self._rendered_last = render
+        self._t += 1
+        return self.succeed_after is not None and self._t >= self.succeed_after
+
+    def observe(self, images: bool, privileged: bool = False) -> dict:
+        obs = {"proprio": np.full(8, float(self._t)), "instruction": "do the thing"}
+        if images:
+            if not self._rendered_last:
+                raise RuntimeError("images requested but the last step did not render them")
+            obs["images"] = {"agentview": np.zeros((4, 4, 3), np.uint8), "wrist": np.zeros((4, 4, 3), np.uint8)}
+        return obs
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class CountingPolicy(Policy):
+    """Chunk i holds actions whose first component encodes (query, position) = 10*i + j."""
+
+    name = "counting"
+    needs_images = True
+
+    def __init__(self, chunk: int = 8, stats: dict | None = None, bad_output=None, needs_images: bool = True):
+        super().__init__(Policy.Options(chunk_length=chunk))
+        self.queries = 0
+        self.stats = stats or {}
+        self.bad_output = bad_output
+        self.needs_images = needs_images
+        self.seen: list = []
+
+    def act(self, observations):
+        outputs = []
+        for obs in observations:
+            self.seen.append(obs)
+            if self.bad_output is not None and self.queries == 1:
+                chunk = self.bad_output
+            else:
+                chunk = np.zeros((self.chunk_length, 7))
+                chunk[:, 0] = 10 * self.queries + np.arange(self.chunk_length)
+            self.queries += 1
+            outputs.append(PolicyOutput(chunk, dict(self.stats)))
+        return outputs

@@ -1,0 +1,82 @@
+"""The env wrapper against the plain LIBERO env, on the real simulator."""
+
+import numpy as np
+import pytest
+
+from suites import get_suite
+from suites.libero_env import CAMERAS, LiberoEnv
+
+pytestmark = pytest.mark.sim
+
+QUERY_EVERY = 8
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def task():
+    return get_suite("libero_spatial").task(0)
+
+
+def _actions():
+    return np.random.default_rng(0).uniform(-1, 1, size=(STEPS, 7))
+
+
+def test_on_demand_rendering_matches_an_always_rendering_loop(task):
+    """Physics bit-identical, and the images at query steps identical to plain LIBERO's,
+    over two episodes on one env (the cameras' sampling clock carries across episodes)."""
+    from libero.libero.envs import OffScreenRenderEnv
+
+    inits, actions = task.init_states(), _actions()
+    reference = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=256, camera_widths=256)
+    reference.seed(0)
+    ref_images, ref_states = [], []
+    for episode in range(2):
+        reference.reset()
+        reference.set_init_state(inits[episode])
+        for i, action in enumerate(actions):
+            raw, _, _, _ = reference.step(action)
+            ref_states.append(reference.get_sim_state().copy())
+            if i % QUERY_EVERY == QUERY_EVERY - 1:
+                ref_images.append({k: raw[v][::-1, ::-1].copy() for k, v in CAMERAS.items()})
+    reference.close()
+
+    env = LiberoEnv(task)
+    images, states, rendered = [], [], 0
+    for episode in range(2):
+        env.reset(inits[episode])
+        for i, action in enumerate(actions):
+            render = i % QUERY_EVERY == QUERY_EVERY - 1
+            env.step(action, render=render)
+            rendered += render
+            states.append(env.sim_state())
+            if render:
+                images.append(env.observe(images=True)["images"])
+    env.close()
+
+    assert rendered == len(ref_images) == 2 * STEPS // QUERY_EVERY
+    for ours, theirs in zip(states, ref_states):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs in zip(images, ref_images):
+        for camera in CAMERAS:
+            assert ours[camera].shape == (256, 256, 3) and ours[camera].dtype == np.uint8
+            np.testing.assert_array_equal(ours[camera], theirs[camera])
+
+
+def test_observation_conventions(task):
+    env = LiberoEnv(task)
+    try:
+        env.reset(task.init_states()[0])
+        env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]), render=False)
+        obs = env.observe(images=False)
+        assert obs["proprio"].shape == (8,) and "images" not in obs
+        assert obs["instruction"] == task.instruction
+        with pytest.raises(RuntimeError, match="did not render"):
+            env.observe(images=True)
+        env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]), render=True)
+        raw = env._raw
+        images = env.observe(images=True, privileged=True)
+        np.testing.assert_array_equal(images["images"]["agentview"], np.rot90(raw["agentview_image"], 2))
+        np.testing.assert_allclose(images["proprio"][:3], raw["robot0_eef_pos"])
+        assert "robot0_eef_pos" in images["privileged"] and "agentview_image" not in images["privileged"]
+    finally:
+        env.close()
