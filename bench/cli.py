@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--episodes-per-task", type=int, help="use the first N init states of each task (default 50)")
     sel.add_argument("--init-states", help="init state indices, e.g. 0,7,12")
     run.add_argument("--seed", type=int, help="policy seed (default 0); the env seed is fixed by the protocol")
-    run.add_argument("--chunk-length", type=int, help="execute the first K actions of each chunk (default: the policy's)")
+    run.add_argument("--chunk-length", type=int,
+                     help="execute the first K actions of each chunk (default: the policy's)")
     run.add_argument("--max-steps", type=int, help="override the suite's step budget (smoke tests only)")
     run.add_argument("--watchdog", type=float, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
     run.add_argument("--video", action="store_true", default=None, help="write an MP4 per episode")
@@ -142,15 +143,15 @@ def cmd_list(args) -> int:
 
 
 def cmd_report(args) -> int:
+    import pandas as pd
+
     from bench.analysis import load_results
     from bench.report import markdown_report, success_table
 
-    frames = [load_results(spec) for spec in args.runs]
-    import pandas as pd
-
-    df = pd.concat([f for f in frames if not f.empty], ignore_index=True) if any(not f.empty for f in frames) else None
-    if df is None:
+    frames = [f for f in (load_results(spec) for spec in args.runs) if not f.empty]
+    if not frames:
         raise ValueError("the run directories hold no recorded episodes yet")
+    df = pd.concat(frames, ignore_index=True)
     print(markdown_report(df))
     if args.csv:
         table = success_table(df)
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RunDirError, PolicyOptionError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head and the like
+        return 0
     except KeyboardInterrupt:
         print("\nbench: interrupted; recorded episodes are kept. Continue with: bench run --resume DIR",
               file=sys.stderr)

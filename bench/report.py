@@ -41,9 +41,10 @@ def _group_row(group: pd.DataFrame, stat_cols: list[str]) -> dict:
     }
     if latencies:
         p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
-        row.update(latency_mean_ms=float(np.mean(latencies)), latency_p50_ms=p50, latency_p90_ms=p90, latency_p99_ms=p99)
+        row.update(latency_mean_ms=float(np.mean(latencies)), latency_p50_ms=p50, latency_p90_ms=p90,
+                   latency_p99_ms=p99)
     else:
-        row.update(latency_mean_ms=math.nan, latency_p50_ms=math.nan, latency_p90_ms=math.nan, latency_p99_ms=math.nan)
+        row.update({f"latency_{name}_ms": math.nan for name in ("mean", "p50", "p90", "p99")})
     for col in stat_cols:
         row[col.removeprefix("stats.")] = float(group[col].mean())
     return row
@@ -56,8 +57,10 @@ def success_table(df: pd.DataFrame) -> pd.DataFrame:
     for (run_id, suite), run_suite in df.groupby(["run_id", "suite"], sort=False):
         policy = run_suite["policy"].iloc[0]
         for task, group in run_suite.groupby("task_index"):
-            rows.append({"run": run_id, "policy": policy, "suite": suite, "task": str(task), **_group_row(group, stat_cols)})
-        rows.append({"run": run_id, "policy": policy, "suite": suite, "task": ALL_TASKS, **_group_row(run_suite, stat_cols)})
+            head = {"run": run_id, "policy": policy, "suite": suite, "task": str(task)}
+            rows.append({**head, **_group_row(group, stat_cols)})
+        head = {"run": run_id, "policy": policy, "suite": suite, "task": ALL_TASKS}
+        rows.append({**head, **_group_row(run_suite, stat_cols)})
     table = pd.DataFrame(rows)
     empty_cols = [c for c in table.columns if table[c].isna().all()]
     return table.drop(columns=empty_cols)

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from bench.config import RunConfig
-from bench.episode import ERROR, SUCCESS, EpisodeResult, EpisodeSettings, run_episode
+from bench.episode import ERROR, EpisodeResult, EpisodeSettings, run_episode
 from bench.plan import PlannedEpisode, plan_episodes
 from bench.provenance import SIMULATOR_PACKAGES, code_revision, host_info, now_iso, package_versions
 from bench.records import MANIFEST, EpisodeLog, RunDirError, read_manifest, write_json_atomic
