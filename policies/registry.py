@@ -14,6 +14,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "noop": ("policies.simple:NoopPolicy", "holds still with the gripper open (lower bound, timing)"),
     "random": ("policies.simple:RandomPolicy", "uniform random actions, seeded per episode"),
     "replay": ("policies.simple:ReplayPolicy", "replays recorded actions from a .npy/.npz file"),
+    "scripted": ("policies.scripted:ScriptedPolicy", "privileged-state expert: motion primitives from the BDDL goal"),
 }
 
 

@@ -60,10 +60,12 @@ class LiberoEnv:
         self._cameras_on = True
         self._set_cameras(False)
         self._raw: dict | None = None
+        self._scene_index = None  # built on demand: a hard reset rebuilds the MuJoCo model
 
     def reset(self, init_state: np.ndarray) -> None:
         self._set_cameras(False)
         self._env.reset()
+        self._scene_index = None
         self._raw = self._env.set_init_state(np.asarray(init_state))
 
     def step(self, action: np.ndarray, render: bool) -> bool:
@@ -89,8 +91,12 @@ class LiberoEnv:
         return obs
 
     def privileged_state(self) -> dict:
-        """Simulator state a scripted policy may read: every low-dimensional observable."""
-        return {k: np.array(v) for k, v in self._raw.items() if k not in CAMERAS.values()}
+        """Poses, extents, joint states and the task file, for policies that declare the need."""
+        from suites.privileged import SceneIndex, snapshot
+
+        if self._scene_index is None:
+            self._scene_index = SceneIndex(self._robosuite_env)
+        return snapshot(self._robosuite_env, self._scene_index, self.task.bddl_file)
 
     def sim_state(self) -> np.ndarray:
         return np.array(self._env.get_sim_state())

@@ -77,6 +77,11 @@ def test_observation_conventions(task):
         images = env.observe(images=True, privileged=True)
         np.testing.assert_array_equal(images["images"]["agentview"], np.rot90(raw["agentview_image"], 2))
         np.testing.assert_allclose(images["proprio"][:3], raw["robot0_eef_pos"])
-        assert "robot0_eef_pos" in images["privileged"] and "agentview_image" not in images["privileged"]
+        state = images["privileged"]
+        assert set(state["objects"]) >= {"akita_black_bowl_1", "plate_1", "wooden_cabinet_1"}
+        bowl = state["objects"]["akita_black_bowl_1"]
+        assert np.all(bowl["aabb_min"] < bowl["pos"] + 0.01) and np.all(bowl["pos"] < bowl["aabb_max"])
+        assert state["joints"]["wooden_cabinet_1_top_level"]["type"] == "slide"
+        assert state["bddl_file"] == task.bddl_file
     finally:
         env.close()

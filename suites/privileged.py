@@ -1,0 +1,141 @@
+"""A plain-data snapshot of the simulator for policies that declare they need it.
+
+Everything is numpy arrays and names: policies read poses and extents, never the simulator.
+Frames are world frames; rotation matrices are 3x3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64)
+
+
+class SceneIndex:
+    """Which MuJoCo bodies, geoms and joints belong to which LIBERO object; rebuilt per model."""
+
+    def __init__(self, env):
+        import mujoco
+
+        self.model = env.sim.model._model
+        m = self.model
+        names = {**env.objects_dict, **env.fixtures_dict}
+        self.fixtures = set(env.fixtures_dict)
+        self.object_geoms = {name: self._subtree_geoms(env.obj_body_id[name]) for name in names}
+        self.object_bodies = {name: env.obj_body_id[name] for name in names}
+        self.joints: dict[str, dict] = {}
+        for name, obj in names.items():
+            for joint in getattr(obj, "joints", None) or []:
+                jid = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_JOINT, joint)
+                self.joints[joint] = {
+                    "owner": name,
+                    "id": jid,
+                    "qposadr": int(m.jnt_qposadr[jid]),
+                    "type": {2: "slide", 3: "hinge"}.get(int(m.jnt_type[jid]), "other"),
+                    "range": np.array(m.jnt_range[jid]),
+                    "geoms": self._subtree_geoms(int(m.jnt_bodyid[jid])),
+                }
+        self.grip_site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "gripper0_grip_site")
+        self.finger_tips = [
+            mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, name)
+            for name in ("gripper0_finger_joint1_tip", "gripper0_finger_joint2_tip")
+        ]
+
+    def _collides(self, geom: int) -> bool:
+        return bool(self.model.geom_contype[geom] or self.model.geom_conaffinity[geom])
+
+    def _subtree_geoms(self, root: int) -> np.ndarray:
+        m = self.model
+        inside = np.zeros(m.nbody, dtype=bool)
+        for body in range(m.nbody):  # parents precede children in MuJoCo's body order
+            inside[body] = body == root or (body > 0 and inside[m.body_parentid[body]])
+        geoms = [g for g in range(m.ngeom) if inside[m.geom_bodyid[g]] and self._collides(g)]
+        return np.array(geoms, dtype=int)
+
+
+def _geom_corners(model, data, geoms: np.ndarray) -> np.ndarray:
+    """World coordinates of the corners of each geom's local bounding box, (8 * len(geoms), 3)."""
+    centre, half = model.geom_aabb[geoms, :3], model.geom_aabb[geoms, 3:]
+    local = centre[:, None, :] + _CORNERS[None, :, :] * half[:, None, :]  # (g, 8, 3)
+    rot = data.geom_xmat[geoms].reshape(-1, 3, 3)
+    world = np.einsum("gij,gkj->gki", rot, local) + data.geom_xpos[geoms][:, None, :]
+    return world.reshape(-1, 3)
+
+
+def world_aabb(model, data, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned world bounding box of the given geoms."""
+    if len(geoms) == 0:
+        return np.full(3, np.nan), np.full(3, np.nan)
+    corners = _geom_corners(model, data, geoms)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def body_frame_box(model, data, geoms, pos, mat) -> tuple[np.ndarray, np.ndarray]:
+    """Bounding box of the geoms in a body's own frame: tight for rotated objects."""
+    if len(geoms) == 0:
+        return np.full(3, np.nan), np.full(3, np.nan)
+    in_body = (_geom_corners(model, data, geoms) - pos) @ mat
+    return in_body.min(axis=0), in_body.max(axis=0)
+
+
+def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
+    m, d = index.model, env.sim.data._data
+    objects = {}
+    for name, geoms in index.object_geoms.items():
+        body = index.object_bodies[name]
+        lo, hi = world_aabb(m, d, geoms)
+        mat = d.xmat[body].reshape(3, 3).copy()
+        local_lo, local_hi = body_frame_box(m, d, geoms, d.xpos[body], mat)
+        objects[name] = {
+            "pos": d.xpos[body].copy(),
+            "mat": mat,
+            "aabb_min": lo,
+            "aabb_max": hi,
+            "box_min": local_lo,  # extent in the object's own frame, tight for rotated objects
+            "box_max": local_hi,
+            "fixture": name in index.fixtures,
+        }
+    sites = {}
+    for name, site in env.object_sites_dict.items():
+        sites[name] = {
+            "pos": env.sim.data.get_site_xpos(name).copy(),
+            "mat": env.sim.data.get_site_xmat(name).copy(),
+            "size": np.asarray(getattr(site, "size", np.zeros(3)), dtype=np.float64),
+            "parent": getattr(site, "parent_name", None),
+            "joints": list(getattr(site, "joints", None) or []),
+        }
+    joints = {}
+    for name, info in index.joints.items():
+        lo, hi = world_aabb(m, d, info["geoms"])
+        joints[name] = {
+            "owner": info["owner"],
+            "type": info["type"],
+            "qpos": float(d.qpos[info["qposadr"]]),
+            "range": info["range"].copy(),
+            "axis": d.xaxis[info["id"]].copy(),
+            "anchor": d.xanchor[info["id"]].copy(),
+            "aabb_min": lo,
+            "aabb_max": hi,
+        }
+    articulation = {
+        name: obj.object_properties.get("articulation")
+        for name, obj in {**env.objects_dict, **env.fixtures_dict}.items()
+        if obj.object_properties.get("articulation")
+    }
+    return {
+        "bddl_file": bddl_file,
+        "eef_pos": d.site_xpos[index.grip_site].copy(),
+        "eef_mat": d.site_xmat[index.grip_site].reshape(3, 3).copy(),
+        "gripper_qpos": _gripper_qpos(env),
+        "finger_tips": np.array([d.xpos[b] for b in index.finger_tips]),
+        "objects": objects,
+        "sites": sites,
+        "joints": joints,
+        "articulation": articulation,
+        "time": float(d.time),
+    }
+
+
+def _gripper_qpos(env) -> np.ndarray:
+    robot = env.robots[0]
+    return np.array([env.sim.data.qpos[i] for i in robot._ref_gripper_joint_pos_indexes])
