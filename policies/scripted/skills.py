@@ -14,8 +14,12 @@ from policies.scripted.scene import GRIPPER_MAX_OPENING, Body, Scene
 
 OPEN, CLOSE = -1.0, 1.0
 HOLLOW_OBJECTS = ("bowl", "mug", "ramekin", "cup")  # grasped by the rim, not across the middle
-CLOSED_ON_NOTHING = 0.004  # finger opening (m) below which a grasp holds nothing
+# Finger opening (m) below which a closed grasp holds nothing: closing on air reaches 0.0026 after
+# 14 steps and 0.0018 after 20; a bowl's 3 mm rim keeps it at 0.004.
+CLOSED_ON_NOTHING = 0.003
+CLOSE_STEPS = 16
 APPROACH_CLEARANCE = 0.10  # height above the grasp point before descending
+HAND_HALF_WIDTH = 0.11
 
 
 class SkillFailed(RuntimeError):
@@ -53,29 +57,44 @@ def plan_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
     height = body.top - body.bottom
     axes = body.horizontal_axes() or [(np.array([1.0, 0, 0]), body.aabb_max[0] - body.aabb_min[0])]
     if any(word in body.name for word in HOLLOW_OBJECTS):
-        # Straddle the wall: one finger inside, one outside, on the rim side with most free space.
-        radius = min(extent for _, extent in axes) / 2
-        candidates = []
-        for axis, extent in axes:
-            for sign in (1.0, -1.0):
-                if extent / 2 <= radius + 0.01:  # skips a mug's handle side
-                    candidates.append(sign * axis)
-        centre = body.center
-
-        def clearance(direction):
-            outer_finger = centre[:2] + direction[:2] * (radius + 0.04)
-            gaps = [np.linalg.norm(np.clip(outer_finger, o.aabb_min[:2], o.aabb_max[:2]) - outer_finger) for o in others]
-            return min(min(gaps, default=1.0), 0.05) - 0.001 * direction[0]  # ties: the side facing the robot
-
-        direction = max(candidates, key=clearance)
-        point = centre + direction * (radius - 0.006)
-        point[2] = body.top - min(0.015, 0.3 * height)  # the inner finger must stay clear of the floor
-        return point, closest_finger_axis(direction, scene.eef_mat)
+        return _rim_grasp(body, scene, others)
     graspable = [(axis, extent) for axis, extent in axes if extent < GRIPPER_MAX_OPENING] or axes
     axis, _ = min(graspable, key=lambda item: item[1])
     point = body.center.copy()
     point[2] = max(body.top - min(0.03, 0.45 * height), body.bottom + 0.01)
     return point, closest_finger_axis(axis, scene.eef_mat)
+
+
+def _rim_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray, np.ndarray]:
+    """Straddle the wall of a bowl or mug: one finger inside, one outside, fingers radial.
+
+    Works in the vessel's own frame (its z axis is the vessel's axis), so a tilted bowl is
+    grasped where its rim really is. A side reaching much further out than the others holds a
+    handle and is skipped; of the remaining sides the one with most room for the outer finger wins.
+    """
+    sides = []
+    for k in (0, 1):
+        for sign, bound in ((1.0, body.box_max[k]), (-1.0, body.box_min[k])):
+            local = np.zeros(3)
+            local[k] = sign
+            sides.append((local, abs(bound)))
+    radius = min(r for _, r in sides)
+    rim_height = body.box_max[2]
+
+    def world(local_point):
+        return body.pos + body.mat @ local_point
+
+    def room(side):
+        local, r = side
+        outer_finger = world(local * (r + 0.04))[:2]
+        gaps = [np.linalg.norm(np.clip(outer_finger, o.aabb_min[:2], o.aabb_max[:2]) - outer_finger) for o in others]
+        facing_robot = -(body.mat @ local)[0]  # ties: the side facing the robot (at -x)
+        return min(min(gaps, default=1.0), 0.05) + 0.001 * facing_robot
+
+    local, r = max((side for side in sides if side[1] <= radius + 0.01), key=room)
+    depth = min(0.015, 0.3 * rim_height)  # the inner finger must stay clear of the floor
+    point = world(local * (r - 0.006) + np.array([0.0, 0.0, rim_height - depth]))
+    return point, closest_finger_axis(body.mat @ local, scene.eef_mat)
 
 
 class PickPlace(Skill):
@@ -93,6 +112,7 @@ class PickPlace(Skill):
         self.finger_axis = None
         self.hold_offset = None  # eef minus object origin once grasped
         self.last_eef_z = None
+        self.last_object_pos = None
 
     def __repr__(self) -> str:
         return f"PickPlace({self.label})"
@@ -136,7 +156,7 @@ class PickPlace(Skill):
         return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=0.8)
 
     def _close(self, scene, body, eef, steps):
-        if self.ticks > max(2, 12 // steps):
+        if self.ticks > max(2, CLOSE_STEPS // steps):
             if scene.gripper_width < CLOSED_ON_NOTHING:
                 self.retry(scene)
                 return self._recover(scene, body, eef, steps)
@@ -149,7 +169,11 @@ class PickPlace(Skill):
         """Gripper height at which the held object's bottom clears everything on the way."""
         dest_xy, dest_bottom = self.destination(scene)
         clear = scene.highest_top_along(body.pos, dest_xy, exclude={self.obj})
-        return max(clear, dest_bottom) + (eef[2] - body.bottom) + 0.04
+        # generous: an object held by its rim hangs tilted and reaches lower than it did on the table
+        object_clear = max(clear, dest_bottom) + (eef[2] - body.bottom) + 0.08
+        # the hand is ~20 cm wide and starts ~6 cm above the grip site
+        hand_clear = scene.highest_top_along(eef, dest_xy, exclude={self.obj}, margin=HAND_HALF_WIDTH) - 0.04
+        return max(object_clear, hand_clear)
 
     def _lift(self, scene, body, eef, steps):
         if self.ticks == 1:
@@ -206,11 +230,14 @@ class PickPlace(Skill):
         return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=0.6)
 
     def _recover(self, scene, body, eef, steps):
-        """Open, back off upwards, and plan the grasp again from the current scene."""
-        target = eef + [0, 0, 0.05]
-        if self.ticks > 3:
+        """Open, back off upwards, and plan again once the object has come to rest."""
+        resting = self.last_object_pos is not None and _near(body.pos, self.last_object_pos, 0.003)
+        self.last_object_pos = body.pos.copy()
+        if self.ticks > 3 and resting:
+            self.last_object_pos = None
             self.goto("start")
-        return move_action(eef, scene.eef_mat, target, scene.eef_mat, OPEN, steps, speed=0.5)
+        target = np.array([eef[0], eef[1], max(eef[2], body.top + 0.06)])
+        return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=0.5)
 
     def _done(self, scene, body, eef, steps):
         return None
