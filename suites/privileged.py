@@ -106,7 +106,10 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
         }
     joints = {}
     for name, info in index.joints.items():
+        if info["type"] == "other":  # free joints of movable objects: their poses are above
+            continue
         lo, hi = world_aabb(m, d, info["geoms"])
+        handle_lo, handle_hi = _upper_part(m, d, info["geoms"], lo[2], hi[2])
         joints[name] = {
             "owner": info["owner"],
             "type": info["type"],
@@ -116,6 +119,8 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
             "anchor": d.xanchor[info["id"]].copy(),
             "aabb_min": lo,
             "aabb_max": hi,
+            "upper_min": handle_lo,  # the part sticking up (a knob's ridge), to grasp it by
+            "upper_max": handle_hi,
         }
     articulation = {
         name: obj.object_properties.get("articulation")
@@ -134,6 +139,13 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
         "articulation": articulation,
         "time": float(d.time),
     }
+
+
+def _upper_part(model, data, geoms, bottom: float, top: float):
+    """Bounding box of the geoms reaching into the top 40% of the part's height."""
+    tops = np.array([world_aabb(model, data, np.array([g]))[1][2] for g in geoms]) if len(geoms) else np.array([])
+    upper = geoms[tops > top - 0.4 * (top - bottom)] if len(geoms) else geoms
+    return world_aabb(model, data, upper)
 
 
 def _gripper_qpos(env) -> np.ndarray:

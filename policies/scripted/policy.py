@@ -14,7 +14,7 @@ import numpy as np
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
-from policies.scripted.skills import PickPlace, Skill, SkillFailed
+from policies.scripted.skills import PickPlace, Skill, SkillFailed, TurnKnob
 
 HOLD = np.array([0, 0, 0, 0, 0, 0, -1.0])
 
@@ -34,15 +34,27 @@ def destination_for(predicate: Predicate, scene: Scene):
     return lambda s: (s.site(target).pos[:2], s.site(target).pos[2] + s.site(target).size[2])
 
 
+def knob_skill(predicate: Predicate, scene: Scene) -> Skill:
+    (fixture,) = predicate.args
+    ranges = scene.articulation(fixture).get(f"default_{predicate.name}_ranges")
+    joints = [j for j, info in scene.state["joints"].items() if info["owner"] == fixture and info["type"] == "hinge"]
+    if not joints or not ranges:
+        raise SkillFailed(f"{fixture!r} has no knob to turn ({predicate.name})")
+    return TurnKnob(joints[0], (min(ranges), max(ranges)), f"{predicate.name} {fixture}")
+
+
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
-    skills: list[Skill] = []
+    """Knobs first (the arm is free and nothing stands on the stove yet), then placements."""
+    knobs, placements = [], []
     for predicate in goal:
+        label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
-            obj = predicate.args[0]
-            skills.append(PickPlace(obj, destination_for(predicate, scene), f"{predicate.name} {' '.join(predicate.args)}"))
+            placements.append(PickPlace(predicate.args[0], destination_for(predicate, scene), label))
+        elif predicate.name in ("turnon", "turnoff"):
+            knobs.append(knob_skill(predicate, scene))
         else:
             raise SkillFailed(f"no skill for goal predicate {predicate.name!r} yet")
-    return skills
+    return knobs + placements
 
 
 class _Episode:

@@ -88,8 +88,8 @@ class Scene:
         s = self.state["sites"][name]
         return Site(name, s["pos"], s["mat"], s["size"], s["parent"], s["joints"])
 
-    def movable_bodies(self) -> list[Body]:
-        return [self.body(n) for n, o in self.state["objects"].items() if not o["fixture"]]
+    def bodies(self) -> list[Body]:
+        return [self.body(n) for n in self.state["objects"]]
 
     def joint(self, name: str) -> dict:
         return self.state["joints"][name]

@@ -84,12 +84,17 @@ def _rim_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
     def world(local_point):
         return body.pos + body.mat @ local_point
 
+    def gap(point, bodies):
+        return min((np.linalg.norm(np.clip(point, o.aabb_min[:2], o.aabb_max[:2]) - point) for o in bodies), default=1.0)
+
+    tall = [o for o in others if o.top > body.top + 0.03]  # what the hand, above the fingers, can hit
+
     def room(side):
         local, r = side
         outer_finger = world(local * (r + 0.04))[:2]
-        gaps = [np.linalg.norm(np.clip(outer_finger, o.aabb_min[:2], o.aabb_max[:2]) - outer_finger) for o in others]
+        hand_edge = world(local * (r + HAND_HALF_WIDTH - 0.04))[:2]
         facing_robot = -(body.mat @ local)[0]  # ties: the side facing the robot (at -x)
-        return min(min(gaps, default=1.0), 0.05) + 0.001 * facing_robot
+        return min(gap(outer_finger, others), 0.05) + min(gap(hand_edge, tall), 0.05) + 0.001 * facing_robot
 
     local, r = max((side for side in sides if side[1] <= radius + 0.01), key=room)
     depth = min(0.015, 0.3 * rim_height)  # the inner finger must stay clear of the floor
@@ -126,7 +131,7 @@ class PickPlace(Skill):
 
     # -- phases ---------------------------------------------------------------------------
     def _start(self, scene, body, eef, steps):
-        others = [b for b in scene.movable_bodies() if b.name != self.obj]
+        others = [b for b in scene.bodies() if b.name != self.obj]
         self.grasp_point, self.finger_axis = plan_grasp(body, scene, others)
         self.grip_mat = grip_rotation(self.finger_axis)
         self.safe_z = max(eef[2], self.grasp_point[2] + APPROACH_CLEARANCE)
@@ -241,3 +246,75 @@ class PickPlace(Skill):
 
     def _done(self, scene, body, eef, steps):
         return None
+
+
+class TurnKnob(Skill):
+    """Grasp a knob's ridge from above and turn the wrist until its joint is in ``goal_range``."""
+
+    def __init__(self, joint: str, goal_range: tuple[float, float], label: str):
+        super().__init__()
+        self.joint = joint
+        self.goal_range = goal_range
+        self.label = label
+        self.turned = 0.0
+
+    def __repr__(self) -> str:
+        return f"TurnKnob({self.label})"
+
+    def _done_turning(self, qpos: float) -> bool:
+        lo, hi = self.goal_range
+        margin = 0.25 * (hi - lo) if np.isfinite(hi - lo) else 0.0
+        return lo + margin <= qpos <= hi - margin
+
+    def act(self, scene: Scene, steps: int) -> np.ndarray | None:
+        self.ticks += 1
+        joint = scene.joint(self.joint)
+        eef = scene.eef_pos
+        if self.phase == "start":
+            if self._done_turning(joint["qpos"]):
+                return None
+            lo, hi = joint["upper_min"], joint["upper_max"]
+            extent = hi[:2] - lo[:2]
+            self.grasp_point = np.array([*(lo[:2] + hi[:2]) / 2, hi[2] - 0.015])
+            finger_axis = np.array([1.0, 0, 0]) if extent[0] < extent[1] else np.array([0, 1.0, 0])
+            self.grip_mat = grip_rotation(closest_finger_axis(finger_axis, scene.eef_mat))
+            # turning the wrist about +z turns the knob about its axis; pick the direction
+            wanted = np.mean(self.goal_range) - joint["qpos"]
+            self.direction = np.sign(wanted) * np.sign(joint["axis"][2] or 1.0)
+            self.goto("above")
+        if self.phase == "above":
+            target = self.grasp_point + [0, 0, APPROACH_CLEARANCE]
+            if _near(eef, target, 0.015) or self.ticks > 12:
+                self.goto("descend")
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=1.0)
+        if self.phase == "descend":
+            if _near(eef, self.grasp_point, 0.008) or self.ticks > 8:
+                self.goto("close")
+            return move_action(eef, scene.eef_mat, self.grasp_point, self.grip_mat, OPEN, steps, speed=0.8)
+        if self.phase == "close":
+            if self.ticks > max(2, CLOSE_STEPS // steps):
+                self.goto("turn")
+            return move_action(eef, scene.eef_mat, self.grasp_point, self.grip_mat, CLOSE, steps, speed=0.3)
+        if self.phase == "turn":
+            if self._done_turning(joint["qpos"]) or abs(self.turned) > 2.5:
+                self.goto("release")
+            else:
+                self.turned += self.direction * 0.25
+            c, s_ = np.cos(self.turned), np.sin(self.turned)
+            rot = np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1]])
+            return move_action(eef, scene.eef_mat, self.grasp_point, rot @ self.grip_mat, CLOSE, steps, speed=0.3)
+        if self.phase == "release":
+            if self.ticks > max(2, 8 // steps):
+                self.goto("retreat")
+            return move_action(eef, scene.eef_mat, eef, scene.eef_mat, OPEN, steps, speed=0.1)
+        if self.phase == "retreat":
+            target = self.grasp_point + [0, 0, APPROACH_CLEARANCE]
+            if eef[2] > target[2] - 0.02 or self.ticks > 6:
+                if not self._done_turning(scene.joint(self.joint)["qpos"]):
+                    self.retry(scene)
+                    self.goto("start")
+                    return move_action(eef, scene.eef_mat, target, scene.eef_mat, OPEN, steps, speed=0.6)
+                return None
+            return move_action(eef, scene.eef_mat, target, scene.eef_mat, OPEN, steps, speed=0.6)
+        return None
+
