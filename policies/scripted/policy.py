@@ -14,13 +14,17 @@ import numpy as np
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
-from policies.scripted.skills import PickPlace, Skill, SkillFailed, TurnKnob
+from policies.scripted.skills import CloseDrawer, PickPlace, Skill, SkillFailed, TurnKnob
 
 HOLD = np.array([0, 0, 0, 0, 0, 0, -1.0])
 
 
-def destination_for(predicate: Predicate, scene: Scene):
-    """Where the moved object's origin must go, as a function of the current scene."""
+def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
+    """Where the moved object's origin must go, as a function of the current scene.
+
+    ``slot`` shifts the spot along x inside a region, so that several objects bound for one
+    region (two moka pots on one burner area) do not land on each other.
+    """
     _, target = predicate.args
     if scene.has_object(target):
         # On(a, b) for objects: b's origin below a's, within 3 cm horizontally, touching.
@@ -29,9 +33,33 @@ def destination_for(predicate: Predicate, scene: Scene):
         raise SkillFailed(f"goal names {target!r}, which is neither an object nor a region in the scene")
     if predicate.name == "in":
         # In(a, region): a's origin inside the region's box; drop it from just above the floor.
-        return lambda s: (s.site(target).pos[:2], s.site(target).lo[2] + 0.01)
+        # In a drawer, aim at the part of the region that is pulled out of the cabinet.
+        def inside(s):
+            site = s.site(target)
+            xy = site.pos[:2] + [slot, 0.0]
+            if site.joints:
+                open_dir = _opening_direction(s, site.joints[0], site.parent)
+                xy = xy + open_dir[:2] * max(float(np.abs(open_dir) @ site.half_extent) - 0.025, 0.0)
+            return xy, site.lo[2] + 0.01
+
+        return inside
     # On(a, region): a's origin just above the region's top face, inside its footprint.
-    return lambda s: (s.site(target).pos[:2], s.site(target).pos[2] + s.site(target).size[2])
+    return lambda s: (s.site(target).pos[:2] + [slot, 0.0], s.site(target).pos[2] + s.site(target).size[2])
+
+
+def _slots(goal: list[Predicate], scene: Scene) -> dict[Predicate, float]:
+    """Spread the objects bound for the same region evenly along x, within the region."""
+    by_region: dict[str, list[Predicate]] = {}
+    for p in goal:
+        if p.name in ("on", "in") and scene.has_site(p.args[1]):
+            by_region.setdefault(p.args[1], []).append(p)
+    slots = {}
+    for region, preds in by_region.items():
+        half = scene.site(region).half_extent[0]
+        spacing = min(0.09, 2 * max(half - 0.02, 0.0) / max(len(preds) - 1, 1))
+        for i, p in enumerate(preds):
+            slots[p] = (i - (len(preds) - 1) / 2) * spacing
+    return slots
 
 
 def knob_skill(predicate: Predicate, scene: Scene) -> Skill:
@@ -40,21 +68,56 @@ def knob_skill(predicate: Predicate, scene: Scene) -> Skill:
     joints = [j for j, info in scene.state["joints"].items() if info["owner"] == fixture and info["type"] == "hinge"]
     if not joints or not ranges:
         raise SkillFailed(f"{fixture!r} has no knob to turn ({predicate.name})")
-    return TurnKnob(joints[0], (min(ranges), max(ranges)), f"{predicate.name} {fixture}")
+    label = f"{predicate.name} {fixture}"
+    if predicate.name == "turnon":  # LIBERO: on once qpos >= min(turnon range); aim a little past it
+        return TurnKnob(joints[0], min(ranges) + 0.15, increase=True, label=label)
+    return TurnKnob(joints[0], max(ranges), increase=False, label=label)  # off once qpos < max(turnoff range)
+
+
+def _opening_direction(scene: Scene, joint: str, owner: str) -> np.ndarray:
+    """World direction a drawer slides when it opens."""
+    ranges = scene.articulation(owner)
+    axis = np.asarray(scene.joint(joint)["axis"], dtype=float)
+    opens_negative = np.mean(ranges["default_open_ranges"]) < np.mean(ranges["default_close_ranges"])
+    return -axis if opens_negative else axis
+
+
+def articulated_joint(name: str, scene: Scene) -> tuple[str, str]:
+    """(joint, owning object) behind a region (a drawer) or an articulated object (a microwave)."""
+    if scene.has_site(name) and scene.site(name).joints:
+        return scene.site(name).joints[0], scene.site(name).parent
+    joints = [j for j, info in scene.state["joints"].items() if info["owner"] == name]
+    if not joints:
+        raise SkillFailed(f"{name!r} has no joint to open or close")
+    return joints[0], name
+
+
+def close_skill(predicate: Predicate, scene: Scene) -> Skill:
+    joint, owner = articulated_joint(predicate.args[0], scene)
+    ranges = scene.articulation(owner)
+    if scene.joint(joint)["type"] != "slide":
+        raise SkillFailed(f"closing {predicate.args[0]!r} needs a door skill, which the expert does not have")
+    label = f"close {predicate.args[0]}"
+    return CloseDrawer(joint, ranges["default_open_ranges"], ranges["default_close_ranges"], label)
 
 
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
-    """Knobs first (the arm is free and nothing stands on the stove yet), then placements."""
-    knobs, placements = [], []
+    """Knobs first (the arm is free and nothing stands on the stove yet), then placements,
+    then closing drawers and doors (after whatever had to go inside)."""
+    knobs, placements, closes = [], [], []
+    slots = _slots(goal, scene)
     for predicate in goal:
         label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
-            placements.append(PickPlace(predicate.args[0], destination_for(predicate, scene), label))
+            destination = destination_for(predicate, scene, slots.get(predicate, 0.0))
+            placements.append(PickPlace(predicate.args[0], destination, label))
         elif predicate.name in ("turnon", "turnoff"):
             knobs.append(knob_skill(predicate, scene))
+        elif predicate.name == "close":
+            closes.append(close_skill(predicate, scene))
         else:
             raise SkillFailed(f"no skill for goal predicate {predicate.name!r} yet")
-    return knobs + placements
+    return knobs + placements + closes
 
 
 class _Episode:

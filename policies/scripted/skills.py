@@ -249,12 +249,16 @@ class PickPlace(Skill):
 
 
 class TurnKnob(Skill):
-    """Grasp a knob's ridge from above and turn the wrist until its joint is in ``goal_range``."""
+    """Grasp a knob's ridge from above and turn the wrist until its joint passes ``threshold``.
 
-    def __init__(self, joint: str, goal_range: tuple[float, float], label: str):
+    ``increase``: turn until qpos >= threshold (LIBERO's turn-on test), else until qpos < threshold.
+    """
+
+    def __init__(self, joint: str, threshold: float, increase: bool, label: str):
         super().__init__()
         self.joint = joint
-        self.goal_range = goal_range
+        self.threshold = threshold
+        self.increase = increase
         self.label = label
         self.turned = 0.0
 
@@ -262,9 +266,7 @@ class TurnKnob(Skill):
         return f"TurnKnob({self.label})"
 
     def _done_turning(self, qpos: float) -> bool:
-        lo, hi = self.goal_range
-        margin = 0.25 * (hi - lo) if np.isfinite(hi - lo) else 0.0
-        return lo + margin <= qpos <= hi - margin
+        return qpos >= self.threshold if self.increase else qpos < self.threshold
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         self.ticks += 1
@@ -279,8 +281,7 @@ class TurnKnob(Skill):
             finger_axis = np.array([1.0, 0, 0]) if extent[0] < extent[1] else np.array([0, 1.0, 0])
             self.grip_mat = grip_rotation(closest_finger_axis(finger_axis, scene.eef_mat))
             # turning the wrist about +z turns the knob about its axis; pick the direction
-            wanted = np.mean(self.goal_range) - joint["qpos"]
-            self.direction = np.sign(wanted) * np.sign(joint["axis"][2] or 1.0)
+            self.direction = (1.0 if self.increase else -1.0) * np.sign(joint["axis"][2] or 1.0)
             self.goto("above")
         if self.phase == "above":
             target = self.grasp_point + [0, 0, APPROACH_CLEARANCE]
@@ -318,3 +319,64 @@ class TurnKnob(Skill):
             return move_action(eef, scene.eef_mat, target, scene.eef_mat, OPEN, steps, speed=0.6)
         return None
 
+
+
+class CloseDrawer(Skill):
+    """Push a drawer shut: closed fingers in front of its front face, then along the closing direction."""
+
+    def __init__(self, joint: str, open_range, close_range, label: str):
+        super().__init__()
+        self.joint = joint
+        # which way is "open" along the joint: LIBERO's cabinets open towards negative qpos
+        self.opens_negative = np.mean(open_range) < np.mean(close_range)
+        self.close_range = close_range
+        self.label = label
+
+    def __repr__(self) -> str:
+        return f"CloseDrawer({self.label})"
+
+    def closed(self, qpos: float) -> bool:
+        lo, hi = min(self.close_range), max(self.close_range)
+        return qpos > lo if self.opens_negative else qpos < hi
+
+    def act(self, scene: Scene, steps: int) -> np.ndarray | None:
+        self.ticks += 1
+        joint = scene.joint(self.joint)
+        eef = scene.eef_pos
+        if self.phase == "start":
+            if self.closed(joint["qpos"]):
+                return None
+            axis = np.asarray(joint["axis"], dtype=float)
+            self.open_dir = -axis if self.opens_negative else axis  # world direction the drawer slides out
+            lo, hi = np.asarray(joint["aabb_min"]), np.asarray(joint["aabb_max"])
+            centre, half = (lo + hi) / 2, (hi - lo) / 2
+            front = centre + self.open_dir * float(np.abs(self.open_dir) @ half)
+            self.contact = np.array([*(front[:2] + self.open_dir[:2] * 0.03), centre[2]])  # mid-height of the front
+            side = np.array([-self.open_dir[1], self.open_dir[0], 0.0])  # fingers side by side: wider contact
+            self.grip_mat = grip_rotation(closest_finger_axis(side, scene.eef_mat))
+            self.goto("above")
+        if self.phase == "above":
+            target = self.contact + [0, 0, APPROACH_CLEARANCE]
+            if _near(eef, target, 0.015) or self.ticks > 12:
+                self.goto("descend")
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+        if self.phase == "descend":
+            if _near(eef, self.contact, 0.01) or self.ticks > 8:
+                self.goto("push")
+            return move_action(eef, scene.eef_mat, self.contact, self.grip_mat, CLOSE, steps, speed=0.8)
+        if self.phase == "push":
+            if self.closed(joint["qpos"]) or self.ticks > 20:
+                self.goto("retreat")
+            target = eef - self.open_dir * 0.2  # far ahead: the controller's pull grows with the error
+            target[2] = self.contact[2]
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+        if self.phase == "retreat":
+            target = eef + self.open_dir * 0.03 + [0, 0, 0.06]
+            if self.ticks > 3:
+                if not self.closed(joint["qpos"]):
+                    self.retry(scene)
+                    self.goto("start")
+                return None if self.closed(joint["qpos"]) else move_action(
+                    eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=0.5)
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=0.5)
+        return None
