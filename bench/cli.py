@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_POLICY = "noop"
+DEFAULT_POLICY = "scripted"
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     run.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    rec = sub.add_parser("record-demos", help="record a policy's successful episodes as LIBERO-style HDF5")
+    rec.add_argument("--suite", required=True)
+    rec.add_argument("--policy", default="scripted")
+    rec.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE")
+    rec.add_argument("--tasks")
+    rsel = rec.add_mutually_exclusive_group()
+    rsel.add_argument("--episodes-per-task", type=int)
+    rsel.add_argument("--init-states")
+    rec.add_argument("--image-size", type=int, default=128, help="camera images are rendered at this size")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--max-steps", type=int)
+    rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
+    rec.add_argument("--no-progress", action="store_true")
 
     lst = sub.add_parser("list", help="list suites, tasks or policies")
     lst.add_argument("what", choices=["suites", "tasks", "policies"])
@@ -118,6 +132,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_record_demos(args) -> int:
+    from bench.plan import parse_index_list
+    from bench.record import record_demos
+
+    summary = record_demos(
+        args.suite, args.out, args.policy, dict(args.policy_arg or []),
+        tasks=parse_index_list(args.tasks, "task"), episodes_per_task=args.episodes_per_task,
+        init_states=parse_index_list(args.init_states, "init state"), image_size=args.image_size,
+        seed=args.seed, max_steps=args.max_steps, progress=not args.no_progress,
+    )
+    print(f"{summary.path}: recorded {summary.recorded} of {summary.attempted} episodes")
+    for key, why in summary.not_recorded.items():
+        print(f"  not recorded {key}: {why}")
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "suites":
         from suites import list_suites
@@ -183,7 +213,8 @@ def cmd_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "compare": cmd_compare}
+    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "list": cmd_list, "report": cmd_report,
+                "compare": cmd_compare}
     from bench.records import RunDirError
     from policies.base import PolicyOptionError
 

@@ -69,40 +69,62 @@ def execute(
     with EpisodeLog(run_dir) as log:
         todo = [ep for ep in plan if ep.key not in log.done_keys]
         bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)
-        envs: dict[int, object] = {}
+        envs = TaskEnv(env_factory)
         warm = False
         try:
             for planned in todo:
                 task = suite.task(planned.task_index)
-                record = _run_one(planned, task, policy, settings, envs, env_factory, config, run_dir, warm)
+                record = _run_one(planned, task, policy, settings, envs, config, run_dir, warm)
                 warm = warm or record["queries"] > 0
                 log.append(record)
                 bar.update(record)
         finally:
             bar.close()
-            for env in envs.values():
-                _close_quietly(env)
+            envs.discard()
         outcomes = {k: sum(r["outcome"] == k for r in log.records) for k in ("success", "failure", "error")}
         return RunSummary(run_dir, len(plan), len(log.records), len(todo), outcomes)
 
 
-def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs, env_factory, config, run_dir, warm):
-    episode = EpisodeInfo(
+class TaskEnv:
+    """The one live env, for the task being run: built when the task changes, rebuilt after an error.
+
+    One at a time, because each holds a GL context and the simulator's memory.
+    """
+
+    def __init__(self, factory: Callable[[TaskSpec], object]):
+        self.factory = factory
+        self.key: str | None = None
+        self.env = None
+
+    def get(self, task: TaskSpec):
+        if self.key != task.key:
+            self.discard()
+            self.env = self.factory(task)
+            self.key = task.key
+        return self.env
+
+    def discard(self) -> None:
+        env, self.env, self.key = self.env, None, None
+        _close_quietly(env)
+
+
+def episode_info(planned: PlannedEpisode, task: TaskSpec, run_seed: int) -> EpisodeInfo:
+    return EpisodeInfo(
         episode_id=planned.key,
         suite=planned.suite,
         task_index=planned.task_index,
         task_name=task.name,
         instruction=task.instruction,
         init_state_index=planned.init_state_index,
-        seed=planned.seed(config.seed),
+        seed=planned.seed(run_seed),
     )
+
+
+def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: TaskEnv, config, run_dir, warm):
+    episode = episode_info(planned, task, config.seed)
     video = None
     try:
-        if planned.task_index not in envs:
-            for other in list(envs):  # one live env at a time: they hold GL contexts and memory
-                _close_quietly(envs.pop(other))
-            envs[planned.task_index] = env_factory(task)
-        env = envs[planned.task_index]
+        env = envs.get(task)
         init_state = task.init_states()[planned.init_state_index]
         if config.video:
             from bench.video import EpisodeVideo
@@ -113,7 +135,7 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs, env_
     except Exception as exc:  # noqa: BLE001 - env construction or video set-up failed
         result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
     if result.outcome == ERROR:
-        _close_quietly(envs.pop(planned.task_index, None))  # rebuilt for the next episode
+        envs.discard()  # rebuilt for the next episode
     video_path = video.finish(result.outcome).name if video else None
     return make_record(planned, task, episode, result, warm, video_path)
 

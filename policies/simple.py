@@ -54,8 +54,9 @@ class RandomPolicy(Policy):
 class ReplayPolicy(Policy):
     """Replays recorded actions open loop.
 
-    ``path`` is a ``.npy`` array (T, 7) used for every episode, or a ``.npz`` whose arrays are
-    named ``task{t}_init{i}`` (one episode) or ``task{t}`` (every episode of a task).
+    ``path`` is a ``.npy`` array (T, 7) used for every episode, a ``.npz`` whose arrays are
+    named ``task{t}_init{i}`` (one episode) or ``task{t}`` (every episode of a task), or a
+    demonstration file (``.hdf5``, see ``bench record-demos``), replayed by task and init state.
     After the recording ends the arm holds still and keeps the last gripper command.
     """
 
@@ -101,14 +102,29 @@ class ReplayPolicy(Policy):
         return {**super().identity(), "sha256": digest}
 
 
+def _demo_actions(path: Path) -> dict[str, np.ndarray]:
+    """Actions of each demonstration in a LIBERO-layout HDF5 file, keyed task{t}_init{i}."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise PolicyOptionError(f"{path.name} has no 'data' group: not a demonstration file")
+        return {
+            f"task{g.attrs['task_index']}_init{g.attrs['init_state_index']}": g["actions"][()]
+            for g in f["data"].values()
+        }
+
+
 def _load_recordings(path: Path) -> dict[str, np.ndarray]:
     if path.suffix == ".npy":
         recordings = {"": np.load(path)}
     elif path.suffix == ".npz":
         with np.load(path) as data:
             recordings = {key: data[key] for key in data.files}
+    elif path.suffix in (".hdf5", ".h5"):
+        recordings = _demo_actions(path)
     else:
-        raise PolicyOptionError(f"replay file must be .npy or .npz, got {path.name}")
+        raise PolicyOptionError(f"replay file must be .npy, .npz or .hdf5, got {path.name}")
     for key, actions in recordings.items():
         if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
             raise PolicyOptionError(f"replay actions {key or path.name!r} have shape {actions.shape}, expected (T, 7)")

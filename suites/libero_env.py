@@ -90,6 +90,16 @@ class LiberoEnv:
             obs["privileged"] = self.privileged_state()
         return obs
 
+    def robot_state(self) -> dict:
+        """The robot's low-dimensional state, named as in LIBERO's demonstration files."""
+        raw = self._raw
+        return {
+            "ee_pos": np.array(raw["robot0_eef_pos"]),
+            "ee_ori": quat_to_axis_angle(raw["robot0_eef_quat"]),
+            "gripper_states": np.array(raw["robot0_gripper_qpos"]),
+            "joint_states": np.array(raw["robot0_joint_pos"]),
+        }
+
     def privileged_state(self) -> dict:
         """Poses, extents, joint states and the task file, for policies that declare the need."""
         from suites.privileged import SceneIndex, snapshot

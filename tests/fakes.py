@@ -55,6 +55,13 @@ class FakeEnv:
             obs["images"] = {"agentview": np.zeros((4, 4, 3), np.uint8), "wrist": np.zeros((4, 4, 3), np.uint8)}
         return obs
 
+    def sim_state(self) -> np.ndarray:
+        return np.array([float(self._t)])
+
+    def robot_state(self) -> dict:
+        return {"ee_pos": np.full(3, self._t), "ee_ori": np.zeros(3), "gripper_states": np.zeros(2),
+                "joint_states": np.zeros(7)}
+
     def close(self) -> None:
         self.closed = True
 

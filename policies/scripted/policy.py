@@ -116,7 +116,7 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
         elif predicate.name == "close":
             closes.append(close_skill(predicate, scene))
         else:
-            raise SkillFailed(f"no skill for goal predicate {predicate.name!r} yet")
+            raise SkillFailed(f"the expert has no skill for ({predicate.name} {' '.join(predicate.args)})")
     return knobs + placements + closes
 
 

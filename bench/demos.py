@@ -1,0 +1,140 @@
+"""Demonstrations in LIBERO's HDF5 layout: record a policy's successful episodes, read them back.
+
+    data/                      attrs: suite, policy, image_size, image_orientation, versions, created_at
+      demo_0/                  attrs: instruction, suite, task_index, task_name, init_state_index,
+                                      init_state, seed, num_samples
+        actions  (T, 7)        action executed at step t
+        states   (T, S)        flattened simulator state before step t
+        rewards  (T,)          1 at the step the goal holds, else 0
+        dones    (T,)
+        obs/agentview_rgb      (T, H, W, 3) uint8, before step t
+        obs/eye_in_hand_rgb    (T, H, W, 3) uint8
+        obs/ee_pos (T, 3), obs/ee_ori (T, 3, axis-angle), obs/gripper_states (T, 2), obs/joint_states (T, 7)
+
+Images are stored upright (rotated 180 degrees from the raw render), as the policies see them.
+Only the steps that are recorded render images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_ORIENTATION = "upright (raw robosuite render rotated 180 degrees)"
+LOW_DIM_KEYS = ("ee_pos", "ee_ori", "gripper_states", "joint_states")
+
+
+@dataclass
+class Demo:
+    attrs: dict
+    actions: np.ndarray
+    states: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    obs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"task{self.attrs['task_index']}_init{self.attrs['init_state_index']}"
+
+
+class RecordingEnv:
+    """Wraps an env and keeps, for every policy step, the state and observation before it and the action.
+
+    It renders the cameras for every recorded step (and the last settling step, whose
+    observation is the first recorded one), whatever the episode loop asks for.
+    """
+
+    def __init__(self, env, settle_steps: int):
+        self.env = env
+        self.settle_steps = settle_steps
+        self.steps: list[dict] = []
+        self._t = 0
+
+    def reset(self, init_state) -> None:
+        self.env.reset(init_state)
+        self.steps = []
+        self._t = 0
+
+    def step(self, action, render: bool) -> bool:
+        recorded = self._t >= self.settle_steps
+        if recorded:
+            obs = self.env.observe(images=True)
+            self.steps.append({
+                "action": np.asarray(action, dtype=np.float64),
+                "state": self.env.sim_state(),
+                "agentview_rgb": obs["images"]["agentview"],
+                "eye_in_hand_rgb": obs["images"]["wrist"],
+                **self.env.robot_state(),
+            })
+        done = self.env.step(action, render=render or self._t >= self.settle_steps - 1)
+        if recorded:
+            self.steps[-1]["reward"] = float(done)
+        self._t += 1
+        return done
+
+    def observe(self, images: bool, privileged: bool = False) -> dict:
+        return self.env.observe(images=images, privileged=privileged)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+class DemoWriter:
+    def __init__(self, path: Path, file_attrs: dict):
+        import h5py
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self.path, "w")
+        self._data = self._file.create_group("data")
+        for key, value in file_attrs.items():
+            self._data.attrs[key] = value
+        self.count = 0
+
+    def add(self, steps: list[dict], attrs: dict) -> None:
+        if not steps:
+            raise ValueError("a demonstration needs at least one step")
+        group = self._data.create_group(f"demo_{self.count}")
+        rewards = np.array([s["reward"] for s in steps])
+        group.create_dataset("actions", data=np.stack([s["action"] for s in steps]))
+        group.create_dataset("states", data=np.stack([s["state"] for s in steps]))
+        group.create_dataset("rewards", data=rewards)
+        group.create_dataset("dones", data=(rewards > 0).astype(np.uint8))
+        obs = group.create_group("obs")
+        for key in ("agentview_rgb", "eye_in_hand_rgb"):
+            obs.create_dataset(key, data=np.stack([s[key] for s in steps]), compression="gzip", compression_opts=4)
+        for key in LOW_DIM_KEYS:
+            obs.create_dataset(key, data=np.stack([s[key] for s in steps]))
+        for key, value in {**attrs, "num_samples": len(steps)}.items():
+            group.attrs[key] = value
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        self._data.attrs["num_demos"] = self.count
+        self._file.close()
+
+
+def read_demos(path: str | Path, images: bool = True) -> list[Demo]:
+    """Every demonstration in the file; ``images=False`` skips the (large) camera arrays."""
+    import h5py
+
+    demos = []
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise ValueError(f"{path} is not a demonstration file: it has no 'data' group")
+        names = sorted(f["data"], key=lambda n: int(n.split("_")[1]))
+        for name in names:
+            g = f["data"][name]
+            demos.append(Demo(
+                attrs=dict(g.attrs),
+                actions=g["actions"][()],
+                states=g["states"][()],
+                rewards=g["rewards"][()],
+                dones=g["dones"][()],
+                obs={key: g["obs"][key][()] for key in g["obs"] if images or not key.endswith("_rgb")},
+            ))
+    return demos

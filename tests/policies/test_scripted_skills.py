@@ -1,0 +1,95 @@
+"""Grasp and placement geometry on synthetic scenes (no simulator)."""
+
+import numpy as np
+import pytest
+
+from policies.scripted.goals import Predicate
+from policies.scripted.policy import ScriptedPolicy, destination_for, plan_skills
+from policies.scripted.scene import Scene
+from policies.scripted.skills import PickPlace, SkillFailed, TurnKnob, plan_grasp
+from policies import EpisodeInfo, Observation
+
+
+def box(pos, half, fixture=False, yaw=0.0):
+    c, s = np.cos(yaw), np.sin(yaw)
+    mat = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    half = np.asarray(half, dtype=float)
+    pos = np.asarray(pos, dtype=float)
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (0, 2)]) * half
+    world = corners @ mat.T + pos
+    return {"pos": pos, "mat": mat, "box_min": np.array([-half[0], -half[1], 0]),
+            "box_max": np.array([half[0], half[1], 2 * half[2]]),
+            "aabb_min": world.min(0), "aabb_max": world.max(0), "fixture": fixture}
+
+
+def scene(objects, sites=None, joints=None, articulation=None):
+    return Scene({"eef_pos": np.array([-0.2, 0, 1.2]), "eef_mat": np.diag([1.0, -1.0, -1.0]),
+                  "gripper_qpos": np.array([0.04, -0.04]), "objects": objects, "sites": sites or {},
+                  "joints": joints or {}, "articulation": articulation or {}, "bddl_file": ""})
+
+
+def test_box_is_grasped_across_its_narrow_side_at_its_centre():
+    s = scene({"cream_cheese_1": box([0.1, 0.2, 0.9], [0.04, 0.02, 0.01], yaw=np.pi / 2)})
+    body = s.body("cream_cheese_1")
+    point, axis = plan_grasp(body, s, [])
+    np.testing.assert_allclose(point[:2], [0.1, 0.2], atol=1e-9)
+    # narrow side is the body's y axis, which the yaw turned onto world -x
+    np.testing.assert_allclose(np.abs(axis), [1, 0, 0], atol=1e-9)
+    assert body.bottom < point[2] < body.top
+
+
+def test_bowl_is_grasped_by_the_rim_on_the_free_side():
+    bowl = box([0.0, 0.0, 0.9], [0.05, 0.05, 0.025])
+    blocker = box([-0.12, 0.0, 0.9], [0.03, 0.03, 0.04])  # right next to the bowl on the -x side
+    s = scene({"akita_black_bowl_1": bowl, "ramekin_1": blocker})
+    point, axis = plan_grasp(s.body("akita_black_bowl_1"), s, [s.body("ramekin_1")])
+    assert np.linalg.norm(point[:2]) == pytest.approx(0.05 - 0.006)  # just inside the rim
+    assert point[0] > -0.01  # not on the blocked side
+    radial = point[:2] / np.linalg.norm(point[:2])
+    assert abs(abs(np.dot(radial, axis[:2])) - 1) < 1e-9  # fingers straddle the wall
+
+
+def test_destinations_follow_the_predicates():
+    region = {"pos": np.array([0.3, 0.1, 0.95]), "mat": np.eye(3), "size": np.array([0.06, 0.06, 0.07]),
+              "parent": "basket_1", "joints": []}
+    s = scene({"milk_1": box([0, 0, 0.9], [0.02, 0.02, 0.05]), "plate_1": box([0.2, 0.2, 0.9], [0.07, 0.07, 0.01])},
+              sites={"basket_1_contain_region": region})
+    xy, bottom = destination_for(Predicate("on", ("milk_1", "plate_1")), s)(s)
+    np.testing.assert_allclose(xy, [0.2, 0.2])
+    assert bottom == pytest.approx(0.92 + 0.005)
+    xy, bottom = destination_for(Predicate("in", ("milk_1", "basket_1_contain_region")), s)(s)
+    np.testing.assert_allclose(xy, [0.3, 0.1])
+    assert bottom == pytest.approx(0.95 - 0.07 + 0.01)
+    with pytest.raises(SkillFailed, match="neither an object nor a region"):
+        destination_for(Predicate("on", ("milk_1", "nowhere")), s)
+
+
+def test_two_objects_for_one_region_get_separate_spots_and_knobs_come_first():
+    region = {"pos": np.array([0.0, 0.0, 0.9]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.002]),
+              "parent": "flat_stove_1", "joints": []}
+    joint = {"owner": "flat_stove_1", "type": "hinge", "qpos": 0.0, "axis": np.array([0, 0, 1.0])}
+    s = scene({"moka_pot_1": box([0.3, 0, 0.9], [0.04, 0.07, 0.07]), "moka_pot_2": box([0.3, 0.3, 0.9], [0.04, 0.07, 0.07]),
+               "flat_stove_1": box([0, 0, 0.85], [0.15, 0.15, 0.02], fixture=True)},
+              sites={"flat_stove_1_cook_region": region}, joints={"flat_stove_1_button": joint},
+              articulation={"flat_stove_1": {"default_turnon_ranges": [0.5, 2.1]}})
+    goal = [Predicate("on", ("moka_pot_1", "flat_stove_1_cook_region")),
+            Predicate("on", ("moka_pot_2", "flat_stove_1_cook_region")), Predicate("turnon", ("flat_stove_1",))]
+    skills = plan_skills(goal, s)
+    assert [type(k) for k in skills] == [TurnKnob, PickPlace, PickPlace]
+    assert skills[0].threshold == pytest.approx(0.65) and skills[0].increase
+    spots = [skill.destination(s)[0][0] for skill in skills[1:]]
+    assert spots[0] < 0 < spots[1] and all(abs(x) < 0.075 for x in spots)
+
+
+def test_policy_gives_up_cleanly_on_a_goal_it_cannot_achieve(tmp_path):
+    bddl = tmp_path / "task.bddl"
+    bddl.write_text("(define (problem p) (:goal (And (Open microwave_1))))")
+    policy = ScriptedPolicy(ScriptedPolicy.Options())
+    policy.reset(EpisodeInfo("e", "s", 0, "t", "i", 0, 0))
+    state = scene({"microwave_1": box([0, 0, 0.9], [0.1, 0.1, 0.1], fixture=True)}).state | {"bddl_file": str(bddl)}
+    (out,) = policy.act([Observation(np.zeros(8), "i", "e", privileged=state)])
+    assert out.actions.shape == (4, 7)
+    np.testing.assert_array_equal(out.actions[:, :6], 0)  # holds still
+    assert "microwave_1" in out.stats["gave_up"]
+    with pytest.raises(ValueError, match="needs privileged"):
+        policy.act([Observation(np.zeros(8), "i", "e")])
