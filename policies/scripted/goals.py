@@ -55,7 +55,8 @@ def parse_goal(bddl_text: str) -> list[Predicate]:
             raise UnsupportedGoalError(f"goal term {atom!r} is not an atomic predicate")
         name, args = atom[0].lower(), tuple(atom[1:])
         if name not in SUPPORTED:
-            raise UnsupportedGoalError(f"goal predicate {atom[0]!r} is not supported; supported: {', '.join(SUPPORTED)}")
+            supported = ", ".join(SUPPORTED)
+            raise UnsupportedGoalError(f"goal predicate {atom[0]!r} is not supported; supported: {supported}")
         if len(args) != SUPPORTED[name] or any(isinstance(a, list) for a in args):
             raise UnsupportedGoalError(f"goal predicate {atom[0]!r} takes {SUPPORTED[name]} names, got {args!r}")
         predicates.append(Predicate(name, args))

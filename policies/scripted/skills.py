@@ -85,7 +85,8 @@ def _rim_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
         return body.pos + body.mat @ local_point
 
     def gap(point, bodies):
-        return min((np.linalg.norm(np.clip(point, o.aabb_min[:2], o.aabb_max[:2]) - point) for o in bodies), default=1.0)
+        distances = (np.linalg.norm(np.clip(point, o.aabb_min[:2], o.aabb_max[:2]) - point) for o in bodies)
+        return min(distances, default=1.0)
 
     tall = [o for o in others if o.top > body.top + 0.03]  # what the hand, above the fingers, can hit
 

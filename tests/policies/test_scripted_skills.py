@@ -68,7 +68,8 @@ def test_two_objects_for_one_region_get_separate_spots_and_knobs_come_first():
     region = {"pos": np.array([0.0, 0.0, 0.9]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.002]),
               "parent": "flat_stove_1", "joints": []}
     joint = {"owner": "flat_stove_1", "type": "hinge", "qpos": 0.0, "axis": np.array([0, 0, 1.0])}
-    s = scene({"moka_pot_1": box([0.3, 0, 0.9], [0.04, 0.07, 0.07]), "moka_pot_2": box([0.3, 0.3, 0.9], [0.04, 0.07, 0.07]),
+    pot = [0.04, 0.07, 0.07]
+    s = scene({"moka_pot_1": box([0.3, 0, 0.9], pot), "moka_pot_2": box([0.3, 0.3, 0.9], pot),
                "flat_stove_1": box([0, 0, 0.85], [0.15, 0.15, 0.02], fixture=True)},
               sites={"flat_stove_1_cook_region": region}, joints={"flat_stove_1_button": joint},
               articulation={"flat_stove_1": {"default_turnon_ranges": [0.5, 2.1]}})
