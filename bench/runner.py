@@ -177,15 +177,19 @@ def latency_summary(latencies_ms: list[float]) -> dict | None:
 
 
 def summarize_stats(per_query: list[dict]) -> dict:
-    """Mean over the episode's queries of each numeric statistic (element-wise for lists)."""
+    """Mean over the episode's queries of each numeric statistic (element-wise for lists);
+    the last value of a text statistic (where a scripted policy ended up, why it gave up)."""
     summary = {}
     keys = sorted({k for stats in per_query for k in stats})
     for key in keys:
         values = [stats[key] for stats in per_query if key in stats]
+        if isinstance(values[-1], str):
+            summary[key] = values[-1]
+            continue
         try:
             arr = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError):
-            continue  # ragged or non-numeric: not summarised
+            continue  # ragged: not summarised
         mean = arr.mean(axis=0)
         summary[key] = mean.tolist() if mean.ndim else float(mean)
     return summary

@@ -164,7 +164,7 @@ class ScriptedPolicy(Policy):
             state.failed = str(exc)  # give up cleanly: hold still until the budget runs out
         chunk = np.tile(np.clip(action, -1.0, 1.0), (self.chunk_length, 1))
         skill = state.skills[0] if state.skills else None
-        stats = {"skills_left": len(state.skills or []), "phase": f"{skill!r}:{skill.phase}" if skill else "done"}
+        stats = {"phase": f"{skill!r}:{skill.phase}" if skill else "done"}
         if state.failed:
             stats["gave_up"] = state.failed
         return PolicyOutput(chunk, stats)

@@ -157,3 +157,13 @@ def test_records_are_plain_json_lines(tmp_path):
     for field in ("suite", "task_index", "task_name", "init_state_index", "outcome", "steps", "queries", "wall_s",
                   "latency_ms", "policy_stats", "error"):
         assert field in record
+
+
+def test_summarize_stats_means_numbers_and_keeps_the_last_text():
+    from bench.runner import summarize_stats
+
+    summary = summarize_stats([
+        {"visual_tokens": 80, "tokens_per_layer": [512, 80], "phase": "lift"},
+        {"visual_tokens": 90, "tokens_per_layer": [512, 90], "phase": "carry"},
+    ])
+    assert summary == {"visual_tokens": 85.0, "tokens_per_layer": [512.0, 85.0], "phase": "carry"}
