@@ -47,6 +47,18 @@ class Skill:
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         raise NotImplementedError
 
+    def approach(self, scene: Scene, steps: int, point, gripper: float, then: str, tolerance: float) -> np.ndarray:
+        """Phases ``above`` (over ``point``) and ``descend`` (onto it), then phase ``then``."""
+        eef = scene.eef_pos
+        if self.phase == "above":
+            target = point + np.array([0, 0, APPROACH_CLEARANCE])
+            if _near(eef, target, 0.015) or self.ticks > 12:
+                self.goto("descend")
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, gripper, steps, speed=1.0)
+        if _near(eef, point, tolerance) or self.ticks > 8:
+            self.goto(then)
+        return move_action(eef, scene.eef_mat, point, self.grip_mat, gripper, steps, speed=0.8)
+
 
 def _near(a, b, tol: float) -> bool:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b))) < tol
@@ -284,15 +296,8 @@ class TurnKnob(Skill):
             # turning the wrist about +z turns the knob about its axis; pick the direction
             self.direction = (1.0 if self.increase else -1.0) * np.sign(joint["axis"][2] or 1.0)
             self.goto("above")
-        if self.phase == "above":
-            target = self.grasp_point + [0, 0, APPROACH_CLEARANCE]
-            if _near(eef, target, 0.015) or self.ticks > 12:
-                self.goto("descend")
-            return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=1.0)
-        if self.phase == "descend":
-            if _near(eef, self.grasp_point, 0.008) or self.ticks > 8:
-                self.goto("close")
-            return move_action(eef, scene.eef_mat, self.grasp_point, self.grip_mat, OPEN, steps, speed=0.8)
+        if self.phase in ("above", "descend"):
+            return self.approach(scene, steps, self.grasp_point, OPEN, then="close", tolerance=0.008)
         if self.phase == "close":
             if self.ticks > max(2, CLOSE_STEPS // steps):
                 self.goto("turn")
@@ -356,15 +361,8 @@ class CloseDrawer(Skill):
             side = np.array([-self.open_dir[1], self.open_dir[0], 0.0])  # fingers side by side: wider contact
             self.grip_mat = grip_rotation(closest_finger_axis(side, scene.eef_mat))
             self.goto("above")
-        if self.phase == "above":
-            target = self.contact + [0, 0, APPROACH_CLEARANCE]
-            if _near(eef, target, 0.015) or self.ticks > 12:
-                self.goto("descend")
-            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
-        if self.phase == "descend":
-            if _near(eef, self.contact, 0.01) or self.ticks > 8:
-                self.goto("push")
-            return move_action(eef, scene.eef_mat, self.contact, self.grip_mat, CLOSE, steps, speed=0.8)
+        if self.phase in ("above", "descend"):
+            return self.approach(scene, steps, self.contact, CLOSE, then="push", tolerance=0.01)
         if self.phase == "push":
             if self.closed(joint["qpos"]) or self.ticks > 20:
                 self.goto("retreat")
