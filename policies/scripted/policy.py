@@ -14,7 +14,7 @@ import numpy as np
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
-from policies.scripted.skills import CloseDrawer, PickPlace, Skill, SkillFailed, TurnKnob
+from policies.scripted.skills import CloseDrawer, PickPlace, Skill, SkillFailed, TurnKnob, is_open, opens_negative
 
 HOLD = np.array([0, 0, 0, 0, 0, 0, -1.0])
 
@@ -76,10 +76,8 @@ def knob_skill(predicate: Predicate, scene: Scene) -> Skill:
 
 def _opening_direction(scene: Scene, joint: str, owner: str) -> np.ndarray:
     """World direction a drawer slides when it opens."""
-    ranges = scene.articulation(owner)
     axis = np.asarray(scene.joint(joint)["axis"], dtype=float)
-    opens_negative = np.mean(ranges["default_open_ranges"]) < np.mean(ranges["default_close_ranges"])
-    return -axis if opens_negative else axis
+    return -axis if opens_negative(scene.articulation(owner)) else axis
 
 
 def articulated_joint(name: str, scene: Scene) -> tuple[str, str]:
@@ -97,8 +95,17 @@ def close_skill(predicate: Predicate, scene: Scene) -> Skill:
     ranges = scene.articulation(owner)
     if scene.joint(joint)["type"] != "slide":
         raise SkillFailed(f"closing {predicate.args[0]!r} needs a door skill, which the expert does not have")
-    label = f"close {predicate.args[0]}"
-    return CloseDrawer(joint, ranges["default_open_ranges"], ranges["default_close_ranges"], label)
+    return CloseDrawer(joint, ranges, f"close {predicate.args[0]}")
+
+
+def _check_reachable(predicate: Predicate, scene: Scene) -> None:
+    """In(x, region of a shut drawer) needs the drawer opened first, which the expert cannot do."""
+    target = predicate.args[1]
+    if predicate.name != "in" or not scene.has_site(target) or not scene.site(target).joints:
+        return
+    joint, owner = articulated_joint(target, scene)
+    if not is_open(scene.articulation(owner), scene.joint(joint)["qpos"]):
+        raise SkillFailed(f"{target} is in a shut drawer, and the expert has no skill to open drawers")
 
 
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
@@ -109,6 +116,7 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     for predicate in goal:
         label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
+            _check_reachable(predicate, scene)
             destination = destination_for(predicate, scene, slots.get(predicate, 0.0))
             placements.append(PickPlace(predicate.args[0], destination, label))
         elif predicate.name in ("turnon", "turnoff"):

@@ -327,15 +327,25 @@ class TurnKnob(Skill):
 
 
 
+def opens_negative(articulation: dict) -> bool:
+    """Whether opening moves the joint towards negative qpos (LIBERO's cabinets do)."""
+    return np.mean(articulation["default_open_ranges"]) < np.mean(articulation["default_close_ranges"])
+
+
+def is_open(articulation: dict, qpos: float) -> bool:
+    """LIBERO's test: open once past the near end of the open range."""
+    open_range = articulation["default_open_ranges"]
+    return qpos < max(open_range) if opens_negative(articulation) else qpos > min(open_range)
+
+
 class CloseDrawer(Skill):
     """Push a drawer shut: closed fingers in front of its front face, then along the closing direction."""
 
-    def __init__(self, joint: str, open_range, close_range, label: str):
+    def __init__(self, joint: str, articulation: dict, label: str):
         super().__init__()
         self.joint = joint
-        # which way is "open" along the joint: LIBERO's cabinets open towards negative qpos
-        self.opens_negative = np.mean(open_range) < np.mean(close_range)
-        self.close_range = close_range
+        self.opens_negative = opens_negative(articulation)
+        self.close_range = articulation["default_close_ranges"]
         self.label = label
 
     def __repr__(self) -> str:
