@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="execute the first K actions of each chunk (default: the policy's)")
     run.add_argument("--max-steps", type=int, help="override the suite's step budget (smoke tests only)")
     run.add_argument("--watchdog", type=float, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
-    run.add_argument("--video", action="store_true", default=None, help="write an MP4 per episode")
+    run.add_argument("--video", action="store_true", default=None,
+                     help="write an MP4 per episode (runs episodes in this process)")
+    run.add_argument("--workers", type=int, help=f"env worker processes (default: the {os.cpu_count()} cores)")
+    run.add_argument("--max-batch", type=int, help="most observations per policy call (default: one per worker)")
     run.add_argument("--out", type=Path, help="run directory (default results/<suite>_<policy>_<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     run.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
@@ -54,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-steps", type=int)
     rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     rec.add_argument("--no-progress", action="store_true")
+
+    spd = sub.add_parser("speed", help="time the same episodes: reference loop, render on demand, worker pool")
+    spd.add_argument("--suite", default="libero_spatial")
+    spd.add_argument("--tasks", type=int, default=2, help="the first T tasks")
+    spd.add_argument("--episodes-per-task", type=int, default=2)
+    spd.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    spd.add_argument("--chunk-length", type=int, default=8)
+    spd.add_argument("--json", action="store_true")
 
     lst = sub.add_parser("list", help="list suites, tasks or policies")
     lst.add_argument("what", choices=["suites", "tasks", "policies"])
@@ -88,6 +100,8 @@ def _config_from_args(args):
         "max_steps": args.max_steps,
         "watchdog_s": args.watchdog_s,
         "video": args.video,
+        "workers": args.workers,
+        "max_batch": args.max_batch,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume:
@@ -99,6 +113,7 @@ def _config_from_args(args):
     if "suite" not in given:
         raise ValueError("--suite is required (or --resume DIR)")
     given.setdefault("policy", DEFAULT_POLICY)
+    given.setdefault("workers", os.cpu_count() or 1)
     return RunConfig(**given)
 
 
@@ -146,6 +161,26 @@ def cmd_record_demos(args) -> int:
     for key, why in summary.not_recorded.items():
         print(f"  not recorded {key}: {why}")
     return 0
+
+
+def cmd_speed(args) -> int:
+    from bench.speed import measure
+
+    result = measure(args.suite, args.tasks, args.episodes_per_task, args.workers, args.chunk_length)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0 if result["same_outcomes"] else 1
+    print(f"{result['episodes']} episodes of {result['suite']}, chunks of {result['chunk_length']}, "
+          f"{result['workers']} workers")
+    print("| loop | env steps/s | episodes/hour | wall s |\n|---|---|---|---|")
+    for mode in ("reference", "serial", "pool"):
+        print(f"| {mode} | {result['steps_per_s'][mode]} | {result['episodes_per_hour'][mode]} | "
+              f"{result['wall_s'][mode]} |")
+    print(f"serial/reference {result['ratio_serial']}x, pool/reference {result['ratio_pool']}x; "
+          f"peak memory: {result['peak_rss_mb']}")
+    print("same outcomes and steps in all three: " + ("yes" if result["same_outcomes"] else
+                                                       f"NO: {result['mismatches']}"))
+    return 0 if result["same_outcomes"] else 1
 
 
 def cmd_list(args) -> int:
@@ -213,8 +248,8 @@ def cmd_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "list": cmd_list, "report": cmd_report,
-                "compare": cmd_compare}
+    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "speed": cmd_speed, "list": cmd_list,
+                "report": cmd_report, "compare": cmd_compare}
     from bench.records import RunDirError
     from policies.base import PolicyOptionError
 

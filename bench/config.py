@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # Settings that change nothing about what is measured; a resumed run may change them.
-NON_PROTOCOL_FIELDS = ("watchdog_s", "video")
+NON_PROTOCOL_FIELDS = ("watchdog_s", "video", "workers", "max_batch")
 
 
 @dataclass
@@ -23,6 +23,8 @@ class RunConfig:
     camera_size: int = 256
     watchdog_s: float = 900.0
     video: bool = False
+    workers: int = 1  # env worker processes; 1 runs everything in this process
+    max_batch: int = 0  # most observations per batched policy call; 0: one per worker
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ an episode that ends in ``error`` gets a freshly built env for the next one.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ class RunSummary:
     recorded: int
     ran_now: int
     outcomes: dict[str, int]
+    worker_peak_rss_mb: float | None = None  # with a worker pool: the largest worker's peak
 
 
 def default_run_dir(config: RunConfig, root: Path = Path("results")) -> Path:
@@ -39,10 +41,14 @@ def default_run_dir(config: RunConfig, root: Path = Path("results")) -> Path:
     return root / f"{config.suite}_{config.policy}_{stamp}"
 
 
-def default_env_factory(config: RunConfig) -> Callable[[TaskSpec], object]:
-    from suites.libero_env import LiberoEnv  # imports the simulator only when a run needs it
+def make_libero_env(task: TaskSpec, camera_size: int):
+    from suites.libero_env import LiberoEnv  # imports the simulator only where an env is built
 
-    return lambda task: LiberoEnv(task, camera_size=config.camera_size)
+    return LiberoEnv(task, camera_size=camera_size)
+
+
+def default_env_factory(config: RunConfig) -> Callable[[TaskSpec], object]:
+    return functools.partial(make_libero_env, camera_size=config.camera_size)  # picklable, for workers
 
 
 def execute(
@@ -69,20 +75,54 @@ def execute(
     with EpisodeLog(run_dir) as log:
         todo = [ep for ep in plan if ep.key not in log.done_keys]
         bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)
-        envs = TaskEnv(env_factory)
-        warm = False
+        peak_rss = None
         try:
-            for planned in todo:
-                task = suite.task(planned.task_index)
-                record = _run_one(planned, task, policy, settings, envs, config, run_dir, warm)
-                warm = warm or record["queries"] > 0
-                log.append(record)
-                bar.update(record)
+            if config.workers > 1 and not config.video and len(todo) > 1:
+                peak_rss = _run_pool(todo, suite, policy, settings, env_factory, config, log, bar)
+            else:
+                _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log, bar)
         finally:
             bar.close()
-            envs.discard()
         outcomes = {k: sum(r["outcome"] == k for r in log.records) for k in ("success", "failure", "error")}
-        return RunSummary(run_dir, len(plan), len(log.records), len(todo), outcomes)
+        return RunSummary(run_dir, len(plan), len(log.records), len(todo), outcomes, peak_rss)
+
+
+def _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log, bar) -> None:
+    envs = TaskEnv(env_factory)
+    warm = False  # the first query made in this process pays for lazy initialisation
+    try:
+        for planned in todo:
+            task = suite.task(planned.task_index)
+            record = _run_one(planned, task, policy, settings, envs, config, run_dir, warm)
+            warm = warm or record["queries"] > 0
+            log.append(record)
+            bar.update(record)
+    finally:
+        envs.discard()
+
+
+def _run_pool(todo, suite, policy, settings, env_factory, config, log, bar) -> None:
+    from bench.pool import Job, WorkerPool
+
+    jobs, planned_by_key = [], {}
+    for planned in todo:
+        task = suite.task(planned.task_index)
+        jobs.append(Job(planned.key, task, episode_info(planned, task, config.seed),
+                        task.init_states()[planned.init_state_index]))
+        planned_by_key[planned.key] = planned
+
+    warm = False
+
+    def on_result(job, result):
+        nonlocal warm
+        record = make_record(planned_by_key[job.key], job.task, job.episode, result, warm, None)
+        warm = warm or record["queries"] > 0
+        log.append(record)
+        bar.update(record)
+
+    pool = WorkerPool(config.workers, env_factory, settings, policy, config.max_batch)
+    pool.run(jobs, on_result)
+    return max(pool.peak_rss_mb.values(), default=None)
 
 
 class TaskEnv:

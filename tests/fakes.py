@@ -92,3 +92,40 @@ class CountingPolicy(Policy):
             self.queries += 1
             outputs.append(PolicyOutput(chunk, dict(self.stats)))
         return outputs
+
+
+# Module-level env factories: worker processes receive them by reference (pickled by name).
+
+def fake_env(task: TaskSpec) -> FakeEnv:
+    """Succeeds after a task-dependent number of policy steps (10 settle steps come first)."""
+    return FakeEnv(task, succeed_after=10 + 12 + 3 * task.index)
+
+
+def slow_fake_env(task: TaskSpec) -> FakeEnv:
+    """A slow env that notes its process id in $FAKE_ENV_PID_FILE, so tests can look for orphans."""
+    import os
+
+    path = os.environ.get("FAKE_ENV_PID_FILE")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    return FakeEnv(task, step_seconds=0.01)
+
+
+class _SelfKillingEnv(FakeEnv):
+    def step(self, action, render: bool) -> bool:
+        import os
+        import signal
+        from pathlib import Path
+
+        flag = Path(os.environ["FAKE_ENV_KILLED_FLAG"])
+        if len(self.actions) == 15 and not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker process dies mid-episode
+        return super().step(action, render)
+
+
+def self_killing_env(task: TaskSpec) -> FakeEnv:
+    """Task 1's env kills its worker process in the middle of an episode, once
+    (the file $FAKE_ENV_KILLED_FLAG remembers it across processes)."""
+    return _SelfKillingEnv(task) if task.index == 1 else FakeEnv(task)

@@ -142,9 +142,13 @@ class ScriptedPolicy(Policy):
     @dataclass
     class Options(Policy.Options):
         chunk_length: int = 4
+        # ask for camera images at every query, as a vision policy would (it ignores them):
+        # for measuring what rendering costs a run
+        with_images: bool = False
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
+        self.needs_images = options.with_images
         self._episodes: dict[str, _Episode] = {}
 
     def reset(self, episode: EpisodeInfo) -> None:

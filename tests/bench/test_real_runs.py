@@ -58,3 +58,12 @@ def test_random_policy_with_video(tmp_path):
 
     frames = imageio.mimread(video)
     assert len(frames) == 17 and frames[0].shape == (256, 512, 3)
+
+
+def test_pool_and_serial_give_the_same_real_outcomes(tmp_path):
+    for mode, workers in (("serial", "1"), ("pool", "2")):
+        assert main(["run", "--suite", "libero_object", "--policy", "scripted", "--tasks", "0,1", "--init-states", "0",
+                     "--workers", workers, "--out", str(tmp_path / mode), "--no-progress", "--json"]) == 0
+    serial, pool = (sorted((r["key"], r["outcome"], r["steps"]) for r in read_episodes(tmp_path / m))
+                    for m in ("serial", "pool"))
+    assert serial == pool and len(serial) == 2

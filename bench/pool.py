@@ -1,0 +1,220 @@
+"""Episodes on a pool of env worker processes, with the policy answering in batches.
+
+Each worker owns one MuJoCo env at a time (reused across the episodes of its task) and runs
+the same episode loop as the serial runner, with a stand-in policy that forwards each query
+to the main process. The main process holds the real policy and answers every worker
+waiting at a query step with one batched ``act`` call. A worker that dies or hangs is
+killed and replaced; its episode is recorded as an error.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Callable, Sequence
+
+from bench.episode import ERROR, EpisodeResult, EpisodeSettings, run_episode
+from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
+from suites import TaskSpec
+
+HANG_GRACE_S = 60.0  # beyond the episode watchdog, before a silent worker is killed
+
+
+@dataclass
+class Job:
+    key: str
+    task: TaskSpec
+    episode: EpisodeInfo
+    init_state: object
+
+
+class RemotePolicy(Policy):
+    """Stands in for the real policy inside a worker: forwards each query to the main process."""
+
+    name = "remote"
+
+    def __init__(self, conn, needs_images: bool, needs_privileged: bool, chunk_length: int):
+        super().__init__(Policy.Options(chunk_length=chunk_length))
+        self.conn = conn
+        self.needs_images = needs_images
+        self.needs_privileged = needs_privileged
+
+    def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
+        self.conn.send(("query", observations[0]))
+        answer = self.conn.recv()
+        if isinstance(answer, BaseException):  # the real policy failed on this observation
+            raise answer
+        return [answer]
+
+
+def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tuple) -> None:
+    from bench.runner import TaskEnv
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    policy = RemotePolicy(conn, *policy_traits)
+    envs = TaskEnv(env_factory)
+    try:
+        while True:
+            job = conn.recv()
+            if job is None:
+                break
+            try:
+                env = envs.get(job.task)
+                result = run_episode(env, policy, job.episode, job.init_state, settings)
+            except Exception as exc:  # noqa: BLE001 - env construction failed
+                result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
+            if result.outcome == ERROR:
+                envs.discard()
+            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            conn.send(("done", result, rss_mb))
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass
+    finally:
+        envs.discard()
+
+
+@dataclass
+class _Worker:
+    process: mp.Process
+    conn: object
+    job: Job | None = None
+    started: float = 0.0
+    latencies: list = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    task_key: str | None = None
+
+
+class WorkerPool:
+    def __init__(self, workers: int, env_factory: Callable, settings: EpisodeSettings, policy: Policy,
+                 max_batch: int = 0):
+        self.size = workers
+        self.env_factory = env_factory
+        self.settings = settings
+        self.policy = policy
+        self.max_batch = max_batch or workers
+        self.traits = (policy.needs_images, policy.needs_privileged, settings.chunk_length)
+        self._ctx = mp.get_context("spawn")  # no inherited GL contexts or simulator state
+        self.workers: list[_Worker] = []
+        self.peak_rss_mb: dict[int, float] = {}
+
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=_worker_main, args=(child, self.env_factory, self.settings, self.traits), daemon=True
+        )
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def run(self, jobs: list[Job], on_result: Callable[[Job, EpisodeResult], None]) -> None:
+        """Run every job; ``on_result`` is called in the main process as each episode ends."""
+        queues: dict[str, deque] = {}
+        for job in jobs:
+            queues.setdefault(job.task.key, deque()).append(job)
+        self.workers = [self._spawn() for _ in range(min(self.size, len(jobs)) or 1)]
+        try:
+            while any(queues.values()) or any(w.job for w in self.workers):
+                for worker in self.workers:
+                    if worker.job is None:
+                        self._assign(worker, queues)
+                busy = [w for w in self.workers if w.job is not None]
+                if not busy:
+                    break
+                ready = wait([w.conn for w in busy], timeout=1.0)
+                queries = []
+                for worker in busy:
+                    if worker.conn not in ready:
+                        continue
+                    try:
+                        message = worker.conn.recv()
+                    except (EOFError, OSError):
+                        self._replace(worker, on_result, "worker process died")
+                        continue
+                    if message[0] == "query":
+                        queries.append((worker, message[1]))
+                    else:
+                        self._finish(worker, message[1], message[2], on_result)
+                self._answer(queries)
+                self._kill_hung(on_result)
+        finally:
+            self.close()
+
+    def _assign(self, worker: _Worker, queues: dict[str, deque]) -> None:
+        # Stay on the worker's task while it has episodes (its env is built); else take the
+        # task with most episodes left that no other worker is on.
+        key = worker.task_key if queues.get(worker.task_key) else None
+        if key is None:
+            taken = {w.task_key for w in self.workers if w is not worker and w.job is not None}
+            candidates = [k for k, q in queues.items() if q]
+            if not candidates:
+                return
+            key = max(candidates, key=lambda k: (k not in taken, len(queues[k])))
+        job = queues[key].popleft()
+        self.policy.reset(job.episode)
+        worker.job, worker.task_key, worker.started, worker.latencies = job, key, time.monotonic(), []
+        worker.conn.send(job)
+
+    def _answer(self, queries: list) -> None:
+        for start in range(0, len(queries), self.max_batch):
+            batch = queries[start : start + self.max_batch]
+            t0 = time.perf_counter()
+            try:
+                outputs = self.policy.act([obs for _, obs in batch])
+                self.policy.synchronize()
+            except Exception as exc:  # noqa: BLE001 - a policy failure is each waiting episode's error
+                outputs = [exc] * len(batch)
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            for (worker, _), output in zip(batch, outputs):
+                if isinstance(output, PolicyOutput):
+                    output.stats = {**output.stats, "batch_size": len(batch)}
+                worker.latencies.append(latency_ms)
+                self._send_answer(worker, output)
+
+    def _send_answer(self, worker: _Worker, output) -> None:
+        try:
+            worker.conn.send(output)
+        except (BrokenPipeError, OSError):
+            pass  # a dead worker is noticed and replaced on the next receive
+
+    def _finish(self, worker: _Worker, result: EpisodeResult, rss_mb: float, on_result) -> None:
+        job, worker.job = worker.job, None
+        result.query_latency_ms = worker.latencies  # the policy's own time, not the round trip
+        worker.peak_rss_mb = max(worker.peak_rss_mb, rss_mb)
+        self.peak_rss_mb[worker.process.pid] = worker.peak_rss_mb
+        on_result(job, result)
+
+    def _replace(self, worker: _Worker, on_result, reason: str) -> None:
+        job = worker.job
+        worker.process.kill()
+        worker.process.join(timeout=10)
+        reason = f"{reason} (exit code {worker.process.exitcode})"
+        index = self.workers.index(worker)
+        self.workers[index] = self._spawn()
+        if job is not None:
+            on_result(job, EpisodeResult(outcome=ERROR, error=reason, wall_s=time.monotonic() - worker.started))
+
+    def _kill_hung(self, on_result) -> None:
+        limit = (self.settings.watchdog_s or float("inf")) + HANG_GRACE_S
+        for worker in list(self.workers):
+            if worker.job is not None and time.monotonic() - worker.started > limit:
+                self._replace(worker, on_result, f"worker hung for more than {limit:g} s and was killed")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            try:
+                worker.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 5
+        for worker in self.workers:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        self.workers = []
+

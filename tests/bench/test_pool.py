@@ -1,0 +1,77 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.config import RunConfig
+from bench.records import read_episodes
+from bench.runner import execute
+from tests.fakes import fake_env, self_killing_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(**overrides):
+    base = dict(suite="libero_goal", policy="random", tasks=[0, 1, 2], episodes_per_task=2, max_steps=40)
+    base.update(overrides)
+    return RunConfig(**base)
+
+
+def outcomes(run_dir):
+    return sorted((r["key"], r["outcome"], r["steps"]) for r in read_episodes(run_dir))
+
+
+def test_pool_gives_the_serial_outcomes_and_batches_queries(tmp_path):
+    execute(config(workers=1), tmp_path / "serial", env_factory=fake_env, progress=False)
+    summary = execute(config(workers=2), tmp_path / "pool", env_factory=fake_env, progress=False)
+    assert outcomes(tmp_path / "pool") == outcomes(tmp_path / "serial")
+    assert {o for _, o, _ in outcomes(tmp_path / "pool")} == {"success"}
+    records = read_episodes(tmp_path / "pool")
+    assert all(1 <= r["policy_stats"]["batch_size"] <= 2 for r in records)
+    assert all(len(r["query_latency_ms"]) + (r["warmup_latency_ms"] is not None) == r["queries"] for r in records)
+    assert summary.worker_peak_rss_mb > 0
+
+
+def test_a_worker_killed_mid_episode_is_one_error_and_the_run_completes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_ENV_KILLED_FLAG", str(tmp_path / "killed"))
+    summary = execute(config(workers=2), tmp_path / "run", env_factory=self_killing_env, progress=False)
+    records = {r["key"]: r for r in read_episodes(tmp_path / "run")}
+    assert len(records) == 6 and summary.outcomes["error"] == 1
+    (error,) = [r for r in records.values() if r["outcome"] == "error"]
+    assert error["task_index"] == 1 and "worker process died (exit code -9)" in error["error"]
+
+
+_INTERRUPTED_RUN = """
+import sys
+from bench.config import RunConfig
+from bench.runner import execute
+from tests.fakes import slow_fake_env
+cfg = RunConfig(suite="libero_goal", policy="random", tasks=[0, 1], episodes_per_task=4, max_steps=40, workers=2)
+execute(cfg, sys.argv[1], resume=len(sys.argv) > 2, progress=False, env_factory=slow_fake_env)
+"""
+
+
+def test_ctrl_c_during_a_pool_run_leaves_a_resumable_run_and_no_orphans(tmp_path):
+    run, pids = tmp_path / "run", tmp_path / "pids"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_ENV_PID_FILE": str(pids)}
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN, str(run)], cwd=REPO, env=env)
+    deadline = time.time() + 60
+    while len(read_episodes(run)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    done = read_episodes(run)
+    assert 2 <= len(done) < 8
+    assert (run / "episodes.jsonl").read_text().endswith("\n")
+    time.sleep(1)
+    for pid in {int(p) for p in pids.read_text().split()}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"worker {pid} outlived the interrupted run")
+    subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, str(run), "resume"], cwd=REPO, env=env, check=True)
+    keys = sorted(r["key"] for r in read_episodes(run))
+    assert keys == sorted(f"libero_goal/{t}/{i}" for t in (0, 1) for i in range(4))
