@@ -10,7 +10,6 @@ killed and replaced; its episode is recorded as an error.
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import signal
 import time
 from collections import deque
@@ -23,6 +22,16 @@ from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from suites import TaskSpec
 
 HANG_GRACE_S = 60.0  # beyond the episode watchdog, before a silent worker is killed
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. (getrusage's figure would include what a forked
+    parent had used before the exec.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 @dataclass
@@ -70,8 +79,7 @@ def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tu
                 result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
             if result.outcome == ERROR:
                 envs.discard()
-            rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            conn.send(("done", result, rss_mb))
+            conn.send(("done", result, peak_rss_mb()))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:

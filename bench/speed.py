@@ -10,12 +10,12 @@ vision policy would, so that rendering costs what it costs for a VLA.
 from __future__ import annotations
 
 import functools
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 from bench.config import RunConfig
+from bench.pool import peak_rss_mb
 from bench.records import read_episodes
 from bench.runner import execute, make_libero_env
 from suites.registry import SETTLE_STEPS
@@ -69,7 +69,7 @@ def measure(suite: str = "libero_spatial", tasks: int = 2, episodes_per_task: in
         reference = _timed_run(RunConfig(**base, workers=1), tmp / "a",
                                env_factory=functools.partial(make_reference_env, camera_size=256))
         serial = _timed_run(RunConfig(**base, workers=1), tmp / "b")
-        serial_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        serial_rss = peak_rss_mb()  # this process ran (a) and (b)
         pool = _timed_run(RunConfig(**base, workers=workers), tmp / "c")
     same = reference["outcomes"] == serial["outcomes"] == pool["outcomes"]
     return {
