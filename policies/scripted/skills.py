@@ -7,6 +7,8 @@ of executing a stale plan.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import numpy as np
 
 from policies.scripted.geometry import closest_finger_axis, grip_rotation, move_action
@@ -26,7 +28,7 @@ class SkillFailed(RuntimeError):
     pass
 
 
-class Skill:
+class Skill(ABC):
     """A state machine over named phases; ``act`` returns None once the skill is finished."""
 
     def __init__(self):
@@ -44,8 +46,9 @@ class Skill:
             raise SkillFailed(f"{self} gave up after {self.attempts} attempts")
         self.goto("recover")
 
+    @abstractmethod
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
-        raise NotImplementedError
+        """The next action (repeated over the chunk), or None when the skill is done."""
 
     def approach(self, scene: Scene, steps: int, point, gripper: float, then: str, tolerance: float) -> np.ndarray:
         """Phases ``above`` (over ``point``) and ``descend`` (onto it), then phase ``then``."""
