@@ -24,14 +24,22 @@ from suites import TaskSpec
 HANG_GRACE_S = 60.0  # beyond the episode watchdog, before a silent worker is killed
 
 
+def _proc_status_mb(field_name: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory. (getrusage's figure would include what a forked
     parent had used before the exec.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return _proc_status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    return _proc_status_mb("VmRSS")
 
 
 @dataclass
@@ -79,7 +87,7 @@ def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tu
                 result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
             if result.outcome == ERROR:
                 envs.discard()
-            conn.send(("done", result, peak_rss_mb()))
+            conn.send(("done", result, (rss_mb(), peak_rss_mb())))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
@@ -93,7 +101,6 @@ class _Worker:
     job: Job | None = None
     started: float = 0.0
     latencies: list = field(default_factory=list)
-    peak_rss_mb: float = 0.0
     task_key: str | None = None
 
 
@@ -109,6 +116,7 @@ class WorkerPool:
         self._ctx = mp.get_context("spawn")  # no inherited GL contexts or simulator state
         self.workers: list[_Worker] = []
         self.peak_rss_mb: dict[int, float] = {}
+        self.rss_after_episode_mb: dict[int, list[float]] = {}  # per worker pid, for leak checks
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -189,11 +197,12 @@ class WorkerPool:
         except (BrokenPipeError, OSError):
             pass  # a dead worker is noticed and replaced on the next receive
 
-    def _finish(self, worker: _Worker, result: EpisodeResult, rss_mb: float, on_result) -> None:
+    def _finish(self, worker: _Worker, result: EpisodeResult, memory: tuple, on_result) -> None:
         job, worker.job = worker.job, None
         result.query_latency_ms = worker.latencies  # the policy's own time, not the round trip
-        worker.peak_rss_mb = max(worker.peak_rss_mb, rss_mb)
-        self.peak_rss_mb[worker.process.pid] = worker.peak_rss_mb
+        current, peak = memory
+        self.peak_rss_mb[worker.process.pid] = peak
+        self.rss_after_episode_mb.setdefault(worker.process.pid, []).append(current)
         on_result(job, result)
 
     def _replace(self, worker: _Worker, on_result, reason: str) -> None:

@@ -34,6 +34,7 @@ class RunSummary:
     ran_now: int
     outcomes: dict[str, int]
     worker_peak_rss_mb: float | None = None  # with a worker pool: the largest worker's peak
+    worker_rss_mb: dict | None = None  # with a worker pool: each worker's RSS after each episode
 
 
 def default_run_dir(config: RunConfig, root: Path = Path("results")) -> Path:
@@ -75,16 +76,20 @@ def execute(
     with EpisodeLog(run_dir) as log:
         todo = [ep for ep in plan if ep.key not in log.done_keys]
         bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)
-        peak_rss = None
+        pool = None
         try:
             if config.workers > 1 and not config.video and len(todo) > 1:
-                peak_rss = _run_pool(todo, suite, policy, settings, env_factory, config, log, bar)
+                pool = _run_pool(todo, suite, policy, settings, env_factory, config, log, bar)
             else:
                 _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log, bar)
         finally:
             bar.close()
         outcomes = {k: sum(r["outcome"] == k for r in log.records) for k in ("success", "failure", "error")}
-        return RunSummary(run_dir, len(plan), len(log.records), len(todo), outcomes, peak_rss)
+        summary = RunSummary(run_dir, len(plan), len(log.records), len(todo), outcomes)
+        if pool is not None:
+            summary.worker_peak_rss_mb = max(pool.peak_rss_mb.values(), default=None)
+            summary.worker_rss_mb = pool.rss_after_episode_mb
+        return summary
 
 
 def _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log, bar) -> None:
@@ -122,7 +127,7 @@ def _run_pool(todo, suite, policy, settings, env_factory, config, log, bar) -> N
 
     pool = WorkerPool(config.workers, env_factory, settings, policy, config.max_batch)
     pool.run(jobs, on_result)
-    return max(pool.peak_rss_mb.values(), default=None)
+    return pool
 
 
 class TaskEnv:
