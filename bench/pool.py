@@ -182,6 +182,8 @@ class WorkerPool:
             try:
                 outputs = self.policy.act([obs for _, obs in batch])
                 self.policy.synchronize()
+                if len(outputs) != len(batch):
+                    raise ValueError(f"policy returned {len(outputs)} outputs for {len(batch)} observations")
             except Exception as exc:  # noqa: BLE001 - a policy failure is each waiting episode's error
                 outputs = [exc] * len(batch)
             latency_ms = (time.perf_counter() - t0) * 1000.0
