@@ -250,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "speed": cmd_speed, "list": cmd_list,
                 "report": cmd_report, "compare": cmd_compare}
+    from bench.pool import PoolStartError
     from bench.records import RunDirError
     from policies.base import PolicyOptionError
 
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RunDirError, PolicyOptionError) as exc:
+    except (ValueError, FileNotFoundError, RunDirError, PolicyOptionError, PoolStartError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into head and the like

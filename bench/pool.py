@@ -75,6 +75,7 @@ def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tu
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     policy = RemotePolicy(conn, *policy_traits)
     envs = TaskEnv(env_factory)
+    conn.send(("ready",))
     try:
         while True:
             job = conn.recv()
@@ -99,9 +100,14 @@ class _Worker:
     process: mp.Process
     conn: object
     job: Job | None = None
+    ready: bool = False  # the process got as far as waiting for episodes
     started: float = 0.0
     latencies: list = field(default_factory=list)
     task_key: str | None = None
+
+
+class PoolStartError(RuntimeError):
+    pass
 
 
 class WorkerPool:
@@ -115,6 +121,7 @@ class WorkerPool:
         self.traits = (policy.needs_images, policy.needs_privileged, settings.chunk_length)
         self._ctx = mp.get_context("spawn")  # no inherited GL contexts or simulator state
         self.workers: list[_Worker] = []
+        self.start_failures = 0
         self.peak_rss_mb: dict[int, float] = {}
         self.rss_after_episode_mb: dict[int, list[float]] = {}  # per worker pid, for leak checks
 
@@ -149,9 +156,14 @@ class WorkerPool:
                     try:
                         message = worker.conn.recv()
                     except (EOFError, OSError):
-                        self._replace(worker, on_result, "worker process died")
+                        if worker.ready:
+                            self._replace(worker, on_result, "worker process died")
+                        else:
+                            self._start_failed(worker, queues)
                         continue
-                    if message[0] == "query":
+                    if message[0] == "ready":
+                        worker.ready = True
+                    elif message[0] == "query":
                         queries.append((worker, message[1]))
                     else:
                         self._finish(worker, message[1], message[2], on_result)
@@ -207,6 +219,23 @@ class WorkerPool:
         self.rss_after_episode_mb.setdefault(worker.process.pid, []).append(current)
         on_result(job, result)
 
+    def _start_failed(self, worker: _Worker, queues: dict[str, deque]) -> None:
+        """A worker died before it could run anything: its episode goes back in the queue,
+        and if that keeps happening the run stops with an explanation instead of recording
+        every episode as an error."""
+        self.start_failures += 1
+        code = worker.process.exitcode
+        if worker.job is not None:
+            queues[worker.job.task.key].appendleft(worker.job)
+            worker.job = None
+        if self.start_failures > 2 * self.size:
+            raise PoolStartError(
+                f"env worker processes exit before they start (exit code {code}, {self.start_failures} times). "
+                "A script that runs episodes with workers must guard its entry point with "
+                "`if __name__ == \"__main__\":`, because workers are started with 'spawn'."
+            )
+        self._replace(worker, on_result=None, reason="")
+
     def _replace(self, worker: _Worker, on_result, reason: str) -> None:
         job = worker.job
         worker.process.kill()
@@ -214,7 +243,7 @@ class WorkerPool:
         reason = f"{reason} (exit code {worker.process.exitcode})"
         index = self.workers.index(worker)
         self.workers[index] = self._spawn()
-        if job is not None:
+        if job is not None and on_result is not None:
             on_result(job, EpisodeResult(outcome=ERROR, error=reason, wall_s=time.monotonic() - worker.started))
 
     def _kill_hung(self, on_result) -> None:

@@ -129,3 +129,17 @@ def self_killing_env(task: TaskSpec) -> FakeEnv:
     """Task 1's env kills its worker process in the middle of an episode, once
     (the file $FAKE_ENV_KILLED_FLAG remembers it across processes)."""
     return _SelfKillingEnv(task) if task.index == 1 else FakeEnv(task)
+
+
+def _fail_to_load():
+    raise RuntimeError("this env factory cannot be loaded in a worker")
+
+
+class UnloadableEnvFactory:
+    """Pickles fine, but unpickling it (in a freshly spawned worker) raises: the worker dies at start."""
+
+    def __reduce__(self):
+        return (_fail_to_load, ())
+
+    def __call__(self, task):
+        return FakeEnv(task)

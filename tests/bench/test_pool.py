@@ -75,3 +75,14 @@ def test_ctrl_c_during_a_pool_run_leaves_a_resumable_run_and_no_orphans(tmp_path
     subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, str(run), "resume"], cwd=REPO, env=env, check=True)
     keys = sorted(r["key"] for r in read_episodes(run))
     assert keys == sorted(f"libero_goal/{t}/{i}" for t in (0, 1) for i in range(4))
+
+
+def test_workers_that_cannot_start_stop_the_run_with_an_explanation(tmp_path):
+    import pytest
+
+    from bench.pool import PoolStartError
+    from tests.fakes import UnloadableEnvFactory
+
+    with pytest.raises(PoolStartError, match="exit before they start"):
+        execute(config(workers=2), tmp_path / "run", env_factory=UnloadableEnvFactory(), progress=False)
+    assert read_episodes(tmp_path / "run") == []  # nothing recorded: the episodes can run later
