@@ -48,10 +48,12 @@ def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
 
 
 def _slots(goal: list[Predicate], scene: Scene) -> dict[Predicate, float]:
-    """Spread the objects bound for the same region evenly along x, within the region."""
+    """Spread the objects bound for the same surface region evenly along x, within the region."""
     by_region: dict[str, list[Predicate]] = {}
     for p in goal:
-        if p.name in ("on", "in") and scene.has_site(p.args[1]):
+        # only surfaces: objects dropped into a container (a basket) settle at its centre anyway,
+        # while spots near its walls make them land on the rim
+        if p.name == "on" and scene.has_site(p.args[1]):
             by_region.setdefault(p.args[1], []).append(p)
     slots = {}
     for region, preds in by_region.items():
