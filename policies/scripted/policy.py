@@ -48,17 +48,21 @@ def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
 
 
 def _slots(goal: list[Predicate], scene: Scene) -> dict[Predicate, float]:
-    """Spread the objects bound for the same surface region evenly along x, within the region."""
-    by_region: dict[str, list[Predicate]] = {}
+    """Spread the objects bound for the same region evenly along x, within the region.
+
+    On a surface (two moka pots on one burner area) they may use the whole region; in a
+    container (a basket) they stay 3 cm either side of its centre: spots near the walls put
+    cans on the rim, one spot for both stacks flat boxes so that one sticks out.
+    """
+    by_region: dict[tuple[str, str], list[Predicate]] = {}
     for p in goal:
-        # only surfaces: objects dropped into a container (a basket) settle at its centre anyway,
-        # while spots near its walls make them land on the rim
-        if p.name == "on" and scene.has_site(p.args[1]):
-            by_region.setdefault(p.args[1], []).append(p)
+        if p.name in ("on", "in") and scene.has_site(p.args[1]):
+            by_region.setdefault((p.name, p.args[1]), []).append(p)
     slots = {}
-    for region, preds in by_region.items():
+    for (relation, region), preds in by_region.items():
         half = scene.site(region).half_extent[0]
-        spacing = min(0.09, 2 * max(half - 0.02, 0.0) / max(len(preds) - 1, 1))
+        widest = 0.09 if relation == "on" else 0.06
+        spacing = min(widest, 2 * max(half - 0.02, 0.0) / max(len(preds) - 1, 1))
         for i, p in enumerate(preds):
             slots[p] = (i - (len(preds) - 1) / 2) * spacing
     return slots
