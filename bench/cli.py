@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}); see 'bench list policies'")
     run.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                      help="policy option, repeatable")
+    run.add_argument("--checkpoint", help="model checkpoint directory (same as --policy-arg checkpoint=DIR)")
+    run.add_argument("--unnorm-key", help="dataset statistics entry of the checkpoint (policy option unnorm_key)")
+    run.add_argument("--device", help="model device: auto, cpu, cuda (policy option device)")
     run.add_argument("--tasks", help="task indices, e.g. 0,3 or 0-4 (default: all)")
     sel = run.add_mutually_exclusive_group()
     sel.add_argument("--episodes-per-task", type=int, help="use the first N init states of each task (default 50)")
@@ -67,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     spd.add_argument("--chunk-length", type=int, default=8)
     spd.add_argument("--json", action="store_true")
 
+    prof = sub.add_parser("profile", help="FLOPs, parameters, latency and memory of one policy query")
+    prof.add_argument("--policy", default="oft")
+    prof.add_argument("--size", default="full", choices=["full", "tiny"])
+    prof.add_argument("--device", default="meta", help="meta (FLOPs only, no memory), cpu, cuda")
+    prof.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU and meta, float32 on CPU")
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--prompt-tokens", type=int, help="prompt length incl. BOS and the empty piece "
+                      "(default: 29, the LIBERO mean)")
+    prof.add_argument("--repeats", type=int, default=20, help="timed queries")
+    prof.add_argument("--warmup", type=int, default=3, help="untimed queries first")
+    prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
+    prof.add_argument("--json", action="store_true")
+
     lst = sub.add_parser("list", help="list suites, tasks or policies")
     lst.add_argument("what", choices=["suites", "tasks", "policies"])
     lst.add_argument("--suite", help="suite for 'list tasks'")
@@ -88,10 +104,14 @@ def _config_from_args(args):
     from bench.plan import parse_index_list
     from bench.records import read_manifest
 
+    policy_args = dict(args.policy_arg or [])
+    for option, value in (("checkpoint", args.checkpoint), ("unnorm_key", args.unnorm_key), ("device", args.device)):
+        if value is not None:
+            policy_args[option] = value
     given = {
         "suite": args.suite,
         "policy": args.policy,
-        "policy_args": dict(args.policy_arg) if args.policy_arg else None,
+        "policy_args": policy_args or None,
         "tasks": parse_index_list(args.tasks, "task"),
         "episodes_per_task": args.episodes_per_task,
         "init_states": parse_index_list(args.init_states, "init state"),
@@ -183,6 +203,19 @@ def cmd_speed(args) -> int:
     return 0 if result["same_outcomes"] else 1
 
 
+def cmd_profile(args) -> int:
+    from bench.profile import DEFAULT_PROMPT_TOKENS, ProfileSettings, format_profile, profile
+
+    settings = ProfileSettings(
+        policy=args.policy, size=args.size, device=args.device, dtype=args.dtype, batch=args.batch,
+        prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
+        yardstick=not args.no_yardstick,
+    )
+    result = profile(settings)
+    print(json.dumps(result, indent=2) if args.json else format_profile(result))
+    return 0
+
+
 def cmd_list(args) -> int:
     if args.what == "suites":
         from suites import list_suites
@@ -248,7 +281,7 @@ def cmd_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "speed": cmd_speed, "list": cmd_list,
+    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
                 "report": cmd_report, "compare": cmd_compare}
     from bench.pool import PoolStartError
     from bench.records import RunDirError

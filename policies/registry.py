@@ -15,6 +15,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "random": ("policies.simple:RandomPolicy", "uniform random actions, seeded per episode"),
     "replay": ("policies.simple:ReplayPolicy", "replays recorded actions from a .npy/.npz file"),
     "scripted": ("policies.scripted:ScriptedPolicy", "privileged-state expert: motion primitives from the BDDL goal"),
+    "oft": ("policies.vla.policy:OFTPolicy", "OpenVLA-OFT from a local checkpoint (--checkpoint DIR), or random weights"),
 }
 
 

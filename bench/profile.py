@@ -1,0 +1,264 @@
+"""``bench profile``: FLOPs, parameters, latency and memory of one policy query.
+
+FLOPs come two ways: analytic, from the token counts each stage saw (policies/vla/flops.py),
+and counted by ``torch.utils.flop_counter.FlopCounterMode`` on the same forward (on the
+``meta`` device the full size needs no memory). Latency is measured on a real device over
+repeated queries after warm-up, with device synchronisation, on random weights (cost does
+not depend on the weights). A yardstick times transformers' ``LlamaModel`` with the same
+config and weights on the same sequence in the same run.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+# Prompt length (BOS and the final empty piece included) assumed for cost figures: the mean
+# over the 40 instructions of libero_spatial/object/goal/10 with the Llama-2 tokenizer is
+# 28.5 (range 20-38; see docs/performance.md), so a query is 1 + 512 + 1 + 28 + 56 + 1 = 599 tokens.
+DEFAULT_PROMPT_TOKENS = 29
+
+
+@dataclass
+class ProfileSettings:
+    policy: str = "oft"
+    size: str = "full"
+    device: str = "meta"
+    dtype: str = "auto"
+    batch: int = 1
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+    repeats: int = 20
+    warmup: int = 3
+    seed: int = 0
+    yardstick: bool = True
+    count: bool = True
+
+
+def _percentiles(samples_ms: list[float]) -> dict:
+    ordered = sorted(samples_ms)
+
+    def pct(p):
+        k = (len(ordered) - 1) * p / 100
+        lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+    return {"mean": statistics.fmean(ordered), "p50": pct(50), "p90": pct(90), "p99": pct(99),
+            "min": ordered[0], "n": len(ordered)}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def build_model(settings: ProfileSettings):
+    import torch
+
+    from policies.vla.config import preset
+    from policies.vla.model import OFTModel
+    from policies.vla.policy import random_model, resolve_device, resolve_dtype
+
+    config = preset(settings.size)
+    if settings.device == "meta":
+        dtype = resolve_dtype(settings.dtype, "cuda")  # the dtype a GPU run would use
+        with torch.device("meta"):
+            model = OFTModel(config).to(dtype).eval()
+        return model, "meta", dtype
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    return random_model(config, device, dtype, settings.seed), device, dtype
+
+
+def example_inputs(model, settings: ProfileSettings, device: str):
+    import torch
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    b = settings.batch
+    pixels = torch.randn(b, 6 * model.config.num_images, *(model.config.image_sizes[0],) * 2, generator=gen)
+    proprio = torch.rand(b, model.config.proprio_dim, generator=gen) * 2 - 1
+    vocab = model.config.llm.vocab_size
+    body = torch.randint(3, vocab, (settings.prompt_tokens - 1,), generator=gen).tolist()
+    prompts = [[1] + body for _ in range(b)]
+    return pixels.to(device), proprio.to(device), prompts
+
+
+def profile(settings: ProfileSettings) -> dict:
+    import torch
+
+    from policies.vla import flops
+    from policies.vla.hooks import QueryTrace
+
+    if settings.policy != "oft":
+        raise ValueError(f"bench profile knows policy 'oft' only, got {settings.policy!r}")
+    if settings.prompt_tokens < 2:
+        raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
+    model, device, dtype = build_model(settings)
+    pixels, proprio, prompts = example_inputs(model, settings, device)
+    stop_id = 2
+    dims = flops.model_dims(model)
+
+    traces = [QueryTrace() for _ in prompts]
+    with torch.inference_mode():
+        model(pixels, proprio, prompts, stop_id, traces=traces)
+    breakdown = flops.query_flops(dims, traces[0])
+
+    counted = None
+    if settings.count:
+        _, by_op = flops.counted_flops(model, pixels, proprio, prompts, stop_id)
+        counted = by_op["total"] / settings.batch
+
+    result = {
+        "policy": settings.policy,
+        "size": settings.size,
+        "device": device if device != "meta" else "meta",
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": settings.batch,
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_computed": _params_computed(model),
+        "prompt_tokens": settings.prompt_tokens,
+        "sequence_tokens": traces[0].llm_tokens[0],
+        "visual_tokens_llm": traces[0].llm_visual_tokens[0],
+        "visual_tokens_per_layer": traces[0].llm_visual_tokens,
+        "tflops_per_query": breakdown["total"] / 1e12,
+        "tflops_breakdown": {k: v / 1e12 for k, v in breakdown.items() if k != "total"},
+        "tflops_counted": None if counted is None else counted / 1e12,
+        "latency_ms": None,
+        "llm_latency_ms": None,
+        "yardstick": None,
+        "peak_memory_mb": None,
+    }
+    if device == "meta":
+        return result
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def query():
+        with torch.inference_mode():
+            model(pixels, proprio, prompts, stop_id)
+
+    result["latency_ms"] = _percentiles(_time(query, device, settings.repeats, settings.warmup))
+    if device.startswith("cuda"):
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # The LLM alone on the assembled sequence, ours and transformers', same weights.
+    with torch.inference_mode():
+        visual = model.projector(model.vision_backbone(pixels.to(dtype)))
+        stream = model.assemble(visual, model.proprio_projector(proprio.to(dtype)), prompts, stop_id)
+    embeds, positions = stream.hidden, stream.position_ids
+
+    def ours():
+        from policies.vla.hooks import TokenStream
+
+        with torch.inference_mode():
+            model.language_model(TokenStream(embeds, positions, stream.visual, stream.task))
+
+    result["llm_latency_ms"] = _percentiles(_time(ours, device, settings.repeats, settings.warmup))
+    if settings.yardstick:
+        result["yardstick"] = _yardstick(model, embeds, positions, device, dtype, settings)
+    return result
+
+
+def _params_computed(model) -> int:
+    """Parameters the query uses: all but the LM head, each tower's last block, final norm and pooling head."""
+    unused = model.language_model.lm_head.weight.numel()
+    for tower in model.vision_backbone.towers:
+        unused += sum(p.numel() for p in tower.blocks[-1].parameters())
+        unused += sum(p.numel() for p in tower.norm.parameters())
+        pool = getattr(tower, "attn_pool", None)
+        if pool is not None:
+            unused += sum(p.numel() for p in pool.parameters())
+    return sum(p.numel() for p in model.parameters()) - unused
+
+
+def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
+    """transformers' LlamaModel, same config and weights: bidirectional (an all-true 4-D mask,
+    which rules out flash attention) and causal (its default fast path)."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    sizes = model.config.llm
+    config = LlamaConfig(
+        vocab_size=sizes.vocab_size, hidden_size=sizes.hidden_size, intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.num_layers, num_attention_heads=sizes.num_heads,
+        num_key_value_heads=sizes.num_kv_heads, rms_norm_eps=sizes.rms_norm_eps, rope_theta=sizes.rope_theta,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        hf = LlamaModel._from_config(config, dtype=dtype)
+    hf.load_state_dict(model.language_model.model.state_dict())
+    hf.eval()
+    b, t = embeds.shape[:2]
+    bidirectional = torch.ones(b, 1, t, t, dtype=torch.bool, device=device)
+
+    def run(mask):
+        def call():
+            with torch.inference_mode():
+                hf(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False)
+        return call
+
+    out = {
+        "library": "transformers",
+        "bidirectional_ms": _percentiles(_time(run(bidirectional), device, settings.repeats, settings.warmup)),
+        "causal_ms": _percentiles(_time(run(None), device, settings.repeats, settings.warmup)),
+    }
+    del hf
+    gc.collect()
+    return out
+
+
+def format_profile(result: dict) -> str:
+    big = result["tflops_per_query"] >= 0.1
+    unit, scale = ("T", 1.0) if big else ("G", 1e3)
+    lines = [
+        f"policy {result['policy']}  size {result['size']}  device {result['device_name']}  dtype {result['dtype']}  "
+        f"batch {result['batch']}",
+        f"parameters: {result['params'] / 1e6:,.1f} M ({result['params_computed'] / 1e6:,.1f} M used by a query)",
+        f"tokens: {result['sequence_tokens']} in the LLM sequence = 1 BOS + {result['visual_tokens_llm']} visual + "
+        f"1 proprio + {result['prompt_tokens'] - 1} prompt + 56 action slots + 1 stop",
+        "FLOPs per query (analytic):",
+    ]
+    for key, value in result["tflops_breakdown"].items():
+        lines.append(f"  {key:<18} {value * scale:9.4f} {unit}")
+    lines.append(f"  {'total':<18} {result['tflops_per_query'] * scale:9.4f} {unit}")
+    if result["tflops_counted"] is not None:
+        ratio = result["tflops_counted"] / result["tflops_per_query"]
+        lines.append(f"FLOPs counted by FlopCounterMode: {result['tflops_counted'] * scale:.4f} {unit} "
+                     f"(counted / analytic = {ratio:.6f})")
+    if result["latency_ms"]:
+        lat = result["latency_ms"]
+        lines.append(f"latency per query: mean {lat['mean']:.2f} ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  "
+                     f"p99 {lat['p99']:.2f}  ({lat['n']} runs after warm-up)")
+        lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB")
+        llm = result["llm_latency_ms"]
+        lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
+        if result["yardstick"]:
+            y = result["yardstick"]
+            lines.append(f"LLM alone (transformers, bidir.): mean {y['bidirectional_ms']['mean']:.2f} ms  "
+                         f"p50 {y['bidirectional_ms']['p50']:.2f}")
+            lines.append(f"LLM alone (transformers, causal): mean {y['causal_ms']['mean']:.2f} ms  "
+                         f"p50 {y['causal_ms']['p50']:.2f}")
+    else:
+        lines.append("latency: not measured on the meta device")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""OpenVLA-OFT in compact PyTorch: config, vision, Llama, heads, checkpoints, preprocessing, FLOPs."""

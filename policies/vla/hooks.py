@@ -1,0 +1,76 @@
+"""The model core's hook points, and the record of what each query computed.
+
+A plug-in (token pruning, caching, layer skipping) subclasses ``Hooks`` and overrides only
+the points it needs; the defaults change nothing. The core never imports a plug-in.
+
+The LLM's input travels as a ``TokenStream``: hidden states plus, per token, its RoPE
+position, whether it is a visual patch, and whether it is padding (batches whose samples
+keep different numbers of tokens are left-padded, so positions counted from the end of the
+sequence, where the action slots are, stay valid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenStream:
+    hidden: torch.Tensor  # (B, T, D)
+    position_ids: torch.Tensor  # (B, T) RoPE positions; pruning keeps the original ones
+    visual: torch.Tensor  # (B, T) bool: a visual patch token
+    task: torch.Tensor  # (B, T) bool: a token after the visual block (proprio, prompt, action slots, stop)
+    padding: torch.Tensor | None = None  # (B, T) bool: an empty slot, masked out as a key
+
+    def counts(self) -> torch.Tensor:
+        """(2, B) on the masks' device: real tokens and real visual tokens per sample.
+
+        Left on the device so that recording counts layer by layer costs no synchronisation.
+        """
+        real = ~self.padding if self.padding is not None else torch.ones_like(self.visual)
+        return torch.stack([real.sum(dim=1), (self.visual & real).sum(dim=1)])
+
+
+class Hooks:
+    """Hook points of the model core. Every default is the identity."""
+
+    def reset(self) -> None:
+        """A new episode starts (plug-ins with state across control steps clear it)."""
+
+    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor:
+        """After vision block ``block`` of tower 0 (DINOv2) or 1 (SigLIP); tokens (B*images, N, C)."""
+        return tokens
+
+    def before_llm(self, stream: TokenStream) -> TokenStream:
+        """Between the projector (plus proprio and prompt assembly) and LLM layer 0."""
+        return stream
+
+    def skip_layer(self, layer: int) -> bool:
+        return False
+
+    def wants_qk(self, layer: int) -> bool:
+        """Whether ``after_layer`` needs this layer's (post-RoPE) queries and keys."""
+        return False
+
+    def after_layer(self, layer: int, stream: TokenStream, q: torch.Tensor | None,
+                    k: torch.Tensor | None) -> TokenStream:
+        """After LLM layer ``layer``; q (B, H, T, hd) and k (B, KVH, T, hd) when asked for."""
+        return stream
+
+
+@dataclass
+class QueryTrace:
+    """Token counts one sample's query went through: the input of every FLOP count and stat."""
+
+    vision_tokens: list[list[int]] = field(default_factory=list)  # per tower, tokens entering each computed block
+    projector_tokens: int = 0
+    llm_tokens: list[int | None] = field(default_factory=list)  # per layer; None = layer skipped
+    llm_visual_tokens: list[int | None] = field(default_factory=list)
+
+    def as_stats(self) -> dict:
+        return {
+            "visual_tokens_llm": self.llm_visual_tokens,
+            "tokens_llm": self.llm_tokens,
+        }

@@ -1,0 +1,109 @@
+"""OpenVLA-OFT assembled: vision backbone, projectors, bidirectional Llama, L1 action head.
+
+One query's LLM input (OFT's layout, reference openvla-oft.md item 5):
+
+    [BOS] [visual tokens: camera 1 patches, camera 2 patches] [proprio] [prompt after BOS,
+    ending with the empty piece] [chunk x action_dim zeroed action slots] [stop]
+
+The action head reads the hidden states of the token before each action slot (training's
+shift by one): ``hidden[:, T-58:T-2]`` for 56 slots; ``action_slice="release"`` reads
+``hidden[:, -56:]`` as LightVLA's released inference code does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from policies.vla.config import VLAConfig
+from policies.vla.heads import FusedProjector, L1ActionHead, ProprioProjector
+from policies.vla.hooks import Hooks, QueryTrace, TokenStream
+from policies.vla.llama import LanguageModel
+
+ACTION_SLICES = ("train", "release")
+
+
+class OFTModel(nn.Module):
+    def __init__(self, config: VLAConfig):
+        super().__init__()
+        from policies.vla.vision import VisionBackbone  # timm is imported only when a model is built
+
+        self.config = config
+        self.vision_backbone = VisionBackbone(config)
+        d = config.llm.hidden_size
+        self.projector = FusedProjector(self.vision_backbone.embed_dim, d)
+        self.language_model = LanguageModel(config.llm)
+        self.proprio_projector = ProprioProjector(config.proprio_dim, d)
+        self.action_head = L1ActionHead(d, config.action_dim, config.chunk_length, config.head_blocks)
+
+    @property
+    def visual_tokens(self) -> int:
+        return self.vision_backbone.patches_per_image * self.config.num_images
+
+    def assemble(self, visual: torch.Tensor, proprio: torch.Tensor, prompts: Sequence[Sequence[int]],
+                 stop_id: int) -> TokenStream:
+        """The LLM input stream; samples with shorter prompts are left-padded."""
+        b, v, d = visual.shape
+        if len(prompts) != b:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
+        embed = self.language_model.embed
+        device = visual.device
+        # Masks are small; on the meta device (cost counting) they stay on the CPU so that
+        # token counts remain readable.
+        mask_device = torch.device("cpu") if device.type == "meta" else device
+        slots = self.config.action_tokens
+        lengths = [1 + v + 1 + (len(p) - 1) + slots + 1 for p in prompts]
+        total = max(lengths)
+        hidden = visual.new_zeros(b, total, d)
+        position_ids = torch.zeros(b, total, dtype=torch.long, device=device)
+        is_visual = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
+        is_task = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
+        padding = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
+        for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+            ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
+            text = embed(ids).to(visual.dtype)
+            stop = embed(torch.tensor([stop_id], device=device)).to(visual.dtype)
+            pad = total - length
+            sample = torch.cat([
+                text[:1], visual[i], proprio[i:i + 1], text[1:],
+                visual.new_zeros(slots, d),  # action slots: zeroed embeddings
+                stop,
+            ])
+            hidden[i, pad:] = sample
+            position_ids[i, pad:] = torch.arange(length, device=device)
+            is_visual[i, pad + 1:pad + 1 + v] = True
+            is_task[i, pad + 1 + v:] = True
+            padding[i, :pad] = True
+        return TokenStream(hidden, position_ids, is_visual, is_task, padding if pad_needed(lengths) else None)
+
+    def forward(self, pixel_values: torch.Tensor, proprio: torch.Tensor, prompts: Sequence[Sequence[int]],
+                stop_id: int, hooks: Hooks | None = None, action_slice: str = "train",
+                traces: list[QueryTrace] | None = None) -> torch.Tensor:
+        """Normalised action chunks (B, chunk, action_dim) in fp32."""
+        if action_slice not in ACTION_SLICES:
+            raise ValueError(f"action_slice must be one of {ACTION_SLICES}, got {action_slice!r}")
+        hooks = hooks or Hooks()
+        dtype = self.projector.fc1.weight.dtype
+        b = pixel_values.shape[0]
+        if proprio.shape != (b, self.config.proprio_dim):
+            raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {self.config.proprio_dim})")
+        patches = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
+        visual = self.projector(patches)
+        if traces is not None:
+            for trace in traces:
+                trace.projector_tokens = visual.shape[1]
+        proprio_token = self.proprio_projector(proprio.to(dtype))
+        stream = self.assemble(visual, proprio_token, prompts, stop_id)
+        hidden = self.language_model(stream, hooks, traces=traces)
+        t, slots = hidden.shape[1], self.config.action_tokens
+        if action_slice == "train":
+            action_hidden = hidden[:, t - slots - 2:t - 2]
+        else:
+            action_hidden = hidden[:, t - slots:]
+        return self.action_head(action_hidden).float()
+
+
+def pad_needed(lengths: Sequence[int]) -> bool:
+    return len(set(lengths)) > 1

@@ -1,0 +1,215 @@
+"""The ``oft`` policy: OpenVLA-OFT on LIBERO observations, from a local checkpoint.
+
+Without a checkpoint it runs the chosen size with random weights (cost figures and smoke
+runs; its actions are meaningless and no unnormalisation statistics exist, so outputs pass
+through unscaled). Plug-in adapters (LightVLA, FastV, ...) subclass this and supply hooks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from policies.base import EpisodeInfo, Observation, Policy, PolicyOptionError, PolicyOutput
+
+CAMERAS = ("agentview", "wrist")  # third-person first, as in training
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PolicyOptionError(f"device {name!r} requested but torch sees no CUDA device")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in table:
+        raise PolicyOptionError(f"unknown dtype {name!r}; valid: auto, {', '.join(table)}")
+    return table[name]
+
+
+def random_model(config, device: str, dtype, seed: int):
+    """A model of ``config`` with random weights, created directly on ``device``."""
+    import torch
+
+    from policies.vla.model import OFTModel
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in OFTModel(config).parameters())
+    need = params * torch.empty((), dtype=dtype).element_size()
+    if device == "cpu":
+        available = _available_memory()
+        if available is not None and need > 0.8 * available:
+            raise PolicyOptionError(
+                f"a model of {params / 1e9:.2f} B parameters in {dtype} needs {need / 2**30:.1f} GiB; this machine "
+                f"has {available / 2**30:.1f} GiB available. Use size=tiny on the CPU, or a GPU."
+            )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = OFTModel(config)
+    return model.to(dtype=dtype).eval()
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class OFTPolicy(Policy):
+    name = "oft"
+
+    @dataclass
+    class Options(Policy.Options):
+        checkpoint: str = ""  # OpenVLA-OFT checkpoint directory; empty: random weights of `size`
+        size: str = "tiny"  # preset for random weights: full or tiny
+        unnorm_key: str = ""  # dataset statistics entry (needed when the checkpoint has several)
+        device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
+        dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
+        action_slice: str = "train"  # train: hidden[T-58:T-2] (OFT); release: hidden[-56:] (LightVLA code)
+        center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
+
+    def __init__(self, options: Options, seed: int = 0):
+        super().__init__(options, seed)
+        from policies.vla.model import ACTION_SLICES
+
+        if options.action_slice not in ACTION_SLICES:
+            raise PolicyOptionError(f"action_slice must be one of {', '.join(ACTION_SLICES)}, got {options.action_slice!r}")
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self._load()
+        from policies.vla import flops
+
+        if options.chunk_length > self.config.chunk_length:
+            raise PolicyOptionError(
+                f"chunk_length {options.chunk_length} exceeds the model's chunk of {self.config.chunk_length}"
+            )
+        self.dims = flops.model_dims(self.model)
+        self._prompts: dict[str, list[int]] = {}
+
+    def _load(self) -> None:
+        from policies.vla.checkpoint import CheckpointError, load_checkpoint
+        from policies.vla.config import preset
+        from policies.vla.tokenizer import ByteTokenizer, SentencePieceTokenizer
+
+        opts = self.options
+        if opts.checkpoint:
+            try:
+                ckpt = load_checkpoint(os.path.expanduser(opts.checkpoint), self.device, self.dtype)
+            except CheckpointError as exc:
+                raise PolicyOptionError(str(exc)) from None
+            self.model, self.config, self.weights = ckpt.model, ckpt.config, ckpt.identity
+            self.tokenizer = SentencePieceTokenizer(ckpt.directory / "tokenizer.model")
+            self.stats = self._select_stats(ckpt.norm_stats)
+        else:
+            self.config = preset(opts.size)
+            self.model = random_model(self.config, self.device, self.dtype, self.seed)
+            self.weights = {"random": True, "size": opts.size, "seed": self.seed}
+            self.tokenizer = ByteTokenizer()
+            self.stats = None
+        if self.tokenizer.vocab_size > self.config.llm.vocab_size:
+            raise PolicyOptionError(
+                f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocabulary is {self.config.llm.vocab_size}"
+            )
+
+    def _select_stats(self, norm_stats: dict) -> dict:
+        key = self.options.unnorm_key
+        if not key:
+            if len(norm_stats) != 1:
+                raise PolicyOptionError(
+                    f"the checkpoint has statistics for {', '.join(sorted(norm_stats))}; choose one with --unnorm-key"
+                )
+            key = next(iter(norm_stats))
+        if key not in norm_stats:
+            raise PolicyOptionError(f"unnorm_key {key!r} not in the checkpoint's statistics ({', '.join(sorted(norm_stats))})")
+        self.unnorm_key = key
+        return norm_stats[key]
+
+    def hooks(self):
+        """The plug-in acting on the model core (none for plain OFT)."""
+        return None
+
+    def reset(self, episode: EpisodeInfo) -> None:
+        hooks = self.hooks()
+        if hooks is not None:
+            hooks.reset()
+
+    def prompt_ids(self, instruction: str) -> list[int]:
+        if instruction not in self._prompts:
+            self._prompts[instruction] = self.tokenizer.prompt_ids(instruction)
+        return self._prompts[instruction]
+
+    def prepare(self, observations: Sequence[Observation]):
+        """Observations -> (pixel_values, proprio, prompts) tensors on the model's device."""
+        import torch
+
+        from policies.vla.preprocess import normalize_proprio, pixel_values, prepare_image
+
+        pixels, proprios = [], []
+        for obs in observations:
+            if not obs.images or any(c not in obs.images for c in CAMERAS):
+                have = sorted(obs.images or {})
+                raise ValueError(f"oft needs camera images {CAMERAS}; the observation has {have}")
+            images = [prepare_image(obs.images[c], self.config.image_sizes[0], self.options.center_crop) for c in CAMERAS]
+            pixels.append(pixel_values(images, self.config.image_means, self.config.image_stds))
+            proprio = np.asarray(obs.proprio, np.float64)
+            proprios.append(normalize_proprio(proprio, self.stats["proprio"]) if self.stats else proprio)
+        pixel_tensor = torch.from_numpy(np.stack(pixels)).to(self.device)
+        proprio_tensor = torch.from_numpy(np.stack(proprios).astype(np.float32)).to(self.device)
+        return pixel_tensor, proprio_tensor, [self.prompt_ids(o.instruction) for o in observations]
+
+    def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
+        import torch
+
+        from policies.vla import flops
+        from policies.vla.hooks import QueryTrace
+        from policies.vla.postprocess import gripper_to_env, unnormalize_actions
+
+        pixels, proprio, prompts = self.prepare(observations)
+        traces = [QueryTrace() for _ in observations]
+        with torch.inference_mode():
+            normalized = self.model(pixels, proprio, prompts, self.tokenizer.stop_id, self.hooks(),
+                                    self.options.action_slice, traces)
+        outputs = []
+        for chunk, trace in zip(normalized.cpu().numpy(), traces):
+            actions = unnormalize_actions(chunk, self.stats["action"]) if self.stats else chunk.astype(np.float64)
+            actions = gripper_to_env(actions)[: self.chunk_length]
+            stats: dict[str, Any] = trace.as_stats()
+            stats["visual_tokens"] = trace.llm_visual_tokens[0]
+            stats["tflops"] = flops.query_flops(self.dims, trace)["total"] / 1e12
+            stats["batch_size"] = len(observations)
+            outputs.append(PolicyOutput(actions, stats))
+        return outputs
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        ident["weights"] = self.weights
+        ident["tokenizer"] = self.tokenizer.identity
+        ident["dtype"] = str(self.dtype).removeprefix("torch.")
+        ident.pop("options", None)
+        opts = {k: v for k, v in vars(self.options).items() if k not in ("device",)}
+        ident["options"] = opts
+        return ident
