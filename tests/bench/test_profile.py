@@ -1,0 +1,45 @@
+"""bench profile: the JSON contract, counted FLOPs equal to analytic, latency only on real devices."""
+
+import importlib.util
+import json
+
+import pytest
+
+from bench.cli import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the model extra is not installed")
+
+
+def run_json(capsys, *args):
+    assert main(["profile", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_tiny_on_cpu_measures_latency_and_the_yardstick(capsys):
+    result = run_json(capsys, "--size", "tiny", "--device", "cpu", "--repeats", "3", "--warmup", "1")
+    for key in ("policy", "size", "device", "params", "visual_tokens_llm", "tflops_per_query", "tflops_counted",
+                "latency_ms"):
+        assert key in result
+    assert result["policy"] == "oft" and result["device"] == "cpu" and result["visual_tokens_llm"] == 512
+    assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-12)
+    assert set(result["latency_ms"]) >= {"mean", "p50", "p90", "p99"} and result["latency_ms"]["n"] == 3
+    assert result["yardstick"]["library"] == "transformers" and result["yardstick"]["causal_ms"]["n"] == 3
+    assert result["sequence_tokens"] == 1 + 512 + 1 + 28 + 56 + 1
+
+
+def test_full_size_on_meta_counts_without_memory(capsys):
+    result = run_json(capsys, "--size", "full", "--device", "meta", "--prompt-tokens", "35")
+    assert result["latency_ms"] is None and result["params"] > 7e9
+    assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-12)
+    assert result["sequence_tokens"] == 1 + 512 + 1 + 34 + 56 + 1
+    assert set(result["tflops_breakdown"]) == {"vision_dinov2", "vision_siglip", "projector", "proprio_projector",
+                                               "llm_linear", "llm_attention", "action_head"}
+
+
+def test_full_size_random_weights_are_refused_on_a_small_cpu(capsys):
+    from policies.vla.policy import _available_memory
+
+    if (_available_memory() or 0) > 40 * 2**30:
+        pytest.skip("this machine could hold the full model in fp32")
+    code = main(["profile", "--size", "full", "--device", "cpu", "--repeats", "1"])
+    assert code == 2 and "Use size=tiny on the CPU" in capsys.readouterr().err

@@ -1,0 +1,73 @@
+"""Tiny models, tokenizers and checkpoints written by the tests in the real formats."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+if importlib.util.find_spec("torch") is None:  # the model extra is not installed
+    collect_ignore_glob = ["test_*.py"]
+
+INSTRUCTIONS = [
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "open the middle drawer of the cabinet",
+    "put the bowl on the stove",
+    "turn on the stove and put the moka pot on it",
+    "pick up the alphabet soup and place it in the basket",
+    "put both the cream cheese box and the butter in the basket",
+]
+
+
+def norm_stats(key: str = "libero_spatial_no_noops") -> dict:
+    return {key: {
+        "action": {"q01": [-0.5, -0.4, -0.9, -0.1, -0.2, -0.3, 0.0], "q99": [0.9, 0.8, 0.9, 0.1, 0.2, 0.3, 1.0],
+                   "mask": [True] * 6 + [False]},
+        "proprio": {"q01": [-0.2, -0.3, 0.8, 2.0, -1.0, -0.5, 0.0, -0.04],
+                    "q99": [0.1, 0.3, 1.3, 3.3, 1.0, 0.5, 0.04, 0.0], "mask": [True] * 8},
+    }}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    import sentencepiece as spm
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tok"
+    text = [f"In: What action should the robot take to {s}?\nOut:" for s in INSTRUCTIONS] * 20
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(path), vocab_size=300, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        minloglevel=2,
+    )
+    return path.with_suffix(".model")
+
+
+def tiny_model(seed: int = 0):
+    import torch
+
+    from policies.vla.config import tiny_config
+    from policies.vla.model import OFTModel
+
+    torch.manual_seed(seed)
+    return OFTModel(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_file):
+    from policies.vla.checkpoint import save_checkpoint
+
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny-oft"
+    save_checkpoint(tiny_model(), directory, norm_stats(), step=1000, tokenizer_file=tokenizer_file,
+                    shard_bytes=400_000)
+    return directory
+
+
+def fake_observation(seed: int = 0, instruction: str = INSTRUCTIONS[0], size: int = 256):
+    from policies.base import Observation
+
+    rng = np.random.default_rng(seed)
+    images = {c: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for c in ("agentview", "wrist")}
+    proprio = np.array([-0.05, 0.0, 1.0, 3.1, 0.1, -0.1, 0.02, -0.02]) + rng.normal(0, 0.01, 8)
+    return Observation(proprio=proprio, instruction=instruction, episode_id=f"ep{seed}", images=images)

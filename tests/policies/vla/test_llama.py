@@ -1,0 +1,115 @@
+"""Our Llama against transformers (causal) and against a direct bidirectional implementation."""
+
+import math
+
+import pytest
+import torch
+
+from policies.vla.config import tiny_config
+from policies.vla.hooks import TokenStream
+from policies.vla.llama import LanguageModel
+
+
+def stream(x, positions=None, padding=None):
+    b, t = x.shape[:2]
+    positions = torch.arange(t).expand(b, t) if positions is None else positions
+    none = torch.zeros(b, t, dtype=torch.bool)
+    return TokenStream(x.clone(), positions, none, none, padding)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    torch.manual_seed(0)
+    return LanguageModel(tiny_config().llm).eval()
+
+
+def test_causal_mode_matches_transformers_llama(llm):
+    from transformers import LlamaConfig, LlamaModel
+
+    s = llm.sizes
+    hf = LlamaModel(LlamaConfig(
+        vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+        rms_norm_eps=s.rms_norm_eps, rope_theta=s.rope_theta, attn_implementation="sdpa",
+    )).eval()
+    hf.load_state_dict(llm.model.state_dict(), strict=True)
+    x = torch.randn(2, 37, s.hidden_size)
+    with torch.no_grad():
+        ref = hf(inputs_embeds=x, position_ids=torch.arange(37).expand(2, 37)).last_hidden_state
+        ours = llm(stream(x), causal=True)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+
+
+def direct_bidirectional(llm, x, positions):
+    """Textbook Llama layers with full attention, written out without SDPA."""
+    s = llm.sizes
+    hd, h, kvh = s.head_dim, s.num_heads, s.num_kv_heads
+
+    def rms(v, w):
+        return w * (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + s.rms_norm_eps))
+
+    def rope(v):
+        freqs = positions[..., None].float() / (s.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+        cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
+        a, b = v[..., : hd // 2], v[..., hd // 2:]
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+    bsz, t, _ = x.shape
+    for layer in llm.model.layers:
+        at = layer.self_attn
+        y = rms(x, layer.input_layernorm.weight)
+        q = rope((y @ at.q_proj.weight.T).view(bsz, t, h, hd).transpose(1, 2))
+        k = rope((y @ at.k_proj.weight.T).view(bsz, t, kvh, hd).transpose(1, 2)).repeat_interleave(h // kvh, 1)
+        v = (y @ at.v_proj.weight.T).view(bsz, t, kvh, hd).transpose(1, 2).repeat_interleave(h // kvh, 1)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        x = x + ((weights @ v).transpose(1, 2).reshape(bsz, t, h * hd)) @ at.o_proj.weight.T
+        y = rms(x, layer.post_attention_layernorm.weight)
+        m = layer.mlp
+        x = x + (torch.nn.functional.silu(y @ m.gate_proj.weight.T) * (y @ m.up_proj.weight.T)) @ m.down_proj.weight.T
+    return rms(x, llm.model.norm.weight)
+
+
+def test_bidirectional_mode_matches_a_direct_implementation(llm):
+    x = torch.randn(2, 41, llm.sizes.hidden_size)
+    positions = torch.arange(41).expand(2, 41)
+    with torch.no_grad():
+        ours = llm(stream(x))
+        ref = direct_bidirectional(llm, x, positions)
+        causal = llm(stream(x), causal=True)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours[:, :-1], causal[:, :-1], atol=1e-3)  # early tokens see later ones
+
+
+def test_explicit_positions_keep_original_rope_after_removing_tokens(llm):
+    """Dropping tokens but keeping their positions equals a direct computation on the kept set."""
+    x = torch.randn(1, 30, llm.sizes.hidden_size)
+    keep = torch.tensor([0, 3, 4, 9, 15, 16, 22, 29])
+    positions = keep[None]
+    with torch.no_grad():
+        ours = llm(stream(x[:, keep], positions))
+        ref = direct_bidirectional(llm, x[:, keep], positions)
+        renumbered = llm(stream(x[:, keep]))
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, renumbered, atol=1e-4)
+
+
+def test_left_padding_is_masked_out(llm):
+    d = llm.sizes.hidden_size
+    x = torch.randn(1, 20, d)
+    padded = torch.cat([torch.randn(1, 5, d) * 100, x], dim=1)
+    positions = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.arange(20)[None]], dim=1)
+    padding = torch.zeros(1, 25, dtype=torch.bool)
+    padding[:, :5] = True
+    with torch.no_grad():
+        alone = llm(stream(x))
+        with_pad = llm(stream(padded, positions, padding))
+    assert torch.allclose(with_pad[:, 5:], alone, atol=1e-5, rtol=0)
+
+
+def test_bf16_forward_runs_and_stays_finite(llm):
+    model = LanguageModel(llm.sizes).eval()
+    model.load_state_dict(llm.state_dict())
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(stream(torch.randn(1, 16, llm.sizes.hidden_size, dtype=torch.bfloat16)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -1,0 +1,92 @@
+"""The oft policy on a tiny checkpoint written by the test."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from policies.base import PolicyOptionError
+from policies.registry import make_policy
+from tests.policies.vla.conftest import fake_observation, norm_stats
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_checkpoint):
+    return make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu"})
+
+
+def test_act_returns_env_actions_and_per_query_stats(policy):
+    out = policy.act([fake_observation(0)])
+    assert len(out) == 1
+    actions, stats = out[0].actions, out[0].stats
+    assert actions.shape == (8, 7) and np.isfinite(actions).all()
+    assert set(np.unique(actions[:, 6])) <= {-1.0, 0.0, 1.0}
+    assert stats["visual_tokens"] == 512 and stats["visual_tokens_llm"] == [512, 512]
+    assert stats["tokens_llm"][0] == 1 + 512 + 1 + (len(policy.prompt_ids(fake_observation(0).instruction)) - 1) + 57
+    assert stats["tflops"] > 0 and stats["batch_size"] == 1
+
+
+def test_batched_act_equals_single_queries(policy):
+    observations = [fake_observation(1), fake_observation(2, "open the middle drawer of the cabinet")]
+    batched = policy.act(observations)
+    for obs, got in zip(observations, batched):
+        alone = policy.act([obs])[0]
+        assert np.allclose(got.actions, alone.actions, atol=1e-5)
+        assert got.stats["tokens_llm"] == alone.stats["tokens_llm"]
+
+
+def test_actions_are_unnormalised_with_the_checkpoint_statistics(policy):
+    import torch
+
+    obs = fake_observation(3)
+    pixels, proprio, prompts = policy.prepare([obs])
+    with torch.no_grad():
+        raw = policy.model(pixels, proprio, prompts, policy.tokenizer.stop_id)[0].numpy()
+    stats = norm_stats()["libero_spatial_no_noops"]["action"]
+    low, high = np.array(stats["q01"][:6]), np.array(stats["q99"][:6])
+    expected = 0.5 * (raw[:, :6] + 1) * (high - low + 1e-8) + low
+    assert np.allclose(policy.act([obs])[0].actions[:, :6], expected, atol=1e-5)
+    # the proprio entering the model is normalised and clipped
+    assert proprio.abs().max() <= 1.0
+
+
+def test_chunk_length_option_keeps_the_first_actions(tiny_checkpoint, policy):
+    short = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "chunk_length": "3"})
+    obs = fake_observation(4)
+    assert np.allclose(short.act([obs])[0].actions, policy.act([obs])[0].actions[:3], atol=1e-6)
+
+
+def test_missing_camera_is_named(policy):
+    obs = fake_observation(5)
+    del obs.images["wrist"]
+    with pytest.raises(ValueError, match="needs camera images"):
+        policy.act([obs])
+
+
+def test_unnorm_key_must_be_chosen_when_there_are_several(tiny_checkpoint, tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    stats = {**norm_stats("libero_spatial_no_noops"), **norm_stats("libero_goal_no_noops")}
+    (ckpt / "dataset_statistics.json").write_text(json.dumps(stats))
+    with pytest.raises(PolicyOptionError, match="choose one with --unnorm-key"):
+        make_policy("oft", {"checkpoint": str(ckpt)})
+    with pytest.raises(PolicyOptionError, match="'libero_10_no_noops' not in"):
+        make_policy("oft", {"checkpoint": str(ckpt), "unnorm_key": "libero_10_no_noops"})
+    assert make_policy("oft", {"checkpoint": str(ckpt), "unnorm_key": "libero_goal_no_noops"}).unnorm_key == "libero_goal_no_noops"
+
+
+def test_bad_checkpoint_is_a_policy_option_error(tmp_path):
+    with pytest.raises(PolicyOptionError, match="does not exist"):
+        make_policy("oft", {"checkpoint": str(tmp_path / "nowhere")})
+
+
+def test_identity_names_the_weights_and_not_the_device(policy, tiny_checkpoint):
+    ident = policy.identity()
+    assert ident["weights"]["path"] == str(tiny_checkpoint) and len(ident["weights"]["digest"]) == 16
+    assert "device" not in ident["options"] and ident["tokenizer"]["kind"] == "sentencepiece"
+
+
+def test_random_weights_without_checkpoint():
+    policy = make_policy("oft", {"size": "tiny"}, seed=3)
+    out = policy.act([fake_observation(6)])[0]
+    assert out.actions.shape == (8, 7) and policy.identity()["weights"] == {"random": True, "size": "tiny", "seed": 3}

@@ -1,0 +1,57 @@
+"""The fused backbone against timm's own intermediate-layer API on the same weights."""
+
+import pytest
+import torch
+
+from policies.vla.config import tiny_config
+from policies.vla.vision import VisionBackbone
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    return VisionBackbone(tiny_config()).eval()
+
+
+def test_each_tower_gives_timm_second_to_last_block_without_prefix_tokens(backbone):
+    from policies.vla.hooks import Hooks
+
+    pixels = torch.randn(3, 3, 224, 224)
+    for index, tower in enumerate(backbone.towers):
+        depth = len(tower.blocks)
+        with torch.no_grad():
+            (ref,) = tower.get_intermediate_layers(pixels, n={depth - 2})
+            ours, counts = backbone.tower_features(index, pixels, Hooks())
+        assert ours.shape == (3, 256, tower.embed_dim)
+        assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
+        assert counts == [256 + tower.num_prefix_tokens] * (depth - 1)
+    assert backbone.towers[0].num_prefix_tokens == 5  # DINOv2: class token + 4 registers
+
+
+def test_two_images_fuse_to_512_tokens_in_camera_order(backbone):
+    cam1, cam2 = torch.randn(2, 6, 224, 224), torch.randn(2, 6, 224, 224)
+    with torch.no_grad():
+        both = backbone(torch.cat([cam1, cam2], dim=1))
+        from policies.vla.hooks import Hooks
+
+        dino, _ = backbone.tower_features(0, cam1[:, :3], Hooks())
+        siglip, _ = backbone.tower_features(1, cam1[:, 3:], Hooks())
+    assert both.shape == (2, 512, backbone.embed_dim)
+    assert torch.allclose(both[:, :256], torch.cat([dino, siglip], dim=2), atol=1e-6)
+    assert backbone.embed_dim == 32 + 48
+
+
+def test_wrong_channel_count_is_an_error_naming_it(backbone):
+    with pytest.raises(ValueError, match="6 channels; expected 12"):
+        backbone(torch.randn(1, 6, 224, 224))
+
+
+def test_full_size_towers_have_the_published_shapes():
+    from policies.vla.config import full_config
+
+    with torch.device("meta"):
+        full = VisionBackbone(full_config())
+    dino, siglip = full.towers
+    assert (dino.embed_dim, len(dino.blocks), dino.num_prefix_tokens) == (1024, 24, 5)
+    assert (siglip.embed_dim, len(siglip.blocks), siglip.num_prefix_tokens) == (1152, 27, 0)
+    assert full.embed_dim == 2176 and full.patches_per_image == 256
