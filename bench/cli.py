@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="FLOPs, parameters, latency and memory of one policy query")
     prof.add_argument("--policy", default="oft")
+    prof.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+                      help="policy option, repeatable (e.g. k=2, r=0.5)")
+    prof.add_argument("--keep", type=int, help="force the visual tokens a pruning policy keeps (random weights "
+                      "cannot show a learned count)")
+    prof.add_argument("--sweep", action="store_true", help="every method in one table, relative to OFT")
     prof.add_argument("--size", default="full", choices=["full", "tiny"])
     prof.add_argument("--device", default="meta", help="meta (FLOPs only, no memory), cpu, cuda")
     prof.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU and meta, float32 on CPU")
@@ -204,13 +209,17 @@ def cmd_speed(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from bench.profile import DEFAULT_PROMPT_TOKENS, ProfileSettings, format_profile, profile
+    from bench.profile import DEFAULT_PROMPT_TOKENS, ProfileSettings, format_profile, format_sweep, profile, sweep
 
     settings = ProfileSettings(
-        policy=args.policy, size=args.size, device=args.device, dtype=args.dtype, batch=args.batch,
+        policy=args.policy, policy_args=dict(args.policy_arg or []), keep=args.keep, size=args.size, device=args.device, dtype=args.dtype, batch=args.batch,
         prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
         yardstick=not args.no_yardstick,
     )
+    if args.sweep:
+        results = sweep(settings)
+        print(json.dumps(results, indent=2) if args.json else format_sweep(results))
+        return 0
     result = profile(settings)
     print(json.dumps(result, indent=2) if args.json else format_profile(result))
     return 0

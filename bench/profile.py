@@ -14,7 +14,7 @@ import gc
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Prompt length (BOS and the final empty piece included) assumed for cost figures: the mean
 # over the 40 instructions of libero_spatial/object/goal/10 with the Llama-2 tokenizer is
@@ -25,6 +25,8 @@ DEFAULT_PROMPT_TOKENS = 29
 @dataclass
 class ProfileSettings:
     policy: str = "oft"
+    policy_args: dict = field(default_factory=dict)
+    keep: int | None = None  # force the visual-token count of a pruning policy
     size: str = "full"
     device: str = "meta"
     dtype: str = "auto"
@@ -100,33 +102,51 @@ def example_inputs(model, settings: ProfileSettings, device: str):
     return pixels.to(device), proprio.to(device), prompts
 
 
-def profile(settings: ProfileSettings) -> dict:
+def build_hooks(settings: ProfileSettings, config):
+    """The plug-in of ``settings.policy`` with its options (and the forced keep count)."""
+    from policies.base import parse_options
+    from policies.registry import policy_class
+    from policies.vla.policy import OFTPolicy
+
+    cls = policy_class(settings.policy)
+    if not issubclass(cls, OFTPolicy):
+        raise ValueError(f"bench profile measures the VLA policies (oft and its plug-ins), not {settings.policy!r}")
+    args = dict(settings.policy_args)
+    if settings.keep is not None:
+        if cls.keep_option is None:
+            raise ValueError(f"policy {settings.policy!r} has no visual-token count to force with --keep")
+        args[cls.keep_option] = str(settings.keep)
+    return cls.build_hooks(parse_options(cls.Options, args, settings.policy), config)
+
+
+def profile(settings: ProfileSettings, shared=None) -> dict:
+    """One policy's figures; ``shared`` = (model, device, dtype) reuses a built model (sweeps)."""
     import torch
 
     from policies.vla import flops
-    from policies.vla.hooks import QueryTrace
+    from policies.vla.hooks import Hooks, QueryTrace
 
-    if settings.policy != "oft":
-        raise ValueError(f"bench profile knows policy 'oft' only, got {settings.policy!r}")
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
-    model, device, dtype = build_model(settings)
+    model, device, dtype = shared or build_model(settings)
+    hooks = build_hooks(settings, model.config)
     pixels, proprio, prompts = example_inputs(model, settings, device)
     stop_id = 2
     dims = flops.model_dims(model)
 
     traces = [QueryTrace() for _ in prompts]
     with torch.inference_mode():
-        model(pixels, proprio, prompts, stop_id, traces=traces)
+        model(pixels, proprio, prompts, stop_id, hooks=hooks, traces=traces)
     breakdown = flops.query_flops(dims, traces[0])
 
     counted = None
     if settings.count:
-        _, by_op = flops.counted_flops(model, pixels, proprio, prompts, stop_id)
+        _, by_op = flops.counted_flops(model, pixels, proprio, prompts, stop_id, hooks=hooks)
         counted = by_op["total"] / settings.batch
 
     result = {
         "policy": settings.policy,
+        "policy_args": {**settings.policy_args, **({} if settings.keep is None else {"keep": settings.keep})},
         "size": settings.size,
         "device": device if device != "meta" else "meta",
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
@@ -138,6 +158,7 @@ def profile(settings: ProfileSettings) -> dict:
         "sequence_tokens": traces[0].llm_tokens[0],
         "visual_tokens_llm": traces[0].llm_visual_tokens[0],
         "visual_tokens_per_layer": traces[0].llm_visual_tokens,
+        "tokens_per_layer": traces[0].llm_tokens,
         "tflops_per_query": breakdown["total"] / 1e12,
         "tflops_breakdown": {k: v / 1e12 for k, v in breakdown.items() if k != "total"},
         "tflops_counted": None if counted is None else counted / 1e12,
@@ -145,6 +166,7 @@ def profile(settings: ProfileSettings) -> dict:
         "llm_latency_ms": None,
         "yardstick": None,
         "peak_memory_mb": None,
+        "plugin_ms": None,
     }
     if device == "meta":
         return result
@@ -154,7 +176,7 @@ def profile(settings: ProfileSettings) -> dict:
 
     def query():
         with torch.inference_mode():
-            model(pixels, proprio, prompts, stop_id)
+            model(pixels, proprio, prompts, stop_id, hooks=hooks)
 
     result["latency_ms"] = _percentiles(_time(query, device, settings.repeats, settings.warmup))
     if device.startswith("cuda"):
@@ -175,6 +197,15 @@ def profile(settings: ProfileSettings) -> dict:
             model.language_model(TokenStream(embeds, positions, stream.visual, stream.task))
 
     result["llm_latency_ms"] = _percentiles(_time(ours, device, settings.repeats, settings.warmup))
+    if hooks is not None and type(hooks).before_llm is not Hooks.before_llm:
+        # The plug-in's own work between projector and layer 0 (scoring and gather).
+        def plugin():
+            from policies.vla.hooks import TokenStream
+
+            with torch.inference_mode():
+                hooks.before_llm(TokenStream(embeds, positions, stream.visual, stream.task))
+
+        result["plugin_ms"] = _percentiles(_time(plugin, device, settings.repeats, settings.warmup))
     if settings.yardstick:
         result["yardstick"] = _yardstick(model, embeds, positions, device, dtype, settings)
     return result
@@ -231,12 +262,14 @@ def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
 def format_profile(result: dict) -> str:
     big = result["tflops_per_query"] >= 0.1
     unit, scale = ("T", 1.0) if big else ("G", 1e3)
+    args = " ".join(f"{k}={v}" for k, v in result["policy_args"].items())
     lines = [
-        f"policy {result['policy']}  size {result['size']}  device {result['device_name']}  dtype {result['dtype']}  "
+        f"policy {result['policy']} {args}  size {result['size']}  device {result['device_name']}  dtype {result['dtype']}  "
         f"batch {result['batch']}",
         f"parameters: {result['params'] / 1e6:,.1f} M ({result['params_computed'] / 1e6:,.1f} M used by a query)",
         f"tokens: {result['sequence_tokens']} in the LLM sequence = 1 BOS + {result['visual_tokens_llm']} visual + "
         f"1 proprio + {result['prompt_tokens'] - 1} prompt + 56 action slots + 1 stop",
+        f"visual tokens entering the LLM layers: {summarize_layers(result['visual_tokens_per_layer'])}",
         "FLOPs per query (analytic):",
     ]
     for key, value in result["tflops_breakdown"].items():
@@ -253,6 +286,9 @@ def format_profile(result: dict) -> str:
         lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB")
         llm = result["llm_latency_ms"]
         lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
+        if result["plugin_ms"]:
+            lines.append(f"plug-in before layer 0:           mean {result['plugin_ms']['mean']:.3f} ms  "
+                         f"p50 {result['plugin_ms']['p50']:.3f}")
         if result["yardstick"]:
             y = result["yardstick"]
             lines.append(f"LLM alone (transformers, bidir.): mean {y['bidirectional_ms']['mean']:.2f} ms  "
@@ -261,4 +297,64 @@ def format_profile(result: dict) -> str:
                          f"p50 {y['causal_ms']['p50']:.2f}")
     else:
         lines.append("latency: not measured on the meta device")
+    return "\n".join(lines)
+
+
+def summarize_layers(counts: list) -> str:
+    """[512, 512, 256, 256, ...] -> '512 x2, 256 x30' (None: a skipped layer)."""
+    parts, previous, run = [], object(), 0
+    for value in counts + [object()]:
+        if value == previous:
+            run += 1
+            continue
+        if run:
+            parts.append(f"{'skip' if previous is None else previous} x{run}")
+        previous, run = value, 1
+    return ", ".join(parts)
+
+
+SWEEP = [
+    ("oft", {}),
+    ("lightvla", {"keep": "78"}),
+    ("fastv", {"k": "2", "r": "0.5"}),
+    ("sparsevlm", {"budget": "192"}),
+    ("sparsevlm", {"budget": "128"}),
+    ("sparsevlm", {"budget": "64"}),
+]
+
+
+def sweep(settings: ProfileSettings) -> list[dict]:
+    """Every method on one model built once, OFT first; ratios relative to OFT in the same run."""
+    from dataclasses import replace
+
+    from policies.registry import POLICIES
+
+    shared = build_model(settings)
+    results = []
+    for policy, args in SWEEP:
+        if policy not in POLICIES:
+            continue
+        run = replace(settings, policy=policy, policy_args=args, keep=None, yardstick=False)
+        results.append(profile(run, shared))
+    base = results[0]
+    for r in results:
+        r["tflops_vs_oft"] = r["tflops_per_query"] / base["tflops_per_query"]
+        if r["latency_ms"] and base["latency_ms"]:
+            r["latency_vs_oft"] = r["latency_ms"]["mean"] / base["latency_ms"]["mean"]
+    return results
+
+
+def format_sweep(results: list[dict]) -> str:
+    r0 = results[0]
+    lines = [f"size {r0['size']}  device {r0['device_name']}  dtype {r0['dtype']}  batch {r0['batch']}  "
+             f"prompt {r0['prompt_tokens']} tokens",
+             "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        args = " ".join(f"{k}={v}" for k, v in r["policy_args"].items())
+        lat = r["latency_ms"]
+        latency = f"{lat['p50']:.2f} / {lat['p90']:.2f}" if lat else "-"
+        rel = f"{r['latency_vs_oft']:.3f}" if r.get("latency_vs_oft") else "-"
+        lines.append(f"| {r['policy']} {args} | {summarize_layers(r['visual_tokens_per_layer'])} | "
+                     f"{r['tflops_per_query']:.4f} | {r['tflops_vs_oft']:.3f} | {latency} | {rel} |")
     return "\n".join(lines)

@@ -16,6 +16,8 @@ POLICIES: dict[str, tuple[str, str]] = {
     "replay": ("policies.simple:ReplayPolicy", "replays recorded actions from a .npy/.npz file"),
     "scripted": ("policies.scripted:ScriptedPolicy", "privileged-state expert: motion primitives from the BDDL goal"),
     "oft": ("policies.vla.policy:OFTPolicy", "OpenVLA-OFT from a local checkpoint (--checkpoint DIR), or random weights"),
+    "lightvla": ("policies.pruning.adapters:LightVLAPolicy", "OpenVLA-OFT + LightVLA query-based visual token selection"),
+    "fastv": ("policies.pruning.adapters:FastVPolicy", "OpenVLA-OFT + FastV: drop visual tokens after layer k-1 (k, r)"),
 }
 
 

@@ -75,6 +75,7 @@ def _available_memory() -> int | None:
 
 class OFTPolicy(Policy):
     name = "oft"
+    keep_option: str | None = None  # the option that forces a visual-token count (bench profile --keep)
 
     @dataclass
     class Options(Policy.Options):
@@ -103,6 +104,7 @@ class OFTPolicy(Policy):
             )
         self.dims = flops.model_dims(self.model)
         self._prompts: dict[str, list[int]] = {}
+        self._hooks = self.build_hooks(options, self.config)
 
     def _load(self) -> None:
         from policies.vla.checkpoint import CheckpointError, load_checkpoint
@@ -142,9 +144,13 @@ class OFTPolicy(Policy):
         self.unnorm_key = key
         return norm_stats[key]
 
-    def hooks(self):
-        """The plug-in acting on the model core (none for plain OFT)."""
+    @classmethod
+    def build_hooks(cls, options: "OFTPolicy.Options", config):
+        """The plug-in acting on the model core (none for plain OFT); adapters override this."""
         return None
+
+    def hooks(self):
+        return self._hooks
 
     def reset(self, episode: EpisodeInfo) -> None:
         hooks = self.hooks()

@@ -5,8 +5,11 @@ The reference pipeline (TensorFlow) per camera image: JPEG encode/decode at qual
 for checkpoints trained with crop augmentation a centre crop of 90% of the area resized
 back to 224 with ``tf.image.crop_and_resize`` (bilinear) on [0, 1] floats, converted back to
 uint8 with ``convert_image_dtype`` (scale by 255.5, truncate). The functions below
-implement the same arithmetic: TensorFlow's separable Lanczos-3 kernel with antialiasing
-and normalised weights, and crop_and_resize's corner-aligned bilinear sampling in float32.
+implement the same arithmetic: libjpeg's decoding as TensorFlow configures it (fast integer
+IDCT, fancy chroma upsampling), TensorFlow's separable Lanczos-3 kernel with antialiasing in
+float32 and its summation order, and crop_and_resize's corner-aligned bilinear sampling.
+On 12 real LIBERO camera frames the output equals TensorFlow 2.21's bit for bit at every
+stage (docs/performance.md); Pillow's default JPEG decoder alone differs in 63% of values.
 """
 
 from __future__ import annotations
@@ -22,34 +25,109 @@ JPEG_QUALITY = 95  # tf.image.encode_jpeg's default
 
 
 def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
+    """tf.image.encode_jpeg (quality 95, 4:2:0) then tf.io.decode_image, bit for bit.
+
+    TensorFlow decodes with libjpeg's fast integer IDCT (JDCT_IFAST) and "fancy" (triangle)
+    chroma upsampling; Pillow's normal decode uses the slow integer IDCT. Pillow's draft flag
+    selects JDCT_IFAST but also turns fancy upsampling off, so decode to YCbCr with plain 2x2
+    replication, take the subsampled chroma planes back and redo libjpeg's fancy upsampling
+    and YCbCr->RGB conversion here in integer arithmetic.
+    """
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=2)  # 2 = 4:2:0
     buffer.seek(0)
-    return np.asarray(Image.open(buffer).convert("RGB"))
+    decoded = Image.open(buffer)
+    decoded.draft("YCbCr", None)  # keep libjpeg's output in YCbCr
+    decoded.decoderconfig = (1, 1)  # (scale 1, draft): dct_method = JDCT_IFAST, no fancy upsampling
+    ycc = np.asarray(decoded).astype(np.int32)
+    if ycc.shape != image.shape or not (ycc[1::2, 1::2, 1:] == ycc[: ycc.shape[0] // 2 * 2 : 2, : ycc.shape[1] // 2 * 2 : 2, 1:]).all():
+        raise RuntimeError("Pillow's JPEG draft decode no longer gives replicated 4:2:0 chroma")
+    h, w = ycc.shape[:2]
+    cb = _fancy_upsample_h2v2(ycc[::2, ::2, 1], h, w)
+    cr = _fancy_upsample_h2v2(ycc[::2, ::2, 2], h, w)
+    return _ycc_to_rgb(ycc[..., 0], cb, cr)
+
+
+def _fancy_upsample_h2v2(plane: np.ndarray, h: int, w: int) -> np.ndarray:
+    """libjpeg's h2v2_fancy_upsample: 9/3/3/1 triangle filter with its integer rounding."""
+    above = np.vstack([plane[:1], plane[:-1]])  # edge rows replicated
+    below = np.vstack([plane[1:], plane[-1:]])
+    colsum = np.empty((2 * plane.shape[0], plane.shape[1]), np.int32)
+    colsum[0::2] = 3 * plane + above
+    colsum[1::2] = 3 * plane + below
+    left = np.hstack([colsum[:, :1], colsum[:, :-1]])  # edge columns: 4 * colsum, as libjpeg
+    right = np.hstack([colsum[:, 1:], colsum[:, -1:]])
+    out = np.empty((colsum.shape[0], 2 * colsum.shape[1]), np.int32)
+    out[:, 0::2] = (3 * colsum + left + 8) >> 4
+    out[:, 1::2] = (3 * colsum + right + 7) >> 4
+    return out[:h, :w]
+
+
+def _ycc_tables() -> tuple[np.ndarray, ...]:
+    """libjpeg's jdcolor.c build_ycc_rgb_table (16-bit fixed point)."""
+    fix = lambda v: int(v * (1 << 16) + 0.5)  # noqa: E731
+    x = np.arange(256, dtype=np.int64) - 128
+    half = 1 << 15
+    return ((fix(1.40200) * x + half) >> 16, (fix(1.77200) * x + half) >> 16,
+            -fix(0.71414) * x, -fix(0.34414) * x + half)
+
+
+_CR_R, _CB_B, _CR_G, _CB_G = _ycc_tables()
+
+
+def _ycc_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
+    r = y + _CR_R[cr]
+    g = y + ((_CB_G[cb] + _CR_G[cr]) >> 16)
+    b = y + _CB_B[cb]
+    return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
+
+
+def _sinf():
+    """sin in float32 as TensorFlow's kernel gets it (std::sin(float) = libm sinf); else float64 rounded."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        libm.sinf.restype, libm.sinf.argtypes = ctypes.c_float, [ctypes.c_float]
+        return np.vectorize(lambda v: libm.sinf(float(v)), otypes=[np.float32])
+    except (OSError, AttributeError):
+        return lambda v: np.sin(np.asarray(v, np.float64)).astype(np.float32)
 
 
 def _lanczos3(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    out = np.where(x <= 1e-3, 1.0, 3.0 * np.sin(np.pi * x) * np.sin(np.pi * x / 3.0) / np.maximum(np.pi * np.pi * x * x, 1e-30))
-    return np.where(x > 3.0, 0.0, out)
+    """sampling_kernels.h LanczosKernelFunc(3), float32 throughout, same operation order."""
+    f32 = np.float32
+    pi, radius = f32(3.14159265359), f32(3.0)
+    x = np.abs(x).astype(f32)
+    sinf = _sinf()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = radius * sinf(pi * x) * sinf(pi * x / radius) / (pi * pi * x * x)
+    out = np.where(x <= f32(1e-3), f32(1.0), out)
+    return np.where(x > radius, f32(0.0), out).astype(f32)
 
 
 def lanczos_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) resampling matrix of TensorFlow's scale_and_translate with lanczos3 and antialias."""
-    scale = out_size / in_size
-    kernel_scale = max(1.0 / scale, 1.0)  # antialias: widen the kernel when shrinking
-    radius = 3.0 * kernel_scale
-    weights = np.zeros((out_size, in_size))
+    """(out, in) float32 matrix of scale_and_translate_op.cc ComputeSpansCore (lanczos3, antialias)."""
+    f32 = np.float32
+    scale = f32(out_size) / f32(in_size)
+    inv_scale = f32(1.0 / float(scale))
+    kernel_scale = max(inv_scale, f32(1.0))  # antialias: widen the kernel when shrinking
+    radius = f32(3.0) * kernel_scale
+    one_over_kernel_scale = f32(1.0) / kernel_scale
+    weights = np.zeros((out_size, in_size), f32)
     for i in range(out_size):
-        sample = (i + 0.5) / scale
-        start = max(int(np.ceil(sample - radius - 0.5)), 0)
-        end = min(int(np.floor(sample + radius - 0.5)), in_size - 1) + 1
-        sources = np.arange(start, end)
-        w = _lanczos3((sources + 0.5 - sample) / kernel_scale)
-        total = w.sum()
-        weights[i, start:end] = w / total if abs(total) > 0 else w
+        sample = (f32(i) + f32(0.5)) * inv_scale
+        start = min(max(int(np.ceil(sample - radius - f32(0.5))), 0), in_size - 1)
+        end = min(max(int(np.floor(sample + radius - f32(0.5))), 0), in_size - 1) + 1
+        w = _lanczos3((np.arange(start, end).astype(f32) + f32(0.5) - sample) * one_over_kernel_scale)
+        total = f32(0.0)
+        for v in w:  # sequential float32 sum, as the kernel
+            total = f32(total + v)
+        if abs(total) >= 1000.0 * np.finfo(f32).tiny:
+            weights[i, start:end] = w * (f32(1.0) / total)
     return weights
 
 
@@ -57,20 +135,44 @@ _WEIGHTS: dict[tuple[int, int], np.ndarray] = {}
 
 
 def lanczos_resize(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """HxWx3 uint8 -> size x size x 3 uint8 (rounded half to even, clipped), as TensorFlow."""
+    """HxWx3 uint8 -> size x size x 3 uint8 (rounded half to even, clipped), as TensorFlow.
+
+    float32 throughout and TensorFlow's order: rows (GatherRows) then columns (GatherColumns),
+    each output the taps summed one at a time in source order.
+    """
     h, w = image.shape[:2]
-    rows = _WEIGHTS.setdefault((h, size), lanczos_weights(h, size))
-    cols = _WEIGHTS.setdefault((w, size), lanczos_weights(w, size))
-    tall = (rows @ image.astype(np.float64).reshape(h, -1)).reshape(size, w, 3)  # resample rows
-    out = cols @ tall  # then columns: (size, w) @ (size, w, 3) -> (size, size, 3)
+    rows, cols = _weights(h, size), _weights(w, size)
+    tall = _gather(rows, image.astype(np.float32), axis=0)  # (size, w, 3)
+    out = _gather(cols, tall, axis=1)  # (size, size, 3)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _weights(in_size: int, out_size: int) -> np.ndarray:
+    if (in_size, out_size) not in _WEIGHTS:  # not setdefault: that would rebuild the matrix every call
+        _WEIGHTS[(in_size, out_size)] = lanczos_weights(in_size, out_size)
+    return _WEIGHTS[(in_size, out_size)]
+
+
+def _gather(weights: np.ndarray, data: np.ndarray, axis: int) -> np.ndarray:
+    nonzero = weights != 0
+    starts = nonzero.argmax(axis=1)
+    span = int((weights.shape[1] - nonzero[:, ::-1].argmax(axis=1) - starts).max())
+    shape = list(data.shape)
+    shape[axis] = weights.shape[0]
+    out = np.zeros(shape, np.float32)
+    for k in range(span):
+        src = np.minimum(starts + k, weights.shape[1] - 1)
+        w = weights[np.arange(weights.shape[0]), src] * (starts + k < weights.shape[1])
+        w = w[:, None, None] if axis == 0 else w[None, :, None]
+        out += w * np.take(data, src, axis=axis)
+    return out
 
 
 def center_crop(image: np.ndarray, area: float = CROP_AREA) -> np.ndarray:
     """Crop the central ``area`` fraction and resize back (tf.image.crop_and_resize, bilinear)."""
     h, w = image.shape[:2]
     f32 = np.float32
-    img = image.astype(f32) / f32(255.0)
+    img = image.astype(f32) * f32(1.0 / 255)  # convert_image_dtype multiplies by 1/255
     side = f32(np.sqrt(f32(area)))
     offset = (f32(1) - side) / f32(2)
     y1 = x1 = offset

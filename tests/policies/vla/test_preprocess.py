@@ -81,3 +81,16 @@ def test_action_unnormalisation_and_gripper_rule():
     assert np.allclose(out[0, :6], [1e-8 * 0.5, 0.0, 1.5 + 1e-8, 0.75 + 0.75e-8, 0.5 + 0.5e-8, 0.25 + 0.25e-8])
     assert out[0, 6] == -1.0  # 0.9 -> 0.8 -> sign +1 -> inverted: open
     assert out[1, 6] == 1.0  # 0.1 -> close
+
+
+def test_pipeline_equals_tensorflow_on_real_libero_frames():
+    """Reference outputs of TensorFlow 2.21 (encode_jpeg/decode_image, resize lanczos3 with
+    antialias, crop_and_resize) for two rendered LIBERO frames, saved once as test data."""
+    from pathlib import Path
+
+    data = np.load(Path(__file__).parent / "data" / "tf_preprocess_reference.npz")
+    for i in range(2):
+        frame = data[f"frame{i}"]
+        assert frame.shape == (256, 256, 3)
+        assert np.array_equal(pp.jpeg_roundtrip(frame), data[f"frame{i}_tf_jpeg"])
+        assert np.array_equal(pp.prepare_image(frame), data[f"frame{i}_tf_final"])

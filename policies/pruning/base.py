@@ -1,0 +1,83 @@
+"""What every token-reduction plug-in shares: keeping a subset of the stream's tokens.
+
+Plug-ins subclass ``policies.vla.hooks.Hooks``. The core records the tokens entering every
+layer, so a plug-in only has to change the stream. ``keep_tokens`` drops tokens per sample
+while keeping their order and original RoPE positions; samples that keep different counts
+are left-padded, with the padding masked out as keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from policies.vla.hooks import TokenStream
+
+
+def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:
+    """The stream restricted to tokens where ``keep`` (B, T) is true, left-padded to the longest sample."""
+    if stream.padding is not None:
+        keep = keep & ~stream.padding
+    b, t = keep.shape
+    counts = keep.sum(dim=1)
+    longest = int(counts.max())  # the one synchronisation a data-dependent length needs
+    # A stable sort of the keep flags puts dropped tokens first and kept ones last, each in order.
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, t - longest:]
+    device = stream.hidden.device
+    hidden = stream.hidden.gather(1, order.to(device)[..., None].expand(-1, -1, stream.hidden.shape[2]))
+    kept = keep.gather(1, order)
+    padding = None if bool(kept.all()) else ~kept
+    return TokenStream(
+        hidden=hidden,
+        position_ids=stream.position_ids.gather(1, order.to(stream.position_ids.device)),
+        visual=stream.visual.gather(1, order) & kept,
+        task=stream.task.gather(1, order) & kept,
+        padding=padding,
+    )
+
+
+def visual_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V, D) visual tokens and their (B, V) column indices, for a stream whose samples
+    all hold the same number V of visual tokens (before any pruning)."""
+    b = stream.hidden.shape[0]
+    columns = stream.visual.nonzero()[:, 1].view(b, -1)
+    index = columns.to(stream.hidden.device)
+    return stream.hidden.gather(1, index[..., None].expand(-1, -1, stream.hidden.shape[2])), columns
+
+
+def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n, D) last-n tokens covering every sample's task tokens, and the (B, n) mask of which are task tokens."""
+    n = int(stream.task.sum(dim=1).max())
+    mask = stream.task[:, -n:]
+    return stream.hidden[:, -n:], mask
+
+
+def on_meta(t: torch.Tensor) -> bool:
+    """The meta device (cost counting) has shapes but no values: selections become placeholders."""
+    return t.device.type == "meta"
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm without a weight, computed in fp32, returned in the input's dtype."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """Attention of the last token over all keys, averaged over heads: (B, T).
+
+    Computed from one query row, so the layer itself keeps using fused SDPA.
+    """
+    return rows_attention(q[:, :, -1:], k, padding).squeeze(1)
+
+
+def rows_attention(q_rows: torch.Tensor, k: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """Head-averaged attention (B, R, T) of the query rows q_rows (B, H, R, hd) over all keys."""
+    h, kvh = q_rows.shape[1], k.shape[1]
+    if kvh != h:
+        k = k.repeat_interleave(h // kvh, dim=1)
+    scores = (q_rows.float() @ k.float().transpose(-1, -2)) / math.sqrt(q_rows.shape[-1])
+    if padding is not None:
+        scores = scores.masked_fill(padding.to(scores.device)[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=1)

@@ -1,0 +1,99 @@
+"""LightVLA: parameter-free, query-based visual token selection before LLM layer 0.
+
+Scoring (reference ``TokenPruner``): with P the visual tokens and T the task tokens (everything
+after the visual block), both RMS-normalised without a weight (fp32 inside, back to the
+model's dtype), the queries ``Q = RMSNorm(softmax(P T^T / sqrt(D)) T)`` (one per visual
+token) score every visual token: ``S = Q P^T / sqrt(D)``, a V x V matrix.
+
+Inference keeps the union of each query's argmax, in order, with the original RoPE
+positions. Training replaces the V visual slots by ``W @ P`` with the straight-through
+``W = onehot(argmax S~) + softmax(S~) - stopgrad(softmax(S~))``, ``S~ = S + noise_scale * U[0,1)``,
+and gives slot i the position of the token it selected; the length does not change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from policies.pruning.base import keep_tokens, on_meta, rms_norm, task_block, visual_block
+from policies.vla.hooks import Hooks, TokenStream
+
+
+def lightvla_scores(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V, V) scores of visual tokens (B, V, D) by queries built from task tokens (B, n, D)."""
+    p, t = rms_norm(visual), rms_norm(task)
+    mask = None if task_mask is None or bool(task_mask.all()) else task_mask[:, None, :].to(t.device)
+    queries = rms_norm(F.scaled_dot_product_attention(p, t, t, attn_mask=mask))
+    return queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])
+
+
+def union_of_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """(B, Q, V) scores -> (B, V) bool: token j is some query's argmax."""
+    keep = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool, device=scores.device)
+    return keep.scatter(1, scores.argmax(dim=-1), True)
+
+
+def top_voted(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, V) bool keeping exactly ``count`` tokens: most argmax votes first, then highest score.
+
+    Random weights cannot show a learned keep count; cost figures force one this way.
+    """
+    votes = torch.zeros(scores.shape[0], scores.shape[-1], device=scores.device)
+    votes = votes.scatter_add(1, scores.argmax(dim=-1), torch.ones_like(scores[..., 0]))
+    # |S| <= sqrt(D) (normalised vectors), so a vote always outweighs a score difference.
+    rank = votes * 1e4 + scores.float().amax(dim=1)
+    chosen = rank.topk(count, dim=1).indices
+    return torch.zeros_like(votes, dtype=torch.bool).scatter(1, chosen, True)
+
+
+def straight_through(scores: torch.Tensor, noise_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selection weights W (B, Q, V), selected indices (B, Q)) for training."""
+    if noise_scale:
+        scores = scores + torch.rand_like(scores) * noise_scale
+    soft = scores.softmax(dim=-1)
+    indices = scores.argmax(dim=-1)
+    hard = F.one_hot(indices, scores.shape[-1]).to(soft.dtype)
+    return hard + soft - soft.detach(), indices
+
+
+def replace_visual(stream: TokenStream, columns: torch.Tensor, slots: torch.Tensor,
+                   positions: torch.Tensor) -> TokenStream:
+    """The stream with its visual block (at ``columns``) replaced by ``slots`` (same count)."""
+    index = columns.to(stream.hidden.device)
+    hidden = stream.hidden.scatter(1, index[..., None].expand(-1, -1, slots.shape[-1]), slots.to(stream.hidden.dtype))
+    position_ids = stream.position_ids.scatter(1, columns.to(stream.position_ids.device),
+                                              positions.to(stream.position_ids.device))
+    return TokenStream(hidden, position_ids, stream.visual, stream.task, stream.padding)
+
+
+class LightVLAPruner(Hooks):
+    def __init__(self, keep: int = 0):
+        self.keep = keep  # 0: the learned selection; N: force N tokens (cost figures)
+        self.training = False
+        self.noise_scale = 0.0
+
+    def set_progress(self, step: int, max_steps: int) -> None:
+        """Training noise, annealed linearly to 0 over training."""
+        self.noise_scale = max(0.0, 1.0 - step / max_steps)
+
+    def before_llm(self, stream: TokenStream) -> TokenStream:
+        visual, columns = visual_block(stream)
+        task, task_mask = task_block(stream)
+        scores = lightvla_scores(visual, task, task_mask)
+        if self.training:
+            weights, indices = straight_through(scores, self.noise_scale)
+            positions = stream.position_ids.gather(1, columns.to(stream.position_ids.device))
+            return replace_visual(stream, columns, weights @ visual, positions.gather(1, indices.to(positions.device)))
+        if on_meta(scores):
+            if not self.keep:
+                raise ValueError("on the meta device LightVLA's selection has no values: force a count with keep=N")
+            chosen = torch.zeros(columns.shape, dtype=torch.bool)
+            chosen[:, : self.keep] = True  # which tokens does not change the cost
+        else:
+            chosen = top_voted(scores, self.keep) if self.keep else union_of_argmax(scores)
+        keep = ~stream.visual.clone()
+        keep.scatter_(1, columns, chosen.to(keep.device))
+        return keep_tokens(stream, keep)
