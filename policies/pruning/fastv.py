@@ -41,8 +41,10 @@ class FastVPruner(Hooks):
             drop = (counts - self.keep).clamp(min=0)
         else:
             drop = torch.floor(counts * self.r).long()
-        if on_meta(q):  # no values: any tokens, the same count
+        attention = last_token_attention(q, k, stream.padding)
+        if on_meta(attention):  # no values: any tokens, the same count
             scores = torch.zeros(visual.shape, device=visual.device)
         else:
-            scores = last_token_attention(q, k, stream.padding).to(visual.device)
+            scores = attention.to(visual.device)
+        self.add_cost([2 * n * q.shape[1] * q.shape[3] for n in stream.counts()[0].tolist()])  # one attention row
         return keep_tokens(stream, ~lowest_visual(scores, visual, drop.to(visual.device)))

@@ -83,8 +83,12 @@ class LightVLAPruner(Hooks):
         visual, columns = visual_block(stream)
         task, task_mask = task_block(stream)
         scores = lightvla_scores(visual, task, task_mask)
+        v, d = visual.shape[1:]
+        n = task_mask.sum(dim=1).tolist()
+        self.add_cost([2 * v * d * (2 * m + v) for m in n])  # queries (two products) and the V x V scores
         if self.training:
             weights, indices = straight_through(scores, self.noise_scale)
+            self.add_cost([2 * v * v * d] * len(n))  # W @ P
             positions = stream.position_ids.gather(1, columns.to(stream.position_ids.device))
             return replace_visual(stream, columns, weights @ visual, positions.gather(1, indices.to(positions.device)))
         if on_meta(scores):

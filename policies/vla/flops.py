@@ -111,6 +111,8 @@ def query_flops(dims: ModelDims, trace: QueryTrace) -> dict[str, float]:
     out["llm_linear"] = linear
     out["llm_attention"] = attention
     out["action_head"] = _linear(dims.head_dims, dims.chunk_length)
+    if trace.plugin_flops:
+        out["plugin"] = float(trace.plugin_flops)
     out["total"] = float(sum(out.values()))
     return out
 

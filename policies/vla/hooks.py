@@ -34,10 +34,25 @@ class TokenStream:
 
 
 class Hooks:
-    """Hook points of the model core. Every default is the identity."""
+    """Hook points of the model core. Every default is the identity.
+
+    A plug-in that computes something itself (scores, attention rows) reports those FLOPs
+    per sample with ``add_cost`` so that a query's count stays complete.
+    """
 
     def reset(self) -> None:
         """A new episode starts (plug-ins with state across control steps clear it)."""
+
+    def start(self, batch: int) -> None:
+        """A query of ``batch`` samples starts."""
+        self._cost = [0.0] * batch
+
+    def add_cost(self, per_sample: list[float]) -> None:
+        current = getattr(self, "_cost", None) or [0.0] * len(per_sample)
+        self._cost = [a + float(b) for a, b in zip(current, per_sample)]
+
+    def cost(self) -> list[float]:
+        return list(getattr(self, "_cost", []))
 
     def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor:
         """After vision block ``block`` of tower 0 (DINOv2) or 1 (SigLIP); tokens (B*images, N, C)."""
@@ -68,6 +83,7 @@ class QueryTrace:
     projector_tokens: int = 0
     llm_tokens: list[int | None] = field(default_factory=list)  # per layer; None = layer skipped
     llm_visual_tokens: list[int | None] = field(default_factory=list)
+    plugin_flops: float = 0.0  # what a plug-in computed itself (scoring, attention rows)
 
     def as_stats(self) -> dict:
         return {

@@ -87,6 +87,7 @@ class OFTModel(nn.Module):
         hooks = hooks or Hooks()
         dtype = self.projector.fc1.weight.dtype
         b = pixel_values.shape[0]
+        hooks.start(b)
         if proprio.shape != (b, self.config.proprio_dim):
             raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {self.config.proprio_dim})")
         patches = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
@@ -97,6 +98,9 @@ class OFTModel(nn.Module):
         proprio_token = self.proprio_projector(proprio.to(dtype))
         stream = self.assemble(visual, proprio_token, prompts, stop_id)
         hidden = self.language_model(stream, hooks, traces=traces)
+        if traces is not None:
+            for trace, cost in zip(traces, hooks.cost()):
+                trace.plugin_flops = cost
         t, slots = hidden.shape[1], self.config.action_tokens
         if action_slice == "train":
             action_hidden = hidden[:, t - slots - 2:t - 2]

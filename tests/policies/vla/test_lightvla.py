@@ -1,0 +1,146 @@
+"""LightVLA: scoring as the reference, union-of-argmax keep, positions, batching, training path."""
+
+import math
+
+import pytest
+import torch
+
+from policies.pruning.base import keep_tokens
+from policies.pruning.lightvla import LightVLAPruner, lightvla_scores, union_of_argmax
+from policies.vla import flops
+from policies.vla.hooks import QueryTrace, TokenStream
+from tests.policies.vla.conftest import tiny_model
+from tests.policies.vla.test_model import inputs
+
+
+def direct_scores(p, t):
+    def norm(x):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    p, t = norm(p), norm(t)
+    queries = norm(torch.softmax(p @ t.T / math.sqrt(p.shape[-1]), dim=-1) @ t)
+    return queries @ p.T / math.sqrt(p.shape[-1])
+
+
+def toy_stream(batch=1, visual=16, task=6, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = 1 + visual + task
+    hidden = torch.randn(batch, t, d, generator=gen)
+    is_visual = torch.zeros(batch, t, dtype=torch.bool)
+    is_visual[:, 1:1 + visual] = True
+    is_task = torch.zeros(batch, t, dtype=torch.bool)
+    is_task[:, 1 + visual:] = True
+    return TokenStream(hidden, torch.arange(t).expand(batch, t).clone(), is_visual, is_task)
+
+
+def test_scores_follow_the_reference_formula():
+    s = toy_stream()
+    ours = lightvla_scores(s.hidden[:, 1:17], s.hidden[:, 17:])
+    assert ours.shape == (1, 16, 16)
+    assert torch.allclose(ours[0], direct_scores(s.hidden[0, 1:17], s.hidden[0, 17:]), atol=1e-5)
+
+
+def test_inference_keeps_the_distinct_argmax_in_order_with_original_positions():
+    s = toy_stream()
+    scores = lightvla_scores(s.hidden[:, 1:17], s.hidden[:, 17:])
+    chosen = sorted(set(scores[0].argmax(-1).tolist()))
+    out = LightVLAPruner().before_llm(s)
+    assert int(out.visual.sum()) == len(chosen) < 16
+    visual_positions = out.position_ids[0][out.visual[0]].tolist()
+    assert visual_positions == [1 + j for j in chosen]  # original RoPE positions, original order
+    assert out.position_ids[0, 0] == 0 and out.position_ids[0, -1] == s.position_ids[0, -1]
+    assert torch.equal(out.hidden[0][out.visual[0]], s.hidden[0, [1 + j for j in chosen]])
+
+
+def test_batches_with_different_keep_counts_match_single_queries():
+    model = tiny_model()
+    pixels, proprio, prompts = inputs(batch=3, prompt_lengths=(9, 12, 9), seed=4)
+    traces = [QueryTrace() for _ in range(3)]
+    with torch.no_grad():
+        batched = model(pixels, proprio, prompts, 2, hooks=LightVLAPruner(), traces=traces)
+        singles, single_traces = [], []
+        for i in range(3):
+            trace = QueryTrace()
+            singles.append(model(pixels[i:i + 1], proprio[i:i + 1], prompts[i:i + 1], 2, hooks=LightVLAPruner(),
+                                 traces=[trace]))
+            single_traces.append(trace)
+    assert torch.allclose(batched, torch.cat(singles), atol=1e-5, rtol=0)
+    counts = [t.llm_visual_tokens[0] for t in traces]
+    assert counts == [t.llm_visual_tokens[0] for t in single_traces]
+    assert len(set(counts)) > 1 and max(counts) < 512
+
+
+def test_keep_everything_reproduces_the_unpruned_model_exactly():
+    model = tiny_model()
+    pixels, proprio, prompts = inputs()
+    with torch.no_grad():
+        plain = model(pixels, proprio, prompts, 2)
+        kept = model(pixels, proprio, prompts, 2, hooks=LightVLAPruner(keep=512))
+    assert torch.equal(plain, kept)
+    stream = toy_stream()
+    assert torch.equal(keep_tokens(stream, torch.ones_like(stream.visual)).hidden, stream.hidden)
+
+
+def test_forced_keep_count_and_flops_equal_the_counter():
+    model = tiny_model()
+    pixels, proprio, prompts = inputs()
+    trace = QueryTrace()
+    with torch.no_grad():
+        model(pixels, proprio, prompts, 2, hooks=LightVLAPruner(keep=78), traces=[trace])
+    _, counted = flops.counted_flops(model, pixels, proprio, prompts, 2, hooks=LightVLAPruner(keep=78))
+    assert trace.llm_visual_tokens == [78, 78]
+    assert flops.query_flops(flops.model_dims(model), trace)["total"] == counted["total"]
+
+
+def test_training_mode_keeps_512_slots_with_the_selected_positions():
+    s = toy_stream()
+    pruner = LightVLAPruner()
+    pruner.training = True
+    out = pruner.before_llm(s)
+    assert out.hidden.shape == s.hidden.shape and int(out.visual.sum()) == 16
+    scores = lightvla_scores(s.hidden[:, 1:17], s.hidden[:, 17:])
+    assert out.position_ids[0, 1:17].tolist() == (1 + scores[0].argmax(-1)).tolist()
+    # forward value of W @ P is the selected tokens themselves (duplicates allowed)
+    assert torch.allclose(out.hidden[0, 1:17], s.hidden[0, 1 + scores[0].argmax(-1)], atol=1e-6)
+
+
+def test_noise_is_annealed_to_zero():
+    pruner = LightVLAPruner()
+    pruner.set_progress(0, 100)
+    assert pruner.noise_scale == 1.0
+    pruner.set_progress(75, 100)
+    assert pruner.noise_scale == pytest.approx(0.25)
+    pruner.set_progress(100, 100)
+    assert pruner.noise_scale == 0.0
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gradients_flow_through_the_selection_only_in_training(training):
+    s = toy_stream(seed=2)
+    s.hidden.requires_grad_(True)
+    pruner = LightVLAPruner()
+    pruner.training = training
+    out = pruner.before_llm(s)
+    weights = torch.randn_like(out.hidden)
+    (out.hidden * weights).sum().backward()
+    task_grad = s.hidden.grad[0, 17:]
+    identity_part = weights[0, -6:]
+    if training:  # the soft part of the straight-through estimator reaches the task tokens' scores
+        assert not torch.allclose(task_grad, identity_part, atol=1e-6)
+    else:  # only the gather: task tokens pass through, dropped visual tokens get nothing
+        assert torch.equal(task_grad, identity_part)
+        kept = set(union_of_argmax(lightvla_scores(s.hidden[:, 1:17].detach(), s.hidden[:, 17:].detach()))[0]
+                   .nonzero().flatten().tolist())
+        for j in set(range(16)) - kept:
+            assert torch.count_nonzero(s.hidden.grad[0, 1 + j]) == 0
+
+
+def test_training_gradients_reach_the_vision_tower_and_the_llm():
+    model = tiny_model().train()
+    pruner = LightVLAPruner()
+    pruner.training = True
+    pruner.set_progress(10, 100)
+    pixels, proprio, prompts = inputs()
+    model(pixels, proprio, prompts, 2, hooks=pruner).abs().mean().backward()
+    assert model.vision_backbone.featurizer.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.language_model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
