@@ -134,14 +134,25 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     stop_id = 2
     dims = flops.model_dims(model)
 
+    caching = hasattr(hooks, "begin")  # a cross-step cache: measure steps that follow an identical frame
+    if caching and (device == "meta" or settings.batch != 1):
+        raise ValueError(f"{settings.policy} caches across control steps: profile it with batch 1 on a real device")
+
+    def forward(traces=None):
+        if caching:
+            hooks.begin("profile", pixels[0])
+        return model(pixels, proprio, prompts, stop_id, hooks=hooks, traces=traces)
+
     traces = [QueryTrace() for _ in prompts]
     with torch.inference_mode():
-        model(pixels, proprio, prompts, stop_id, hooks=hooks, traces=traces)
+        if caching:
+            forward()  # the episode's first step fills the cache
+        forward(traces)
     breakdown = flops.query_flops(dims, traces[0])
 
     counted = None
     if settings.count:
-        _, by_op = flops.counted_flops(model, pixels, proprio, prompts, stop_id, hooks=hooks)
+        _, by_op = flops.counted_flops(forward)
         counted = by_op["total"] / settings.batch
 
     result = {
@@ -158,6 +169,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "sequence_tokens": traces[0].llm_tokens[0],
         "visual_tokens_llm": traces[0].llm_visual_tokens[0],
         "visual_tokens_per_layer": traces[0].llm_visual_tokens,
+        "reused_tokens": getattr(hooks, "reused_tokens", None),
         "tokens_per_layer": traces[0].llm_tokens,
         "tflops_per_query": breakdown["total"] / 1e12,
         "tflops_breakdown": {k: v / 1e12 for k, v in breakdown.items() if k != "total"},
@@ -176,7 +188,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     def query():
         with torch.inference_mode():
-            model(pixels, proprio, prompts, stop_id, hooks=hooks)
+            forward()
 
     result["latency_ms"] = _percentiles(_time(query, device, settings.repeats, settings.warmup))
     if device.startswith("cuda"):
@@ -320,6 +332,7 @@ SWEEP = [
     ("sparsevlm", {"budget": "192"}),
     ("sparsevlm", {"budget": "128"}),
     ("sparsevlm", {"budget": "64"}),
+    ("vla_cache", {}),  # real devices only: it needs two frames' values
 ]
 
 
@@ -332,7 +345,7 @@ def sweep(settings: ProfileSettings) -> list[dict]:
     shared = build_model(settings)
     results = []
     for policy, args in SWEEP:
-        if policy not in POLICIES:
+        if policy not in POLICIES or (policy == "vla_cache" and shared[1] == "meta"):
             continue
         run = replace(settings, policy=policy, policy_args=args, keep=None, yardstick=False)
         results.append(profile(run, shared))

@@ -7,6 +7,7 @@ and returns the plug-in from ``build_hooks``; ``bench profile`` builds the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from policies.base import PolicyOptionError
 from policies.vla.policy import OFTPolicy
@@ -25,6 +26,43 @@ class LightVLAPolicy(OFTPolicy):
         from policies.pruning.lightvla import LightVLAPruner
 
         return LightVLAPruner(keep=options.keep)
+
+
+class LightVLAStarPolicy(OFTPolicy):
+    name = "lightvla_star"
+    keep_option = "keep"
+
+    @dataclass
+    class Options(OFTPolicy.Options):
+        placement: str = "llm:1"  # after LLM decoder layer L (llm:0 = before layer 0)
+        queries: int = 128  # learnable query vectors (an upper bound on kept tokens)
+        keep: int = 0  # force N visual tokens (cost figures with random weights)
+        random_queries: bool = False  # allow a checkpoint without trained queries (cost figures only)
+
+    @classmethod
+    def build_hooks(cls, options, config):
+        from policies.pruning.lightvla_star import LightVLAStarPruner, parse_placement
+
+        try:
+            after = parse_placement(options.placement, config.llm.num_layers)
+        except ValueError as exc:
+            raise PolicyOptionError(f"lightvla_star: {exc}") from None
+        if options.queries < 1:
+            raise PolicyOptionError(f"lightvla_star: queries must be positive, got {options.queries}")
+        return LightVLAStarPruner(config.llm.hidden_size, options.queries, after, options.keep)
+
+    def __init__(self, options, seed: int = 0):
+        super().__init__(options, seed)
+        pruner = self._hooks
+        if options.checkpoint and not options.random_queries:
+            try:
+                source = pruner.load(Path(options.checkpoint).expanduser())
+            except (FileNotFoundError, ValueError) as exc:
+                raise PolicyOptionError(f"{exc} (random_queries=true runs with untrained queries)") from None
+            self.weights = {**self.weights, "queries": source.name}
+        else:
+            self.weights = {**self.weights, "queries": "random"}
+        pruner.to(device=self.device, dtype=self.dtype)
 
 
 class FastVPolicy(OFTPolicy):
@@ -47,3 +85,70 @@ class FastVPolicy(OFTPolicy):
             return FastVPruner(k=options.k, r=options.r, keep=options.keep)
         except ValueError as exc:
             raise PolicyOptionError(f"fastv: {exc}") from None
+
+
+class SparseVLMPolicy(OFTPolicy):
+    name = "sparsevlm"
+    keep_option = "budget"
+
+    @dataclass
+    class Options(OFTPolicy.Options):
+        budget: int = 192  # visual tokens left after the last stage
+        layers: str = "2,6,15,19"  # stage layers of a 32-layer LLM, scaled to the model's depth
+        recycle: float = 0.3  # fraction of each stage's removed tokens aggregated back
+        cluster_size: int = 4  # recycled tokens per aggregated token
+
+    @classmethod
+    def build_hooks(cls, options, config):
+        from policies.pruning.sparsevlm import SparseVLMPruner, parse_layers, scaled_layers
+
+        try:
+            layers = scaled_layers(parse_layers(options.layers), config.llm.num_layers)
+            return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
+                                   cluster_size=options.cluster_size)
+        except ValueError as exc:
+            raise PolicyOptionError(f"sparsevlm: {exc}") from None
+
+
+class VLACachePolicy(OFTPolicy):
+    """Per-episode caches, so observations of a batch are answered one by one (each belongs
+    to its own episode and reuses its own previous step)."""
+
+    name = "vla_cache"
+
+    @dataclass
+    class Options(OFTPolicy.Options):
+        similarity: float = 0.996  # patch cosine similarity above which a token may be reused
+        max_reuse: int = 128  # most visual tokens reused per query
+        relevant: float = 0.25  # fraction of visual tokens most attended by task tokens, never reused
+        first_layer: int = -1  # reuse starts at this LLM layer (-1: layer 2 of 32, scaled to the model)
+        ramp: int = 4  # layers over which the reused count grows to its maximum
+        relevance_layer: int = -1  # layer whose task-token attention ranks relevance (-1: first_layer - 1)
+
+    @classmethod
+    def build_hooks(cls, options, config):
+        from policies.pruning.vla_cache import VLACache
+
+        layers = config.llm.num_layers
+        first = options.first_layer if options.first_layer >= 0 else max(1, round(2 * layers / 32))
+        relevance = options.relevance_layer if options.relevance_layer >= 0 else first - 1
+        if not 0 <= relevance < first < layers:
+            raise PolicyOptionError(
+                f"vla_cache: need 0 <= relevance_layer < first_layer < {layers}, got "
+                f"relevance_layer={relevance}, first_layer={first}"
+            )
+        return VLACache(options.similarity, options.max_reuse, options.relevant, first,
+                        max(1, options.ramp), relevance, config.num_images)
+
+    def reset(self, episode) -> None:
+        self._hooks.forget(episode.episode_id)
+
+    def act(self, observations):
+        outputs = []
+        for obs in observations:
+            pixels, proprio, prompts = self.prepare([obs])
+            self._hooks.begin(obs.episode_id, pixels[0])
+            (out,) = self.run(pixels, proprio, prompts)
+            out.stats["reused_tokens"] = self._hooks.reused_tokens
+            outputs.append(out)
+        return outputs

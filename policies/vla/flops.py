@@ -88,11 +88,13 @@ def tower_flops(tower: TowerDims, block_tokens: list[int], images: int) -> float
     return total
 
 
-def llm_layer_flops(dims: ModelDims, n: int) -> tuple[float, float]:
-    """(linear, attention) FLOPs of one decoder layer over n tokens."""
+def llm_layer_flops(dims: ModelDims, n: int, keys: int | None = None) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one decoder layer over n tokens attending to ``keys`` keys
+    (n unless keys are reused from an earlier query)."""
     d = dims.hidden
+    keys = n if keys is None else keys
     linear = 2 * n * (d * dims.q_dim + 2 * d * dims.kv_dim + dims.q_dim * d + 3 * d * dims.intermediate)
-    attention = 4 * n * n * dims.q_dim
+    attention = 4 * n * keys * dims.q_dim
     return float(linear), float(attention)
 
 
@@ -104,9 +106,10 @@ def query_flops(dims: ModelDims, trace: QueryTrace) -> dict[str, float]:
     out["projector"] = _linear(dims.projector_dims, trace.projector_tokens)
     out["proprio_projector"] = _linear(dims.proprio_dims, 1)
     linear = attention = 0.0
-    for n in trace.llm_tokens:
+    keys = trace.llm_keys or [None] * len(trace.llm_tokens)
+    for n, m in zip(trace.llm_tokens, keys):
         if n is not None:
-            lin, att = llm_layer_flops(dims, n)
+            lin, att = llm_layer_flops(dims, n, m)
             linear, attention = linear + lin, attention + att
     out["llm_linear"] = linear
     out["llm_attention"] = attention
@@ -137,7 +140,7 @@ def counted_flops(fn, *args, **kwargs) -> tuple[object, dict[str, float]]:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.inference_mode():
         result = fn(*args, **kwargs)
     by_op = {str(op): float(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
     by_op["total"] = float(counter.get_total_flops())

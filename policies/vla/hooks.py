@@ -33,6 +33,20 @@ class TokenStream:
         return torch.stack([real.sum(dim=1), (self.visual & real).sum(dim=1)])
 
 
+@dataclass
+class ExtraKeys:
+    """Keys and values a layer attends to besides its own tokens' (reused from an earlier query)."""
+
+    k: torch.Tensor  # (B, KVH, R, hd), RoPE already applied
+    v: torch.Tensor  # (B, KVH, R, hd)
+    valid: torch.Tensor | None = None  # (B, R) bool when samples hold different numbers
+
+    def counts(self) -> torch.Tensor:
+        if self.valid is None:
+            return torch.full((self.k.shape[0],), self.k.shape[2], dtype=torch.long)
+        return self.valid.sum(dim=1).cpu()
+
+
 class Hooks:
     """Hook points of the model core. Every default is the identity.
 
@@ -65,6 +79,17 @@ class Hooks:
     def skip_layer(self, layer: int) -> bool:
         return False
 
+    def extra_keys(self, layer: int, stream: TokenStream) -> ExtraKeys | None:
+        """Keys and values layer ``layer`` attends to in addition to the stream's own."""
+        return None
+
+    def wants_kv(self, layer: int) -> bool:
+        """Whether ``on_kv`` should see this layer's keys and values (e.g. to cache them)."""
+        return False
+
+    def on_kv(self, layer: int, stream: TokenStream, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The stream's own post-RoPE keys and values (B, KVH, T, hd) at layer ``layer``."""
+
     def wants_qk(self, layer: int) -> bool:
         """Whether ``after_layer`` needs this layer's (post-RoPE) queries and keys."""
         return False
@@ -83,6 +108,7 @@ class QueryTrace:
     projector_tokens: int = 0
     llm_tokens: list[int | None] = field(default_factory=list)  # per layer; None = layer skipped
     llm_visual_tokens: list[int | None] = field(default_factory=list)
+    llm_keys: list[int | None] = field(default_factory=list)  # keys per layer (own tokens + reused)
     plugin_flops: float = 0.0  # what a plug-in computed itself (scoring, attention rows)
 
     def as_stats(self) -> dict:

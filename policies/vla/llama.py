@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policies.vla.config import LlamaSizes
-from policies.vla.hooks import Hooks, QueryTrace, TokenStream
+from policies.vla.hooks import ExtraKeys, Hooks, QueryTrace, TokenStream
 
 
 class RMSNorm(nn.Module):
@@ -54,18 +54,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, sizes.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(sizes.num_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, causal: bool):
+    def forward(self, x, cos, sin, attn_mask, causal: bool, extra: ExtraKeys | None = None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = k, v
+        if extra is not None:
+            if causal:
+                raise ValueError("extra keys (reused from an earlier query) need bidirectional attention")
+            keys, values = torch.cat([k, extra.k.to(k.dtype)], dim=2), torch.cat([v, extra.v.to(v.dtype)], dim=2)
+            attn_mask = _extend_mask(attn_mask, extra, b, t, x.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
+            q, keys, values, attn_mask=attn_mask, is_causal=causal and attn_mask is None,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out), q, k
+        return self.o_proj(out), q, k, v
+
+
+def _extend_mask(attn_mask, extra: ExtraKeys, b: int, t: int, device) -> torch.Tensor | None:
+    if attn_mask is None and extra.valid is None:
+        return None
+    own = attn_mask if attn_mask is not None else torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
+    reused = extra.valid if extra.valid is not None else torch.ones(b, extra.k.shape[2], dtype=torch.bool)
+    return torch.cat([own, reused.to(device)[:, None, None, :]], dim=-1)
 
 
 class MLP(nn.Module):
@@ -87,11 +101,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(sizes.hidden_size, sizes.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(sizes.hidden_size, sizes.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, causal: bool = False):
-        attn_out, q, k = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, causal)
+    def forward(self, x, cos, sin, attn_mask, causal: bool = False, extra: ExtraKeys | None = None):
+        attn_out, q, k, v = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, causal, extra)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, q, k
+        return x, q, k, v
 
 
 class LlamaBody(nn.Module):
@@ -125,13 +139,16 @@ class LanguageModel(nn.Module):
         recorder = _LayerCounts() if traces is not None else None
         for index, layer in enumerate(self.model.layers):
             skipped = hooks.skip_layer(index)
+            extra = None if skipped else hooks.extra_keys(index, stream)
             if recorder is not None:
-                recorder.record(stream, skipped)
+                recorder.record(stream, skipped, extra)
             if skipped:
                 continue
             cos, sin = rope_cos_sin(stream.position_ids, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
             mask = key_mask(stream.padding, stream.hidden.device)
-            stream.hidden, q, k = layer(stream.hidden, cos, sin, mask, causal)
+            stream.hidden, q, k, v = layer(stream.hidden, cos, sin, mask, causal, extra)
+            if hooks.wants_kv(index):
+                hooks.on_kv(index, stream, k, v)
             if hooks.wants_qk(index):
                 stream = hooks.after_layer(index, stream, q, k)
             else:
@@ -153,9 +170,11 @@ class _LayerCounts:
 
     def __init__(self):
         self.per_layer: list[torch.Tensor | None] = []
+        self.extra: list[torch.Tensor | None] = []
         self._masks = self._counts = None
 
-    def record(self, stream: TokenStream, skipped: bool) -> None:
+    def record(self, stream: TokenStream, skipped: bool, extra: ExtraKeys | None = None) -> None:
+        self.extra.append(None if extra is None else extra.counts())
         if skipped:
             self.per_layer.append(None)
             return
@@ -167,8 +186,10 @@ class _LayerCounts:
     def write(self, traces: list[QueryTrace]) -> None:
         computed = [c for c in self.per_layer if c is not None]
         values = iter(torch.stack(computed).tolist() if computed else [])
-        for counts in self.per_layer:
+        for counts, extra in zip(self.per_layer, self.extra):
             tokens, visual = next(values) if counts is not None else (None, None)
             for i, trace in enumerate(traces):
                 trace.llm_tokens.append(None if tokens is None else int(tokens[i]))
                 trace.llm_visual_tokens.append(None if visual is None else int(visual[i]))
+                reused = 0 if extra is None else int(extra[i])
+                trace.llm_keys.append(None if tokens is None else int(tokens[i]) + reused)

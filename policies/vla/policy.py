@@ -182,14 +182,17 @@ class OFTPolicy(Policy):
         return pixel_tensor, proprio_tensor, [self.prompt_ids(o.instruction) for o in observations]
 
     def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
+        return self.run(*self.prepare(observations))
+
+    def run(self, pixels, proprio, prompts) -> list[PolicyOutput]:
+        """The model on prepared inputs -> env action chunks with per-query stats."""
         import torch
 
         from policies.vla import flops
         from policies.vla.hooks import QueryTrace
         from policies.vla.postprocess import gripper_to_env, unnormalize_actions
 
-        pixels, proprio, prompts = self.prepare(observations)
-        traces = [QueryTrace() for _ in observations]
+        traces = [QueryTrace() for _ in prompts]
         with torch.inference_mode():
             normalized = self.model(pixels, proprio, prompts, self.tokenizer.stop_id, self.hooks(),
                                     self.options.action_slice, traces)
@@ -200,7 +203,7 @@ class OFTPolicy(Policy):
             stats: dict[str, Any] = trace.as_stats()
             stats["visual_tokens"] = trace.llm_visual_tokens[0]
             stats["tflops"] = flops.query_flops(self.dims, trace)["total"] / 1e12
-            stats["batch_size"] = len(observations)
+            stats["batch_size"] = len(prompts)
             outputs.append(PolicyOutput(actions, stats))
         return outputs
 

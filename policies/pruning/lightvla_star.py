@@ -1,0 +1,104 @@
+"""LightVLA*: LightVLA's selection with learnable queries instead of task-generated ones.
+
+The public code for this variant is not released; choices made here (configuration):
+``queries`` learnable vectors of the LLM width (default 128, initialised N(0, 1) from a
+seed; their scale does not matter because they are RMS-normalised), placed after LLM
+decoder layer L (``llm:L``; ``llm:0`` is between projector and layer 0, the paper reports
+L = 1-3). Scores ``S = RMSNorm(Q) RMSNorm(P)^T / sqrt(D)`` over the visual tokens P that
+reach that point; inference keeps the union of each query's argmax (so at most ``queries``
+tokens) with original order and positions; training selects one token per query
+straight-through, so the visual block becomes ``queries`` slots with the selected
+tokens' positions. The queries are saved beside a checkpoint as
+``token_queries--{step}_checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from policies.pruning.base import keep_tokens, on_meta, rms_norm, visual_block
+from policies.pruning.lightvla import replace_visual, straight_through, top_voted, union_of_argmax
+from policies.vla.hooks import Hooks, TokenStream
+
+QUERIES_FILE = "token_queries--{step}_checkpoint.pt"
+
+
+def parse_placement(text: str, num_layers: int) -> int:
+    """``llm:L`` -> L, the number of decoder layers that run before the selection."""
+    kind, _, value = text.partition(":")
+    if kind != "llm" or not value.isdigit() or not 0 <= int(value) < num_layers:
+        raise ValueError(f"placement must be llm:L with 0 <= L < {num_layers}, got {text!r}")
+    return int(value)
+
+
+class LightVLAStarPruner(Hooks, nn.Module):
+    def __init__(self, hidden_size: int, num_queries: int = 128, after_layer: int = 1, keep: int = 0, seed: int = 0):
+        nn.Module.__init__(self)
+        gen = torch.Generator().manual_seed(seed)
+        self.queries = nn.Parameter(torch.randn(num_queries, hidden_size, generator=gen))
+        self.after = after_layer
+        self.keep = keep
+        self.noise_scale = 0.0
+        self.eval()  # inference selection unless a trainer switches it to training
+
+    def set_progress(self, step: int, max_steps: int) -> None:
+        self.noise_scale = max(0.0, 1.0 - step / max_steps)
+
+    def before_llm(self, stream: TokenStream) -> TokenStream:
+        return self.select(stream) if self.after == 0 else stream
+
+    def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
+        return self.select(stream) if layer == self.after - 1 else stream
+
+    def select(self, stream: TokenStream) -> TokenStream:
+        visual, columns = visual_block(stream)
+        queries = rms_norm(self.queries.to(device=visual.device, dtype=visual.dtype))
+        p = rms_norm(visual)
+        scores = queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])  # (B, Q, V)
+        b, v, d = visual.shape
+        self.add_cost([2 * self.queries.shape[0] * v * d] * b)
+        if self.training:
+            if self.queries.shape[0] > v:
+                raise ValueError(f"training needs at most {v} queries (the visual tokens), has {self.queries.shape[0]}")
+            weights, indices = straight_through(scores, self.noise_scale)
+            self.add_cost([2 * self.queries.shape[0] * v * d] * b)
+            n = self.queries.shape[0]
+            positions = stream.position_ids.gather(1, columns.to(stream.position_ids.device))
+            stream = replace_visual(stream, columns[:, :n], weights @ visual, positions.gather(1, indices.to(positions.device)))
+            keep = torch.ones_like(stream.visual)
+            keep.scatter_(1, columns[:, n:], False)
+            return keep_tokens(stream, keep)
+        if on_meta(scores):
+            if not self.keep:
+                raise ValueError("on the meta device LightVLA*'s selection has no values: force a count with keep=N")
+            chosen = torch.zeros(columns.shape, dtype=torch.bool)
+            chosen[:, : self.keep] = True
+        else:
+            chosen = top_voted(scores, self.keep) if self.keep else union_of_argmax(scores)
+        keep = ~stream.visual.clone()
+        keep.scatter_(1, columns, chosen.to(keep.device))
+        return keep_tokens(stream, keep)
+
+    def save(self, directory: Path, step: int = 0) -> Path:
+        path = Path(directory) / QUERIES_FILE.format(step=step)
+        torch.save({"queries": self.queries.detach().cpu()}, path)
+        return path
+
+    def load(self, directory: Path) -> Path:
+        found = sorted(Path(directory).glob(QUERIES_FILE.format(step="*")))
+        if len(found) != 1:
+            raise FileNotFoundError(
+                f"checkpoint {directory}: expected one {QUERIES_FILE.format(step='*')} with LightVLA*'s queries, "
+                f"found {len(found)}"
+            )
+        state = torch.load(found[0], map_location="cpu", weights_only=True)
+        queries = state.get("queries") if isinstance(state, dict) else None
+        if queries is None or queries.shape[1:] != self.queries.shape[1:]:
+            shape = None if queries is None else tuple(queries.shape)
+            raise ValueError(f"{found[0]}: 'queries' is {shape}, expected (N, {self.queries.shape[1]})")
+        self.queries = nn.Parameter(queries.clone())
+        return found[0]

@@ -1,0 +1,209 @@
+"""SparseVLM: text-rated, progressive visual token pruning with recycling (training-free).
+
+Pruning happens at a few stage layers (reference placement 2, 6, 15, 19 of a 32-layer LLM,
+scaled to the model's depth). The input of stage layer l is pruned after layer l-1, from
+layer l-1's own queries and keys:
+
+- Raters: the task tokens (everything after the visual block) whose attention mass on the
+  visual tokens is at least the mean over task tokens (always at least one). Only the task
+  tokens' attention rows are computed, so the layers themselves keep using fused SDPA.
+- Importance of a visual token: the raters' attention to it, averaged over raters and heads.
+- How many go: the paper removes N = lambda * (L_v - rank(M)), M the raters x visual
+  attention matrix: the more linearly dependent the raters' views of the image, the more
+  visual tokens are redundant. With R raters, rank(M) <= R, and R is far below L_v, so the
+  raw L_v - rank(M) would remove most of the image at the first stage whatever it shows.
+  We keep the direction and bound it. A stage with s stages left (this one included) has a
+  geometric share ``step = V - round(V * (budget / V) ** (1 / s))`` of the V visual tokens
+  it sees; M's relative rank deficiency ``rho = 1 - rank(M) / min(R, V)`` (0: full rank,
+  nearly 1: rank one) stretches it: the stage reduces the visual count by
+  ``min(V - budget, round(step * (1 + rho)))``, i.e. between one and two geometric shares,
+  never past the budget. The last stage always reduces to exactly ``budget``.
+- Recycling: a stage removes the d least important visual tokens, of which the most
+  important ceil(recycle * d) are recycled: the most important of those become cluster
+  centres (ceil(recycled / cluster_size) of them, at most the stage's target), every other recycled token joins the
+  centre nearest by cosine similarity of hidden states, and each cluster's mean hidden
+  state takes its centre's slot (RoPE position, place in order) as a visual token. The
+  aggregated tokens count as visual tokens: d is chosen so that d minus the clusters equals
+  the reduction above, so the budget is met exactly.
+
+On the meta device (cost counting) nothing has values: every importance is equal and M has
+full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
+the scoring's own matrix products (task rows over all keys, recycled tokens against centres;
+about 0.03% of a full-size query) are seen by FlopCounterMode but are not in the analytic
+count of policies/vla/flops.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from policies.pruning.base import keep_tokens, on_meta, rows_attention
+from policies.vla.hooks import Hooks, TokenStream
+
+REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
+
+
+def parse_layers(text: str) -> list[int]:
+    """'2,6,15,19' -> [2, 6, 15, 19]; stage layers of the 32-layer reference, each in 1..31."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"layers must be comma-separated layer numbers, got {text!r}") from None
+    if not all(1 <= layer < REFERENCE_DEPTH for layer in layers):
+        raise ValueError(f"layers are given for a {REFERENCE_DEPTH}-layer LLM and must be in "
+                         f"1..{REFERENCE_DEPTH - 1}, got {text!r}")
+    return layers
+
+
+def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """The reference stage layers placed at the same relative depth of a ``num_layers`` LLM.
+
+    Clamped to 1..num_layers-1: layer 0's input has no earlier layer to rate it, and pruning
+    after the last layer would save nothing. Stages that land on one layer merge.
+    """
+    if num_layers < 2:
+        raise ValueError(f"SparseVLM needs an LLM of at least 2 layers, got {num_layers}")
+    scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in layers)
+    return sorted({min(max(layer, 1), num_layers - 1) for layer in scaled})
+
+
+def task_rows(q: torch.Tensor, k: torch.Tensor, stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-averaged attention (B, n, T) of the last n tokens, which cover every sample's task
+    tokens (they end the sequence), and the (B, n) mask of which rows are task tokens."""
+    n = int(stream.task.sum(dim=1).max())
+    return rows_attention(q[:, :, -n:], k, stream.padding), stream.task[:, -n:]
+
+
+def rate_visual(rows: torch.Tensor, is_task: torch.Tensor, visual_columns: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One sample's visual importances (V,) and the relative rank deficiency of its rater matrix.
+
+    rows (n, T) are attention rows over all keys; is_task (n,) marks the task tokens among them.
+    """
+    attention = rows[is_task.to(rows.device)][:, visual_columns.to(rows.device)]  # (task tokens, V)
+    mass = attention.sum(dim=1)
+    # The maximum is >= the mean in exact arithmetic; naming it keeps one rater under rounding.
+    raters = (mass >= mass.mean()) | (mass == mass.max())
+    matrix = attention[raters]
+    rank = int(torch.linalg.matrix_rank(matrix))
+    return matrix.mean(dim=0), 1.0 - rank / min(matrix.shape)
+
+
+def stage_target(visual: int, budget: int, stages_left: int, redundancy: float) -> int:
+    """Visual tokens left after a stage (the rule of the module docstring)."""
+    if stages_left == 1:
+        return budget
+    step = visual - round(visual * (budget / visual) ** (1 / stages_left))
+    return visual - min(visual - budget, round(step * (1 + redundancy)))
+
+
+def nearest_centre(members: torch.Tensor, clusters: int) -> torch.Tensor:
+    """(n,) cluster of each member (n, D), the first ``clusters`` members being the centres:
+    the centre of highest cosine similarity; each centre belongs to its own cluster."""
+    unit = F.normalize(members.float(), dim=-1)
+    assign = (unit @ unit[:clusters].T).argmax(dim=1)
+    assign[:clusters] = torch.arange(clusters, device=assign.device)
+    return assign
+
+
+def cluster_means(members: torch.Tensor, assign: torch.Tensor, clusters: int) -> torch.Tensor:
+    """(clusters, D) mean hidden state of each cluster, summed in fp32, in the members' dtype."""
+    ones = torch.ones_like(assign, dtype=torch.float)
+    sums = torch.zeros(clusters, members.shape[1], device=members.device).index_add(0, assign, members.float())
+    sizes = torch.zeros(clusters, device=members.device).index_add(0, assign, ones)
+    return (sums / sizes[:, None]).to(members.dtype)
+
+
+class SparseVLMPruner(Hooks):
+    def __init__(self, budget: int = 192, layers: Sequence[int] = (2, 6, 15, 19), recycle: float = 0.3,
+                 cluster_size: int = 4):
+        if budget < 1:
+            raise ValueError(f"budget must be at least 1 visual token, got {budget}")
+        if not layers or min(layers) < 1:
+            raise ValueError(f"layers must name at least one layer, each >= 1 (layer l-1 rates layer l's input), "
+                             f"got {list(layers)}")
+        if not 0.0 <= recycle <= 1.0:
+            raise ValueError(f"recycle must be a fraction in [0, 1], got {recycle}")
+        if cluster_size < 1:
+            raise ValueError(f"cluster_size must be at least 1, got {cluster_size}")
+        self.budget, self.recycle, self.cluster_size = budget, recycle, cluster_size
+        self.layers = sorted(set(layers))
+
+    def wants_qk(self, layer: int) -> bool:
+        return layer + 1 in self.layers
+
+    def removal_plan(self, visual: int, target: int) -> tuple[int, int, int]:
+        """(removed, recycled, clusters) taking ``visual`` tokens to ``target``, aggregates included.
+
+        removed - clusters grows by 0 or 1 with each further removal (from 0, and clusters
+        never exceed the target), so the fewest removals that reach the reduction hit it exactly.
+        """
+        for removed in range(visual - target, visual + 1):
+            recycled = math.ceil(round(self.recycle * removed, 9))  # round: 0.07 * 100 is 7.000000000000001
+            clusters = min(math.ceil(recycled / self.cluster_size), target)
+            if removed - clusters == visual - target:
+                return removed, recycled, clusters
+        raise AssertionError("unreachable: removing every visual token leaves at most `target` clusters")
+
+    def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
+        if layer + 1 not in self.layers:
+            return stream
+        counts = stream.visual.sum(dim=1).tolist()
+        if max(counts) <= self.budget:
+            return stream
+        stages_left = len(self.layers) - self.layers.index(layer + 1)
+        meta = on_meta(q)
+        rows, is_task = (None, None) if meta else task_rows(q, k, stream)
+        tokens = stream.counts()[0].tolist()
+        width = q.shape[1] * q.shape[3]
+        cost = [0.0 if meta else 2.0 * is_task.shape[1] * n * width for n in tokens]  # the rater rows
+        keep = ~stream.visual
+        slots, aggregates = [], []
+        for b, visual in enumerate(counts):
+            columns = stream.visual[b].nonzero().flatten()
+            if visual <= self.budget:
+                keep[b, columns] = True
+                continue
+            if meta:  # equal importances, full rank
+                importance, redundancy = torch.zeros(visual), 0.0
+            else:
+                importance, redundancy = rate_visual(rows[b], is_task[b], columns)
+            target = stage_target(visual, self.budget, stages_left, redundancy)
+            kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)
+            if not meta:
+                _, recycled, clusters = self.removal_plan(visual, target)
+                cost[b] += 2.0 * recycled * clusters * stream.hidden.shape[2] if clusters else 0.0  # similarities
+            keep[b, kept] = True
+            if centres.numel():
+                keep[b, centres] = True
+                slots.append(torch.stack([torch.full_like(centres, b), centres]))
+                aggregates.append(merged)
+        self.add_cost(cost)
+        hidden = stream.hidden
+        if aggregates:  # out of place: the layer's output may be referenced elsewhere
+            rows_cols = torch.cat(slots, dim=1).to(hidden.device)
+            hidden = hidden.index_put((rows_cols[0], rows_cols[1]), torch.cat(aggregates))
+        return keep_tokens(TokenStream(hidden, stream.position_ids, stream.visual, stream.task, stream.padding), keep)
+
+    def select(self, hidden: torch.Tensor, columns: torch.Tensor, importance: torch.Tensor, target: int,
+               meta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sample's kept visual columns, centre columns, and the centres' aggregated states.
+
+        hidden (T, D) is the sample's stream; columns (V,) its visual tokens, rated by importance.
+        """
+        visual = columns.numel()
+        removed, recycled, clusters = self.removal_plan(visual, target)
+        order = columns[importance.argsort(descending=True, stable=True).to(columns.device)]
+        kept = order[: visual - removed]
+        recycled_columns = order[visual - removed: visual - removed + recycled]
+        members = hidden[recycled_columns.to(hidden.device)]
+        if not clusters:
+            return kept, recycled_columns, members
+        if meta:  # no values to compare: any assignment costs the same
+            assign = torch.arange(recycled, device=hidden.device) % clusters
+        else:
+            assign = nearest_centre(members, clusters)
+        return kept, recycled_columns[:clusters], cluster_means(members, assign, clusters)

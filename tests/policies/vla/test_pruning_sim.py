@@ -1,0 +1,41 @@
+"""Every token-reduction method drives a real LIBERO episode (tiny checkpoint, CPU) and
+records the visual tokens entering each LLM layer."""
+
+import pytest
+
+from bench.cli import main
+from bench.records import read_episodes
+
+pytestmark = pytest.mark.sim
+
+METHODS = {
+    "lightvla": [],
+    "lightvla_star": ["random_queries=true", "queries=32"],
+    "fastv": ["k=1", "r=0.5"],
+    "sparsevlm": ["budget=64"],
+    "vla_cache": ["similarity=0.9"],
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, tmp_path):
+    out = tmp_path / method
+    args = ["run", "--suite", "libero_spatial", "--policy", method, "--checkpoint", str(tiny_checkpoint),
+            "--device", "cpu", "--tasks", "0", "--episodes-per-task", "1", "--max-steps", "24", "--workers", "1",
+            "--out", str(out), "--no-progress"]
+    for arg in METHODS[method]:
+        args += ["--policy-arg", arg]
+    assert main(args) == 0
+    (record,) = read_episodes(out)
+    assert record["outcome"] == "failure" and record["steps"] == 24, record.get("error")
+    stats = record["policy_stats"]
+    per_layer = stats["visual_tokens_llm"]
+    assert len(per_layer) == 2 and per_layer[0] <= 512 and stats["tflops"] > 0
+    if method == "fastv":
+        assert per_layer == [512, 256]
+    elif method == "sparsevlm":
+        assert per_layer == [512, 64]
+    elif method == "vla_cache":
+        assert stats["reused_tokens"] > 0  # mean over the 3 queries; the first reuses nothing
+    else:
+        assert per_layer[-1] < 512

@@ -1,0 +1,195 @@
+"""SparseVLM: exact budget, progressive stages, recycling, FLOPs, the identity at a full budget."""
+
+import json
+from itertools import pairwise
+
+import pytest
+import torch
+
+from policies.base import PolicyOptionError, parse_options
+from policies.pruning.adapters import SparseVLMPolicy
+from policies.pruning.base import rows_attention
+from policies.pruning.sparsevlm import SparseVLMPruner, cluster_means, nearest_centre, rate_visual, scaled_layers
+from policies.vla import flops
+from policies.vla.config import replace_llm, tiny_config
+from policies.vla.hooks import QueryTrace, TokenStream
+from policies.vla.model import OFTModel
+from tests.policies.vla.conftest import tiny_model
+from tests.policies.vla.test_model import inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def deep_model():
+    torch.manual_seed(0)
+    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
+
+
+def run(model, hooks, prompt_lengths=(9,)):
+    """(actions, traces) of one forward with the plug-in."""
+    pixels, proprio, prompts = inputs(batch=len(prompt_lengths), prompt_lengths=prompt_lengths)
+    traces = [QueryTrace() for _ in prompts]
+    with torch.no_grad():
+        actions = model(pixels, proprio, prompts, 2, hooks=hooks, traces=traces)
+    return actions, traces
+
+
+def pruner_for(model, **options) -> SparseVLMPruner:
+    args = {key: str(value) for key, value in options.items()}
+    return SparseVLMPolicy.build_hooks(parse_options(SparseVLMPolicy.Options, args, "sparsevlm"), model.config)
+
+
+def test_stage_layers_keep_their_relative_depth():
+    assert scaled_layers([2, 6, 15, 19], 32) == [2, 6, 15, 19]
+    assert scaled_layers([2, 6, 15, 19], 8) == [1, 2, 4, 5]
+    assert scaled_layers([2, 6, 15, 19], 2) == [1]  # every stage clamps onto the only prunable layer
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64, 1])
+@pytest.mark.parametrize("prompt_lengths", [(9,), (9, 14, 6)])
+def test_the_budget_is_met_exactly(model, budget, prompt_lengths):
+    _, traces = run(model, pruner_for(model, budget=budget), prompt_lengths)
+    for trace, length in zip(traces, prompt_lengths):
+        assert trace.llm_visual_tokens == [512, budget]
+        assert trace.llm_tokens[1] == 1 + budget + 1 + (length - 1) + 56 + 1
+
+
+def test_deeper_models_prune_progressively(deep_model):
+    _, traces = run(deep_model, pruner_for(deep_model, budget=64), (9, 14))
+    for trace in traces:
+        visual = trace.llm_visual_tokens
+        assert visual[0] == 512
+        assert all(a >= b for a, b in pairwise(visual))
+        reductions = [layer for layer in range(1, 8) if visual[layer] < visual[layer - 1]]
+        assert len(reductions) >= 2 and set(reductions) <= {1, 2, 4, 5}
+        assert visual[5:] == [64] * 3  # from the last stage on
+
+
+def test_recycling_changes_the_output(model):
+    plain, _ = run(model, pruner_for(model, budget=64, recycle=0.0))
+    recycled, traces = run(model, pruner_for(model, budget=64, recycle=0.3))
+    assert traces[0].llm_visual_tokens == [512, 64]
+    assert not torch.equal(plain, recycled)
+
+
+def test_clusters_average_their_members():
+    gen = torch.Generator().manual_seed(0)
+    members = torch.randn(11, 16, generator=gen)
+    assign = nearest_centre(members, 3)
+    assert assign[:3].tolist() == [0, 1, 2]  # centres lead their own clusters
+    unit = torch.nn.functional.normalize(members, dim=-1)
+    assert torch.equal(assign[3:], (unit[3:] @ unit[:3].T).argmax(dim=1))
+    merged = cluster_means(members, assign, 3)
+    for c in range(3):
+        assert torch.allclose(merged[c], members[assign == c].mean(dim=0), atol=1e-6)
+
+
+def test_raters_are_the_task_tokens_looking_at_the_image():
+    # Rows over [BOS, 3 visual, 2 more]; the last two rows look mostly at the visual tokens, in the same way.
+    rows = torch.tensor([[0.9, 0.05, 0.05, 0.0, 0.0, 0.0],
+                         [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
+                         [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
+                         [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    importance, redundancy = rate_visual(rows, torch.tensor([False, True, True, True]), torch.tensor([1, 2, 3]))
+    assert torch.equal(importance, torch.tensor([0.3, 0.2, 0.2]))  # raters: rows 1 and 2 (mass 0.7 >= 0.5)
+    assert redundancy == 0.5  # two raters, rank one
+
+
+def test_the_cluster_takes_its_centres_slot():
+    gen = torch.Generator().manual_seed(0)
+    t, visual = 27, 20
+    is_visual = torch.zeros(1, t, dtype=torch.bool)
+    is_visual[0, 1:1 + visual] = True
+    stream = TokenStream(torch.randn(1, t, 8, generator=gen), torch.arange(t)[None], is_visual,
+                         torch.arange(t)[None] > visual)
+    q, k = torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
+    # Budget 5 from 20: 16 removed, the 8 most important of them recycled into one cluster.
+    pruner = SparseVLMPruner(budget=5, layers=[1], recycle=0.5, cluster_size=100)
+    assert pruner.removal_plan(visual, 5) == (16, 8, 1)
+    out = pruner.after_layer(0, stream, q, k)
+
+    columns = torch.arange(1, 1 + visual)
+    importance, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0], stream.task[0, -6:], columns)
+    ranked = columns[importance.argsort(descending=True)]
+    kept, centre, recycled = ranked[:4], ranked[4], ranked[4:12]
+    assert out.position_ids[0][out.visual[0]].tolist() == sorted(ranked[:5].tolist())
+    hidden = dict(zip(out.position_ids[0].tolist(), out.hidden[0]))
+    for column in kept.tolist():
+        assert torch.equal(hidden[column], stream.hidden[0, column])
+    assert torch.allclose(hidden[int(centre)], stream.hidden[0, recycled].mean(dim=0), atol=1e-6)
+
+
+def test_removal_plan_counts_aggregates_towards_the_target():
+    pruner = SparseVLMPruner(budget=64, layers=[1], recycle=0.3, cluster_size=4)
+    for visual, target in [(512, 64), (512, 401), (401, 400), (100, 1)]:
+        removed, recycled, clusters = pruner.removal_plan(visual, target)
+        assert visual - removed + clusters == target
+        assert recycled == -(-3 * removed // 10) and clusters <= target
+
+
+def scoring_flops(model, pruner, trace) -> float:
+    """The plug-in's own matrix products: task rows over all keys, recycled members against centres."""
+    dims = flops.model_dims(model)
+    total = 0.0
+    for stage in pruner.layers:
+        tokens, visual = trace.llm_tokens[stage - 1], trace.llm_visual_tokens[stage - 1]
+        task = tokens - 1 - visual  # all but BOS and the visual block
+        total += 2 * task * tokens * dims.q_dim
+        _, recycled, clusters = pruner.removal_plan(visual, trace.llm_visual_tokens[stage])
+        total += 2 * recycled * clusters * dims.hidden
+    return total
+
+
+@pytest.mark.parametrize("recycle", [0.0, 0.3])
+def test_analytic_flops_with_the_plugins_own_products_equal_the_flop_counter(model, recycle):
+    pruner = pruner_for(model, budget=64, recycle=recycle)
+    pixels, proprio, prompts = inputs()
+    traces = [QueryTrace()]
+    _, counted = flops.counted_flops(model, pixels, proprio, prompts, 2, hooks=pruner, traces=traces)
+    analytic = flops.query_flops(flops.model_dims(model), traces[0])["total"]
+    assert traces[0].llm_visual_tokens == [512, 64]
+    assert traces[0].plugin_flops == scoring_flops(model, pruner, traces[0])
+    assert counted["total"] == analytic
+
+
+def test_on_the_meta_device_the_flop_counter_equals_the_analytic_count():
+    with torch.device("meta"):
+        model = OFTModel(tiny_config()).eval()
+    pruner = pruner_for(model, budget=64)
+    traces = [QueryTrace()]
+    pixels = torch.empty(1, 12, 224, 224, device="meta")
+    _, counted = flops.counted_flops(model, pixels, torch.empty(1, 8, device="meta"), [[1] + [5] * 8], 2,
+                                     hooks=pruner, traces=traces)
+    assert traces[0].llm_visual_tokens == [512, 64]
+    assert counted["total"] == flops.query_flops(flops.model_dims(model), traces[0])["total"]
+
+
+def test_a_budget_of_every_token_changes_nothing(model):
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 12))
+    with torch.no_grad():
+        unpruned = model(pixels, proprio, prompts, 2)
+    pruned, traces = run(model, pruner_for(model, budget=512), (9, 12))
+    assert torch.equal(pruned, unpruned)
+    assert traces[0].llm_visual_tokens == [512, 512]
+
+
+@pytest.mark.parametrize("option, value", [("budget", "0"), ("layers", "2,x"), ("layers", "0,6"),
+                                           ("recycle", "1.5"), ("cluster_size", "0")])
+def test_invalid_options_are_named(model, option, value):
+    with pytest.raises(PolicyOptionError, match=f"sparsevlm: {option}"):
+        pruner_for(model, **{option: value})
+
+
+def test_bench_profile_meets_the_budget_on_the_full_size(capsys):
+    from bench.cli import main
+
+    assert main(["profile", "--policy", "sparsevlm", "--keep", "64", "--size", "full", "--device", "meta",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    visual = result["visual_tokens_per_layer"]
+    assert visual[:2] == [512, 512] and visual[2] < 512 and visual[-1] == 64  # first stage: layer 2
+    assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-9)

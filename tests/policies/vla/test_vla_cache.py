@@ -1,0 +1,96 @@
+"""VLA-Cache: nothing reused at an episode's first step, exact reuse on an unchanged frame,
+copies of the previous frame, per-episode reset, FLOPs with reused keys."""
+
+import numpy as np
+import pytest
+import torch
+
+from policies.base import EpisodeInfo
+from policies.pruning.vla_cache import VLACache, patch_vectors
+from policies.registry import make_policy
+from policies.vla import flops
+from policies.vla.config import replace_llm, tiny_config
+from policies.vla.hooks import QueryTrace
+from policies.vla.model import OFTModel
+from tests.policies.vla.conftest import fake_observation
+from tests.policies.vla.test_model import inputs
+
+
+@pytest.fixture(scope="module")
+def model8():
+    torch.manual_seed(0)
+    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
+
+
+def query(model, cache, episode, pixels, proprio, prompts):
+    cache.begin(episode, pixels[0])
+    trace = QueryTrace()
+    with torch.no_grad():
+        out = model(pixels, proprio, prompts, 2, hooks=cache, traces=[trace])
+    return out, trace
+
+
+def test_first_step_reuses_nothing_and_an_unchanged_frame_reuses_exactly(model8):
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, max_reuse=100, first_layer=2, ramp=3)
+    with torch.no_grad():
+        plain = model8(pixels, proprio, prompts, 2)
+    first, trace1 = query(model8, cache, "ep", pixels, proprio, prompts)
+    assert cache.reused_tokens == 0 and trace1.llm_visual_tokens == [512] * 8
+    assert torch.equal(first, plain)
+    second, trace2 = query(model8, cache, "ep", pixels.clone(), proprio, prompts)
+    assert cache.reused_tokens == 100
+    # 0 reused before layer 2, then a ramp of 33, 67, 100 over three layers
+    assert trace2.llm_visual_tokens == [512, 512, 479, 445, 412, 412, 412, 412]
+    assert trace2.llm_keys == trace1.llm_keys  # reused tokens are still attended to, from the cache
+    assert torch.allclose(second, plain, atol=1e-5)  # same frame: cached keys equal fresh ones
+
+
+def test_changed_patches_and_task_relevant_tokens_are_not_reused(model8):
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, max_reuse=512, relevant=0.25)
+    query(model8, cache, "ep", pixels, proprio, prompts)
+    relevance = cache.episodes["ep"].relevance.clone()
+    moved = pixels.clone()
+    moved[0, :6, :112] = torch.randn(6, 112, 224)  # top half of the first camera changes
+    query(model8, cache, "ep", moved, proprio, prompts)
+    reused = set(cache.reuse_order.tolist())
+    changed = set(range(0, 128))  # patch rows 0-7 of camera 1
+    relevant = set(relevance.topk(128).indices.tolist())
+    assert reused and not reused & changed and not reused & relevant
+    assert len(reused) <= 512 - len(changed | relevant)
+
+
+def test_previous_frame_is_a_copy_not_an_alias(model8):
+    pixels, proprio, prompts = inputs()
+    cache = VLACache()
+    cache.begin("ep", pixels[0])
+    stored = cache.episodes["ep"].patches
+    pixels[0].mul_(0)  # the caller reuses its buffer for the next frame
+    assert stored.abs().sum() > 0
+    assert not torch.equal(stored, patch_vectors(pixels[0], 2))
+
+
+def test_flops_with_reused_keys_equal_the_counter(model8):
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, max_reuse=64)
+    query(model8, cache, "ep", pixels, proprio, prompts)
+    cache.begin("ep", pixels[0])
+    trace = QueryTrace()
+    _, counted = flops.counted_flops(model8, pixels, proprio, prompts, 2, hooks=cache, traces=[trace])
+    assert flops.query_flops(flops.model_dims(model8), trace)["total"] == counted["total"]
+    assert trace.llm_tokens[-1] < trace.llm_keys[-1]
+
+
+def test_policy_resets_per_episode_and_answers_batches_one_by_one(tiny_checkpoint):
+    policy = make_policy("vla_cache", {"checkpoint": str(tiny_checkpoint), "similarity": "0.99"})
+    a, b = fake_observation(0), fake_observation(1)
+    b.episode_id = "other"
+    first = policy.act([a, b])
+    assert [o.stats["reused_tokens"] for o in first] == [0, 0] and first[0].stats["batch_size"] == 1
+    second = policy.act([a, b])
+    assert all(o.stats["reused_tokens"] > 0 for o in second)
+    policy.reset(EpisodeInfo(a.episode_id, "libero_spatial", 0, "t", "i", 0, 0))
+    third = policy.act([a, b])
+    assert third[0].stats["reused_tokens"] == 0 and third[1].stats["reused_tokens"] > 0
+    assert np.allclose(third[0].actions, first[0].actions, atol=1e-6)
