@@ -198,7 +198,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     # The LLM alone on the assembled sequence, ours and transformers', same weights.
     with torch.inference_mode():
-        visual = model.projector(model.vision_backbone(pixels.to(dtype)))
+        visual = model.projector(model.vision_backbone(pixels.to(dtype)).features)
         stream = model.assemble(visual, model.proprio_projector(proprio.to(dtype)), prompts, stop_id)
     embeds, positions = stream.hidden, stream.position_ids
 

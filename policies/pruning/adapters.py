@@ -34,7 +34,7 @@ class LightVLAStarPolicy(OFTPolicy):
 
     @dataclass
     class Options(OFTPolicy.Options):
-        placement: str = "llm:1"  # after LLM decoder layer L (llm:0 = before layer 0)
+        placement: str = "llm:1"  # llm:L after LLM decoder layer L (llm:0 = before layer 0); vision:B after vision block B
         queries: int = 128  # learnable query vectors (an upper bound on kept tokens)
         keep: int = 0  # force N visual tokens (cost figures with random weights)
         random_queries: bool = False  # allow a checkpoint without trained queries (cost figures only)
@@ -42,14 +42,19 @@ class LightVLAStarPolicy(OFTPolicy):
     @classmethod
     def build_hooks(cls, options, config):
         from policies.pruning.lightvla_star import LightVLAStarPruner, parse_placement
+        from policies.vla.vision import tower_blocks
 
+        blocks, widths, prefixes = tower_blocks(config)
         try:
-            after = parse_placement(options.placement, config.llm.num_layers)
+            kind, where = parse_placement(options.placement, config.llm.num_layers, min(blocks) - 1)
         except ValueError as exc:
             raise PolicyOptionError(f"lightvla_star: {exc}") from None
         if options.queries < 1:
             raise PolicyOptionError(f"lightvla_star: queries must be positive, got {options.queries}")
-        return LightVLAStarPruner(config.llm.hidden_size, options.queries, after, options.keep)
+        if kind == "llm":
+            return LightVLAStarPruner(config.llm.hidden_size, options.queries, where, options.keep)
+        return LightVLAStarPruner(widths[0], options.queries, keep=options.keep, vision_block=where,
+                                  prefix_tokens=prefixes)
 
     def __init__(self, options, seed: int = 0):
         super().__init__(options, seed)

@@ -12,22 +12,17 @@ import math
 
 import torch
 
-from policies.vla.hooks import TokenStream
+from policies.vla.hooks import TokenStream, left_compact
 
 
 def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:
     """The stream restricted to tokens where ``keep`` (B, T) is true, left-padded to the longest sample."""
     if stream.padding is not None:
         keep = keep & ~stream.padding
-    b, t = keep.shape
-    counts = keep.sum(dim=1)
-    longest = int(counts.max())  # the one synchronisation a data-dependent length needs
-    # A stable sort of the keep flags puts dropped tokens first and kept ones last, each in order.
-    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, t - longest:]
+    order, padding = left_compact(keep)
     device = stream.hidden.device
     hidden = stream.hidden.gather(1, order.to(device)[..., None].expand(-1, -1, stream.hidden.shape[2]))
     kept = keep.gather(1, order)
-    padding = None if bool(kept.all()) else ~kept
     return TokenStream(
         hidden=hidden,
         position_ids=stream.position_ids.gather(1, order.to(stream.position_ids.device)),

@@ -1,15 +1,17 @@
 """LightVLA*: LightVLA's selection with learnable queries instead of task-generated ones.
 
 The public code for this variant is not released; choices made here (configuration):
-``queries`` learnable vectors of the LLM width (default 128, initialised N(0, 1) from a
-seed; their scale does not matter because they are RMS-normalised), placed after LLM
-decoder layer L (``llm:L``; ``llm:0`` is between projector and layer 0, the paper reports
-L = 1-3). Scores ``S = RMSNorm(Q) RMSNorm(P)^T / sqrt(D)`` over the visual tokens P that
-reach that point; inference keeps the union of each query's argmax (so at most ``queries``
-tokens) with original order and positions; training selects one token per query
-straight-through, so the visual block becomes ``queries`` slots with the selected
-tokens' positions. The queries are saved beside a checkpoint as
-``token_queries--{step}_checkpoint.pt``.
+``queries`` learnable vectors (default 128, initialised N(0, 1) from a seed; their scale
+does not matter because they are RMS-normalised). Placement ``llm:L``: after LLM decoder
+layer L (``llm:0`` is between projector and layer 0; the paper reports L = 1-3), queries of
+the LLM width score the visual tokens. Placement ``vision:B``: after block B of the vision
+towers, queries of the DINOv2 width score each image's patches there, and both towers keep
+the same patches from block B+1 on (so the towers' later blocks, the projector and the LLM
+all see fewer tokens). Scores ``S = RMSNorm(Q) RMSNorm(P)^T / sqrt(D)``; inference keeps the
+union of each query's argmax (per image in the vision placement) with original order and
+RoPE positions; training (LLM placement) selects one token per query straight-through, so
+the visual block becomes ``queries`` slots with the selected tokens' positions. The queries
+are saved beside a checkpoint as ``token_queries--{step}_checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,25 @@ from policies.vla.hooks import Hooks, TokenStream
 QUERIES_FILE = "token_queries--{step}_checkpoint.pt"
 
 
-def parse_placement(text: str, num_layers: int) -> int:
-    """``llm:L`` -> L, the number of decoder layers that run before the selection."""
+def parse_placement(text: str, num_layers: int, vision_blocks: int) -> tuple[str, int]:
+    """``llm:L`` (decoder layers run before the selection) or ``vision:B`` (after vision block B)."""
     kind, _, value = text.partition(":")
-    if kind != "llm" or not value.isdigit() or not 0 <= int(value) < num_layers:
-        raise ValueError(f"placement must be llm:L with 0 <= L < {num_layers}, got {text!r}")
-    return int(value)
+    limits = {"llm": num_layers, "vision": vision_blocks}
+    if kind not in limits or not value.isdigit() or not 0 <= int(value) < limits[kind]:
+        raise ValueError(f"placement must be llm:L with 0 <= L < {num_layers} or vision:B with "
+                         f"0 <= B < {vision_blocks}, got {text!r}")
+    return kind, int(value)
 
 
 class LightVLAStarPruner(Hooks, nn.Module):
-    def __init__(self, hidden_size: int, num_queries: int = 128, after_layer: int = 1, keep: int = 0, seed: int = 0):
+    def __init__(self, hidden_size: int, num_queries: int = 128, after_layer: int = 1, keep: int = 0, seed: int = 0,
+                 vision_block: int | None = None, prefix_tokens: tuple[int, int] = (5, 0)):
         nn.Module.__init__(self)
         gen = torch.Generator().manual_seed(seed)
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_size, generator=gen))
-        self.after = after_layer
+        self.after = after_layer if vision_block is None else None
+        self.vision_block, self.prefix_tokens = vision_block, prefix_tokens
+        self._patch_keep: torch.Tensor | None = None  # chosen in tower 0, applied to tower 1
         self.keep = keep
         self.noise_scale = 0.0
         self.eval()  # inference selection unless a trainer switches it to training
@@ -52,7 +59,36 @@ class LightVLAStarPruner(Hooks, nn.Module):
         return self.select(stream) if self.after == 0 else stream
 
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
-        return self.select(stream) if layer == self.after - 1 else stream
+        return self.select(stream) if self.after is not None and layer == self.after - 1 else stream
+
+    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        if block != self.vision_block:
+            return None
+        prefix = self.prefix_tokens[tower]
+        if tower == 0:
+            if self.training:
+                raise ValueError("LightVLA* training is implemented for the llm:L placements only")
+            self._patch_keep = self._choose_patches(tokens[:, prefix:])
+        if self._patch_keep is None:
+            raise ValueError("the vision placement chooses patches in tower 0 before tower 1 runs")
+        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=self._patch_keep.device)
+        keep[:, prefix:] = self._patch_keep
+        return keep
+
+    def _choose_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(images, P) bool: per image, the union of the queries' argmax (or ``keep`` split over images)."""
+        queries = rms_norm(self.queries.to(device=patches.device, dtype=patches.dtype))
+        p = rms_norm(patches)
+        scores = queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])  # (images, Q, P)
+        n, q, d = patches.shape[0], self.queries.shape[0], patches.shape[-1]
+        self.add_cost([2 * q * patches.shape[1] * d * n])  # all images of the query (batch 1 in the count)
+        if on_meta(scores):
+            if not self.keep:
+                raise ValueError("on the meta device LightVLA*'s selection has no values: force a count with keep=N")
+            chosen = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool)
+            chosen[:, : self.keep // 2] = True
+            return chosen
+        return top_voted(scores, self.keep // 2) if self.keep else union_of_argmax(scores)
 
     def select(self, stream: TokenStream) -> TokenStream:
         visual, columns = visual_block(stream)

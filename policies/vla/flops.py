@@ -77,14 +77,14 @@ def _linear(dims: tuple[tuple[int, int], ...], tokens: int) -> float:
     return float(sum(2 * tokens * i * o for i, o in dims))
 
 
-def tower_flops(tower: TowerDims, block_tokens: list[int], images: int) -> float:
-    """One tower over all images: patch embedding plus each computed block at its token count."""
+def tower_flops(tower: TowerDims, block_tokens: list[list[int]], images: int) -> float:
+    """One tower over all images: patch embedding plus each computed block at the tokens each image had."""
     d, h = tower.embed_dim, tower.mlp_dim
     total = float(images * tower.patches * tower.patch_flops_per_token)
-    for n in block_tokens:  # n counts tokens over all images
-        per_image = n / images
-        total += 2 * n * (3 * d * d + d * d + 2 * d * h)  # qkv, proj, fc1, fc2
-        total += images * 4 * per_image * per_image * d  # scores and mixing
+    for per_image in block_tokens:
+        for n in per_image:
+            total += 2 * n * (3 * d * d + d * d + 2 * d * h)  # qkv, proj, fc1, fc2
+            total += 4 * n * n * d  # scores and mixing
     return total
 
 
@@ -123,7 +123,7 @@ def query_flops(dims: ModelDims, trace: QueryTrace) -> dict[str, float]:
 def unpruned_trace(dims: ModelDims, prompt_tokens: int, layers: int, action_tokens: int) -> QueryTrace:
     """The trace of a query that prunes nothing, for a prompt of ``prompt_tokens`` (BOS included)."""
     visual = dims.num_images * dims.towers[0].patches
-    vision = [[dims.num_images * (t.patches + t.prefix_tokens)] * t.blocks_run for t in dims.towers]
+    vision = [[[t.patches + t.prefix_tokens] * dims.num_images] * t.blocks_run for t in dims.towers]
     n = 1 + visual + 1 + (prompt_tokens - 1) + action_tokens + 1
     return QueryTrace(vision_tokens=vision, projector_tokens=visual, llm_tokens=[n] * layers,
                       llm_visual_tokens=[visual] * layers)

@@ -33,6 +33,17 @@ class TokenStream:
         return torch.stack([real.sum(dim=1), (self.visual & real).sum(dim=1)])
 
 
+def left_compact(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gather order (B, L) that moves each row's valid entries to the end, in their order,
+    where L is the most valid entries in a row; and the padding mask of the result (None if
+    every row is full). A stable sort of the flags puts invalid entries first."""
+    t = valid.shape[1]
+    longest = int(valid.sum(dim=1).max())  # the one synchronisation a data-dependent length needs
+    order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, t - longest:]
+    kept = valid.gather(1, order)
+    return order, (None if bool(kept.all()) else ~kept)
+
+
 @dataclass
 class ExtraKeys:
     """Keys and values a layer attends to besides its own tokens' (reused from an earlier query)."""
@@ -68,9 +79,12 @@ class Hooks:
     def cost(self) -> list[float]:
         return list(getattr(self, "_cost", []))
 
-    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor:
-        """After vision block ``block`` of tower 0 (DINOv2) or 1 (SigLIP); tokens (B*images, N, C)."""
-        return tokens
+    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        """After vision block ``block`` of tower 0 (DINOv2) or 1 (SigLIP), tokens (B*images, N, C)
+        with the tower's prefix tokens first: None to go on, or a (B*images, N) bool mask of the
+        tokens to keep (prefix tokens included), after which the tower runs image by image.
+        Both towers must keep the same patches."""
+        return None
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
         """Between the projector (plus proprio and prompt assembly) and LLM layer 0."""
@@ -104,7 +118,7 @@ class Hooks:
 class QueryTrace:
     """Token counts one sample's query went through: the input of every FLOP count and stat."""
 
-    vision_tokens: list[list[int]] = field(default_factory=list)  # per tower, tokens entering each computed block
+    vision_tokens: list[list[list[int]]] = field(default_factory=list)  # tower -> block -> tokens per image
     projector_tokens: int = 0
     llm_tokens: list[int | None] = field(default_factory=list)  # per layer; None = layer skipped
     llm_visual_tokens: list[int | None] = field(default_factory=list)

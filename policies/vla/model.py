@@ -43,38 +43,50 @@ class OFTModel(nn.Module):
         return self.vision_backbone.patches_per_image * self.config.num_images
 
     def assemble(self, visual: torch.Tensor, proprio: torch.Tensor, prompts: Sequence[Sequence[int]],
-                 stop_id: int) -> TokenStream:
-        """The LLM input stream; samples with shorter prompts are left-padded."""
+                 stop_id: int, index: torch.Tensor | None = None, visual_padding: torch.Tensor | None = None,
+                 total_visual: int | None = None) -> TokenStream:
+        """The LLM input stream; samples of unequal length are left-padded.
+
+        ``index`` (B, V) gives each visual token's patch slot and so its RoPE position (1 + slot),
+        for visual tokens pruned inside the vision towers; the tokens after the visual block are
+        numbered as if all ``total_visual`` patches were there (positions are never renumbered).
+        """
         b, v, d = visual.shape
         if len(prompts) != b:
             raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
+        total_visual = total_visual or v
         embed = self.language_model.embed
         device = visual.device
         # Masks are small; on the meta device (cost counting) they stay on the CPU so that
         # token counts remain readable.
         mask_device = torch.device("cpu") if device.type == "meta" else device
+        if index is None:
+            index = torch.arange(v, device=mask_device).expand(b, v)
+        real = [v if visual_padding is None else v - int(visual_padding[i].sum()) for i in range(b)]
         slots = self.config.action_tokens
-        lengths = [1 + v + 1 + (len(p) - 1) + slots + 1 for p in prompts]
+        lengths = [1 + n + 1 + (len(p) - 1) + slots + 1 for n, p in zip(real, prompts)]
         total = max(lengths)
         hidden = visual.new_zeros(b, total, d)
         position_ids = torch.zeros(b, total, dtype=torch.long, device=device)
         is_visual = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
         is_task = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
         padding = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
-        for i, (prompt, length) in enumerate(zip(prompts, lengths)):
+        for i, (prompt, n, length) in enumerate(zip(prompts, real, lengths)):
             ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
             text = embed(ids).to(visual.dtype)
             stop = embed(torch.tensor([stop_id], device=device)).to(visual.dtype)
             pad = total - length
             sample = torch.cat([
-                text[:1], visual[i], proprio[i:i + 1], text[1:],
+                text[:1], visual[i, v - n:], proprio[i:i + 1], text[1:],
                 visual.new_zeros(slots, d),  # action slots: zeroed embeddings
                 stop,
             ])
             hidden[i, pad:] = sample
-            position_ids[i, pad:] = torch.arange(length, device=device)
-            is_visual[i, pad + 1:pad + 1 + v] = True
-            is_task[i, pad + 1 + v:] = True
+            after = length - 1 - n  # tokens after the visual block
+            position_ids[i, pad + 1:pad + 1 + n] = 1 + index[i, v - n:].to(device)
+            position_ids[i, pad + 1 + n:] = torch.arange(1 + total_visual, 1 + total_visual + after, device=device)
+            is_visual[i, pad + 1:pad + 1 + n] = True
+            is_task[i, pad + 1 + n:] = True
             padding[i, :pad] = True
         return TokenStream(hidden, position_ids, is_visual, is_task, padding if pad_needed(lengths) else None)
 
@@ -90,13 +102,14 @@ class OFTModel(nn.Module):
         hooks.start(b)
         if proprio.shape != (b, self.config.proprio_dim):
             raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {self.config.proprio_dim})")
-        patches = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
-        visual = self.projector(patches)
+        tokens = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
+        visual = self.projector(tokens.features)
         if traces is not None:
-            for trace in traces:
-                trace.projector_tokens = visual.shape[1]
+            for i, trace in enumerate(traces):
+                padded = 0 if tokens.padding is None else int(tokens.padding[i].sum())
+                trace.projector_tokens = visual.shape[1] - padded
         proprio_token = self.proprio_projector(proprio.to(dtype))
-        stream = self.assemble(visual, proprio_token, prompts, stop_id)
+        stream = self.assemble(visual, proprio_token, prompts, stop_id, tokens.index, tokens.padding, tokens.total)
         hidden = self.language_model(stream, hooks, traces=traces)
         if traces is not None:
             for trace, cost in zip(traces, hooks.cost()):

@@ -9,6 +9,8 @@ norm, and the prefix tokens (class token, registers) are dropped: OpenVLA's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -20,6 +22,32 @@ def create_tower(model_id: str, image_size: int, overrides: dict) -> nn.Module:
     import timm
 
     return timm.create_model(model_id, pretrained=False, num_classes=0, img_size=image_size, **overrides)
+
+
+def tower_blocks(config: VLAConfig) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Blocks, embedding widths and prefix tokens of the two towers (built on the meta device)."""
+    with torch.device("meta"):
+        towers = [create_tower(m, s, o) for m, s, o in
+                  zip(config.timm_model_ids, config.image_sizes, config.timm_model_overrides)]
+    return (tuple(len(t.blocks) for t in towers), tuple(t.embed_dim for t in towers),
+            tuple(t.num_prefix_tokens for t in towers))
+
+
+@dataclass
+class VisualTokens:
+    """The fused visual tokens of a batch, with where each came from."""
+
+    features: torch.Tensor  # (B, V, C)
+    index: torch.Tensor  # (B, V) patch index over all images (image * patches + patch): its RoPE slot
+    padding: torch.Tensor | None = None  # (B, V) bool: left padding when samples keep different counts
+    total: int = 0  # visual tokens before any pruning (images * patches)
+
+
+@dataclass
+class TowerOutput:
+    features: list[torch.Tensor]  # per image (P_i, C), or one (N, P, C) tensor when nothing was pruned
+    patches: list[torch.Tensor] | None  # per image, the kept patch indices (None: all, in order)
+    counts: list[list[int]]  # per block run, tokens entering it per image
 
 
 class VisionBackbone(nn.Module):
@@ -38,41 +66,83 @@ class VisionBackbone(nn.Module):
     def patches_per_image(self) -> int:
         return self.featurizer.patch_embed.num_patches
 
-    def tower_features(self, index: int, pixels: torch.Tensor, hooks: Hooks) -> tuple[torch.Tensor, list[int]]:
-        """Patch features (N, P, C) of one tower, and the tokens that entered each block it ran."""
+    def tower_features(self, index: int, pixels: torch.Tensor, hooks: Hooks) -> TowerOutput:
+        """One tower through its second-to-last block, prefix tokens dropped.
+
+        Until a hook prunes, all images run as one batch; after it, image by image (each
+        keeps its own number of tokens, so no padding enters the tower's attention).
+        """
         tower = self.towers[index]
+        prefix = tower.num_prefix_tokens
         x = tower.patch_embed(pixels)
         x = tower._pos_embed(x)
         x = tower.patch_drop(x)
         x = tower.norm_pre(x)
-        counts = []
+        counts, parts, patches = [], None, None
         for block_index in range(len(tower.blocks) - 1):  # through the second-to-last block
-            counts.append(x.shape[1])
-            x = tower.blocks[block_index](x)
-            x = hooks.on_vision_block(index, block_index, x)
-        return x[:, tower.num_prefix_tokens:], counts
+            block = tower.blocks[block_index]
+            if parts is None:
+                counts.append([x.shape[1]] * x.shape[0])
+                x = block(x)
+                keep = hooks.on_vision_block(index, block_index, x)
+                if keep is not None:
+                    if x.device.type != "meta":
+                        keep = keep.to(x.device)
+                    if not bool(keep[:, :prefix].all()):
+                        raise ValueError("a vision hook must keep the tower's prefix tokens")
+                    rows = [keep[i].nonzero().flatten() for i in range(x.shape[0])]
+                    parts = [x[i].index_select(0, r.to(x.device)) for i, r in enumerate(rows)]
+                    patches = [r[prefix:] - prefix for r in rows]
+            else:
+                counts.append([p.shape[0] for p in parts])
+                parts = [block(p[None])[0] for p in parts]
+        if parts is None:
+            return TowerOutput(x[:, prefix:], None, counts)
+        return TowerOutput([p[prefix:] for p in parts], patches, counts)
 
     def forward(self, pixel_values: torch.Tensor, hooks: Hooks | None = None,
-                traces: list[QueryTrace] | None = None) -> torch.Tensor:
-        """pixel_values (B, 6 * images, H, W) -> (B, images * patches, 2176) visual tokens.
+                traces: list[QueryTrace] | None = None) -> VisualTokens:
+        """pixel_values (B, 6 * images, H, W) -> fused visual tokens (B, V, 2176), V = images x patches
+        unless a hook pruned inside the towers.
 
         Channels per image: 3 normalised for DINOv2, then 3 for SigLIP; images third-person first.
         """
         hooks = hooks or Hooks()
         b, channels = pixel_values.shape[:2]
-        if channels != 6 * self.num_images:
+        images, per = self.num_images, self.patches_per_image
+        if channels != 6 * images:
             raise ValueError(
-                f"pixel_values has {channels} channels; expected {6 * self.num_images} "
-                f"(6 per image for {self.num_images} images)"
+                f"pixel_values has {channels} channels; expected {6 * images} (6 per image for {images} images)"
             )
         # All images of the batch go through each tower in one call: (B*images, 3, H, W).
-        per_image = pixel_values.reshape(b * self.num_images, 6, *pixel_values.shape[2:])
-        feats = []
-        for index in range(2):
-            f, counts = self.tower_features(index, per_image[:, 3 * index:3 * index + 3], hooks)
-            feats.append(f)
-            if traces is not None:
-                for trace in traces:
-                    trace.vision_tokens.append([c * self.num_images for c in counts])
-        fused = torch.cat(feats, dim=2)  # (B*images, P, 2176)
-        return fused.reshape(b, self.num_images * fused.shape[1], fused.shape[2])
+        per_image = pixel_values.reshape(b * images, 6, *pixel_values.shape[2:])
+        outs = [self.tower_features(i, per_image[:, 3 * i:3 * i + 3], hooks) for i in range(2)]
+        if traces is not None:
+            for s, trace in enumerate(traces):
+                trace.vision_tokens = [[c[s * images:(s + 1) * images] for c in out.counts] for out in outs]
+        if outs[0].patches is None and outs[1].patches is None:
+            fused = torch.cat([outs[0].features, outs[1].features], dim=2)  # (B*images, P, 2176)
+            index = torch.arange(images * per, device=fused.device).expand(b, -1)
+            return VisualTokens(fused.reshape(b, images * fused.shape[1], fused.shape[2]), index, None, images * per)
+        return self._fuse_pruned(outs, b)
+
+    def _fuse_pruned(self, outs: list[TowerOutput], b: int) -> VisualTokens:
+        images, per = self.num_images, self.patches_per_image
+        if outs[0].patches is None or outs[1].patches is None or any(
+                not torch.equal(p, q) for p, q in zip(outs[0].patches, outs[1].patches)):
+            raise ValueError("vision hooks must keep the same patches in both towers")
+        samples, indices = [], []
+        for s in range(b):
+            rows = range(s * images, (s + 1) * images)
+            samples.append(torch.cat([torch.cat([outs[0].features[r], outs[1].features[r]], dim=1) for r in rows]))
+            indices.append(torch.cat([outs[0].patches[r].cpu() + (r - s * images) * per for r in rows]))
+        longest = max(x.shape[0] for x in samples)
+        features = samples[0].new_zeros(b, longest, samples[0].shape[1])
+        mask_device = torch.device("cpu") if features.device.type == "meta" else features.device
+        index = torch.zeros(b, longest, dtype=torch.long, device=mask_device)
+        padding = torch.ones(b, longest, dtype=torch.bool, device=mask_device)
+        for s, (x, ix) in enumerate(zip(samples, indices)):
+            features[s, longest - x.shape[0]:] = x
+            index[s, longest - x.shape[0]:] = ix.to(mask_device)
+            padding[s, longest - x.shape[0]:] = False
+        return VisualTokens(features, index, padding if bool(padding.any()) else None, images * per)

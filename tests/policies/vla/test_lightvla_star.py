@@ -40,10 +40,11 @@ def test_training_selects_one_slot_per_query_and_trains_the_queries():
 
 
 def test_placement_parsing():
-    assert parse_placement("llm:3", 32) == 3
-    for bad in ("llm:32", "vision:4", "llm:x"):
+    assert parse_placement("llm:3", 32, 22) == ("llm", 3)
+    assert parse_placement("vision:8", 32, 22) == ("vision", 8)
+    for bad in ("llm:32", "vision:22", "llm:x", "tower:1"):
         with pytest.raises(ValueError, match="placement must be llm:L"):
-            parse_placement(bad, 32)
+            parse_placement(bad, 32, 22)
 
 
 def test_queries_round_trip_with_a_checkpoint(tiny_checkpoint, tmp_path):
@@ -62,3 +63,56 @@ def test_queries_round_trip_with_a_checkpoint(tiny_checkpoint, tmp_path):
 def test_untrained_queries_only_when_asked(tiny_checkpoint):
     policy = make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true"})
     assert policy.identity()["weights"]["queries"] == "random"
+
+
+class CaptureStream(LightVLAStarPruner):
+    def before_llm(self, stream):
+        self.stream = stream
+        return super().before_llm(stream)
+
+
+def vision_pruner(queries=16, block=0, keep=0):
+    return CaptureStream(32, num_queries=queries, keep=keep, vision_block=block, prefix_tokens=(5, 0))
+
+
+def test_vision_placement_prunes_both_towers_from_the_next_block():
+    model = tiny_model()
+    pruner = vision_pruner()
+    pixels, proprio, prompts = inputs()
+    trace = QueryTrace()
+    with torch.no_grad():
+        model(pixels, proprio, prompts, 2, hooks=pruner, traces=[trace])
+    kept_per_image = pruner._patch_keep.sum(dim=1).tolist()
+    assert all(1 <= n <= 16 for n in kept_per_image)
+    # DINOv2 (5 prefix tokens) and SigLIP (none): blocks 0 and 1 run, block 1 after the selection
+    assert trace.vision_tokens[0] == [[261, 261], [5 + n for n in kept_per_image]]
+    assert trace.vision_tokens[1] == [[256, 256], kept_per_image]
+    assert trace.projector_tokens == sum(kept_per_image) == trace.llm_visual_tokens[0]
+    # kept tokens keep their original RoPE slots: 1 + image * 256 + patch
+    stream = pruner.stream
+    expected = [1 + i * 256 + p for i in range(2) for p in pruner._patch_keep[i].nonzero().flatten().tolist()]
+    assert stream.position_ids[0][stream.visual[0]].tolist() == expected
+    first_task = stream.position_ids[0][stream.task[0]][0]
+    assert int(first_task) == 513  # proprio keeps the slot after all 512 patches
+    _, counted = flops.counted_flops(model, pixels, proprio, prompts, 2, hooks=vision_pruner())
+    assert flops.query_flops(flops.model_dims(model), trace)["total"] == counted["total"]
+
+
+def test_vision_placement_batches_match_single_queries():
+    model = tiny_model()
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 11), seed=3)
+    with torch.no_grad():
+        batched = model(pixels, proprio, prompts, 2, hooks=vision_pruner())
+        single = torch.cat([model(pixels[i:i + 1], proprio[i:i + 1], prompts[i:i + 1], 2, hooks=vision_pruner())
+                            for i in range(2)])
+    assert torch.allclose(batched, single, atol=1e-5, rtol=0)
+
+
+def test_vision_placement_from_the_policy_options(tiny_checkpoint):
+    policy = make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true",
+                                           "placement": "vision:1", "queries": "8"})
+    out = policy.act([fake_observation(2)])[0]
+    assert out.stats["visual_tokens"] <= 16
+    with pytest.raises(PolicyOptionError, match="vision:B with 0 <= B < 2"):
+        make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true",
+                                      "placement": "vision:2"})

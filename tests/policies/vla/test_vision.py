@@ -21,10 +21,10 @@ def test_each_tower_gives_timm_second_to_last_block_without_prefix_tokens(backbo
         depth = len(tower.blocks)
         with torch.no_grad():
             (ref,) = tower.get_intermediate_layers(pixels, n={depth - 2})
-            ours, counts = backbone.tower_features(index, pixels, Hooks())
-        assert ours.shape == (3, 256, tower.embed_dim)
-        assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
-        assert counts == [256 + tower.num_prefix_tokens] * (depth - 1)
+            out = backbone.tower_features(index, pixels, Hooks())
+        assert out.features.shape == (3, 256, tower.embed_dim) and out.patches is None
+        assert torch.allclose(out.features, ref, atol=1e-6, rtol=0)
+        assert out.counts == [[256 + tower.num_prefix_tokens] * 3] * (depth - 1)
     assert backbone.towers[0].num_prefix_tokens == 5  # DINOv2: class token + 4 registers
 
 
@@ -34,10 +34,11 @@ def test_two_images_fuse_to_512_tokens_in_camera_order(backbone):
         both = backbone(torch.cat([cam1, cam2], dim=1))
         from policies.vla.hooks import Hooks
 
-        dino, _ = backbone.tower_features(0, cam1[:, :3], Hooks())
-        siglip, _ = backbone.tower_features(1, cam1[:, 3:], Hooks())
-    assert both.shape == (2, 512, backbone.embed_dim)
-    assert torch.allclose(both[:, :256], torch.cat([dino, siglip], dim=2), atol=1e-6)
+        dino = backbone.tower_features(0, cam1[:, :3], Hooks()).features
+        siglip = backbone.tower_features(1, cam1[:, 3:], Hooks()).features
+    assert both.features.shape == (2, 512, backbone.embed_dim) and both.padding is None
+    assert torch.equal(both.index[1], torch.arange(512))
+    assert torch.allclose(both.features[:, :256], torch.cat([dino, siglip], dim=2), atol=1e-6)
     assert backbone.embed_dim == 32 + 48
 
 
