@@ -328,6 +328,8 @@ def summarize_layers(counts: list) -> str:
 SWEEP = [
     ("oft", {}),
     ("lightvla", {"keep": "78"}),
+    ("lightvla_star", {"placement": "llm:2", "keep": "78"}),
+    ("lightvla_star", {"placement": "vision:12", "keep": "78"}),
     ("fastv", {"k": "2", "r": "0.5"}),
     ("sparsevlm", {"budget": "192"}),
     ("sparsevlm", {"budget": "128"}),
