@@ -214,11 +214,9 @@ class OFTPolicy(Policy):
             torch.cuda.synchronize()
 
     def identity(self) -> dict[str, Any]:
+        """Weights, tokenizer, dtype and options; not the device, so a run may resume on another one."""
         ident = super().identity()
-        ident["weights"] = self.weights
-        ident["tokenizer"] = self.tokenizer.identity
-        ident["dtype"] = str(self.dtype).removeprefix("torch.")
-        ident.pop("options", None)
-        opts = {k: v for k, v in vars(self.options).items() if k not in ("device",)}
-        ident["options"] = opts
+        ident["options"] = {k: v for k, v in ident["options"].items() if k != "device"}
+        ident.update(weights=self.weights, tokenizer=self.tokenizer.identity,
+                     dtype=str(self.dtype).removeprefix("torch."))
         return ident
