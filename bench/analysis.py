@@ -40,6 +40,13 @@ def _flatten(prefix: str, data: dict) -> dict:
     return flat
 
 
+def policy_label(config: dict) -> str:
+    """The policy with its options, as reports show it: ``fastv k=2 r=0.5 checkpoint=ckpt-dir``."""
+    args = config.get("policy_args") or {}
+    shown = [f"{k}={Path(v).name if k == 'checkpoint' else v}" for k, v in sorted(args.items()) if k != "device"]
+    return " ".join([config["policy"], *shown])
+
+
 def run_frame(run_dir: Path) -> pd.DataFrame:
     manifest = read_manifest(run_dir)
     rows = []
@@ -47,6 +54,7 @@ def run_frame(run_dir: Path) -> pd.DataFrame:
         "run_id": manifest["run_id"],
         "run_dir": str(run_dir),
         "policy": manifest["config"]["policy"],
+        "policy_label": policy_label(manifest["config"]),
         **_flatten("config.", manifest["config"]),
         **_flatten("protocol.", manifest.get("protocol", {})),
         **_flatten("versions.", manifest.get("versions", {})),

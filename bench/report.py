@@ -55,7 +55,8 @@ def success_table(df: pd.DataFrame) -> pd.DataFrame:
     stat_cols = _stat_columns(df)
     rows = []
     for (run_id, suite), run_suite in df.groupby(["run_id", "suite"], sort=False):
-        policy = run_suite["policy"].iloc[0]
+        label = "policy_label" if "policy_label" in run_suite else "policy"
+        policy = run_suite[label].iloc[0]
         for task, group in run_suite.groupby("task_index"):
             head = {"run": run_id, "policy": policy, "suite": suite, "task": str(task)}
             rows.append({**head, **_group_row(group, stat_cols)})

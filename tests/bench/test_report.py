@@ -108,3 +108,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "no run directory" in capsys.readouterr().err
     assert main(["run", "--suite", "libero_goal", "--policy", "random", "--policy-arg", "speed=2"]) == 2
     assert "has no option 'speed'" in capsys.readouterr().err
+
+
+def test_policy_label_shows_the_options_but_not_the_device_or_the_checkpoint_path():
+    from bench.analysis import policy_label
+
+    config = {"policy": "fastv", "policy_args": {"r": "0.5", "k": "2", "device": "cuda",
+                                                  "checkpoint": "/data/ckpts/openvla-7b-oft-libero-10"}}
+    assert policy_label(config) == "fastv checkpoint=openvla-7b-oft-libero-10 k=2 r=0.5"
+    assert policy_label({"policy": "noop", "policy_args": {}}) == "noop"

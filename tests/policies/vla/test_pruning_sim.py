@@ -18,7 +18,7 @@ METHODS = {
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, tmp_path):
+def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / method
     args = ["run", "--suite", "libero_spatial", "--policy", method, "--checkpoint", str(tiny_checkpoint),
             "--device", "cpu", "--tasks", "0", "--episodes-per-task", "1", "--max-steps", "24", "--workers", "1",
@@ -33,6 +33,9 @@ def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, 
     assert len(per_layer) == 2 and per_layer[0] <= 512 and stats["tflops"] > 0
     if method == "fastv":
         assert per_layer == [512, 256]
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 0
+        assert "| fastv checkpoint=tiny-oft k=1 r=0.5 | libero_spatial |" in capsys.readouterr().out
     elif method == "sparsevlm":
         assert per_layer == [512, 64]
     elif method == "vla_cache":
