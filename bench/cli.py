@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--warmup", type=int, default=3, help="untimed queries first")
     prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
     prof.add_argument("--json", action="store_true")
+    prof.add_argument("--save", type=Path, metavar="FILE", help="also write the JSON result to FILE")
 
     lst = sub.add_parser("list", help="list suites, tasks or policies")
     lst.add_argument("what", choices=["suites", "tasks", "policies"])
@@ -217,11 +218,15 @@ def cmd_profile(args) -> int:
         yardstick=not args.no_yardstick,
     )
     if args.sweep:
-        results = sweep(settings)
-        print(json.dumps(results, indent=2) if args.json else format_sweep(results))
-        return 0
-    result = profile(settings)
-    print(json.dumps(result, indent=2) if args.json else format_profile(result))
+        result = sweep(settings)
+        text = format_sweep(result)
+    else:
+        result = profile(settings)
+        text = format_profile(result)
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 

@@ -325,17 +325,23 @@ def summarize_layers(counts: list) -> str:
     return ", ".join(parts)
 
 
-SWEEP = [
-    ("oft", {}),
-    ("lightvla", {"keep": "78"}),
-    ("lightvla_star", {"placement": "llm:2", "keep": "78"}),
-    ("lightvla_star", {"placement": "vision:12", "keep": "78"}),
-    ("fastv", {"k": "2", "r": "0.5"}),
-    ("sparsevlm", {"budget": "192"}),
-    ("sparsevlm", {"budget": "128"}),
-    ("sparsevlm", {"budget": "64"}),
-    ("vla_cache", {}),  # real devices only: it needs two frames' values
-]
+def sweep_methods(config) -> list[tuple[str, dict]]:
+    """The methods of ``--sweep``; placements that depend on depth are scaled to the model."""
+    from policies.vla.vision import tower_blocks
+
+    layers = config.llm.num_layers
+    vision_block = min(12, min(tower_blocks(config)[0]) - 2)
+    return [
+        ("oft", {}),
+        ("lightvla", {"keep": "78"}),
+        ("lightvla_star", {"placement": f"llm:{min(2, layers - 1)}", "keep": "78"}),
+        ("lightvla_star", {"placement": f"vision:{vision_block}", "keep": "78"}),
+        ("fastv", {"k": str(min(2, layers - 1)), "r": "0.5"}),
+        ("sparsevlm", {"budget": "192"}),
+        ("sparsevlm", {"budget": "128"}),
+        ("sparsevlm", {"budget": "64"}),
+        ("vla_cache", {}),  # real devices only: it needs two frames' values
+    ]
 
 
 def sweep(settings: ProfileSettings) -> list[dict]:
@@ -346,7 +352,7 @@ def sweep(settings: ProfileSettings) -> list[dict]:
 
     shared = build_model(settings)
     results = []
-    for policy, args in SWEEP:
+    for policy, args in sweep_methods(shared[0].config):
         if policy not in POLICIES or (policy == "vla_cache" and shared[1] == "meta"):
             continue
         run = replace(settings, policy=policy, policy_args=args, keep=None, yardstick=False)

@@ -57,8 +57,13 @@ def random_model(config, device: str, dtype, seed: int):
                 f"has {available / 2**30:.1f} GiB available. Use size=tiny on the CPU, or a GPU."
             )
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = OFTModel(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of 7.7 B parameters
+    try:
+        with torch.device(device):
+            model = OFTModel(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(dtype=dtype).eval()
 
 
