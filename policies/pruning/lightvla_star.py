@@ -81,7 +81,8 @@ class LightVLAStarPruner(Hooks, nn.Module):
         p = rms_norm(patches)
         scores = queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])  # (images, Q, P)
         n, q, d = patches.shape[0], self.queries.shape[0], patches.shape[-1]
-        self.add_cost([2 * q * patches.shape[1] * d * n])  # all images of the query (batch 1 in the count)
+        images = n // len(self.cost()) if self.cost() else n  # start(batch) has run: images per sample
+        self.add_cost([2 * q * patches.shape[1] * d * images] * (n // images))
         if on_meta(scores):
             if not self.keep:
                 raise ValueError("on the meta device LightVLA*'s selection has no values: force a count with keep=N")
