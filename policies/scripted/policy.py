@@ -14,7 +14,17 @@ import numpy as np
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
-from policies.scripted.skills import CloseDrawer, PickPlace, Skill, SkillFailed, TurnKnob, is_open, opens_negative
+from policies.scripted.skills import (
+    CloseDrawer,
+    PickPlace,
+    Skill,
+    SkillFailed,
+    SlideDish,
+    TurnKnob,
+    is_dish,
+    is_open,
+    opens_negative,
+)
 
 HOLD = np.array([0, 0, 0, 0, 0, 0, -1.0])
 
@@ -114,6 +124,17 @@ def _check_reachable(predicate: Predicate, scene: Scene) -> None:
         raise SkillFailed(f"{target} is in a shut drawer, and the expert has no skill to open drawers")
 
 
+def slides_over_the_table(predicate: Predicate, scene: Scene) -> bool:
+    """On(dish, region of the table): the dish cannot be lifted, but it stands on the surface
+    the region marks, so it can be slid there. Regions of other objects (a stove's burner)
+    stand above the table and need a lift."""
+    obj, target = predicate.args
+    if predicate.name != "on" or not scene.has_object(obj) or not scene.has_site(target):
+        return False
+    site, body = scene.site(target), scene.body(obj)
+    return site.parent is None and abs(site.hi[2] - body.bottom) < 0.015 and is_dish(body)
+
+
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     """Knobs first (the arm is free and nothing stands on the stove yet), then placements,
     then closing drawers and doors (after whatever had to go inside)."""
@@ -123,8 +144,11 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
         label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
             _check_reachable(predicate, scene)
-            destination = destination_for(predicate, scene, slots.get(predicate, 0.0))
-            placements.append(PickPlace(predicate.args[0], destination, label))
+            if slides_over_the_table(predicate, scene):
+                placements.append(SlideDish(*predicate.args, label))
+            else:
+                destination = destination_for(predicate, scene, slots.get(predicate, 0.0))
+                placements.append(PickPlace(predicate.args[0], destination, label))
         elif predicate.name in ("turnon", "turnoff"):
             knobs.append(knob_skill(predicate, scene))
         elif predicate.name == "close":

@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from policies.scripted.geometry import closest_finger_axis, grip_rotation, move_action
+from policies.scripted.geometry import closest_finger_axis, grip_rotation, move_action, unit
 from policies.scripted.scene import GRIPPER_MAX_OPENING, Body, Scene
 
 OPEN, CLOSE = -1.0, 1.0
@@ -261,6 +261,139 @@ class PickPlace(Skill):
         return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=0.5)
 
     def _done(self, scene, body, eef, steps):
+        return None
+
+
+# A dish (a plate) is wider than the open fingers on every side and lower than this; it is slid,
+# not lifted: a grasp of the plate's 5 mm rim slips during the lift.
+DISH_HEIGHT = 0.03
+# The plate stands on a floor reaching 45% of its radius; beyond, its rim rises at 20 degrees.
+# The fingers press at 30% of the radius: at 60% they tipped the 12 g plate up and slid out.
+FINGERS_AT_RADIUS = 0.3
+SLIDE_STEP = 0.05  # how far (m) the fingers lead the dish's remaining way per query
+# The slide aims at the region's centre and stops once the origin is this far inside its border
+# (LIBERO wants it strictly inside).
+ARRIVAL_MARGIN = 0.01
+# The pads' bottom is 9 mm below the grip site: aiming the grip site this high above the dish's
+# bottom presses them on its floor with the remaining 1 cm of position error.
+PRESS_HEIGHT = 0.008
+
+
+def is_dish(body: Body) -> bool:
+    """Too wide for the fingers on every horizontal side and too flat to hold by its rim."""
+    axes = body.horizontal_axes()
+    too_wide = bool(axes) and all(extent > GRIPPER_MAX_OPENING for _, extent in axes)
+    return too_wide and body.top - body.bottom < DISH_HEIGHT
+
+
+def dish_radius(dish: Body) -> float:
+    """Half the dish's narrower horizontal extent: where its rim ends, whichever way it is turned."""
+    return min(extent for _, extent in dish.horizontal_axes()) / 2
+
+
+class SlideDish(Skill):
+    """Slide a dish (a plate) over the table until its origin is inside a region of the table.
+
+    Closed fingers go down inside the dish, on its floor, on the side facing the destination,
+    press, and move on: the pads' friction (2) against the plate's on the table (0.95) drags the
+    dish along, and the rim ahead of the pads stops them slipping through. Pushing from outside
+    fails on the plate: the cabinet behind it leaves no room for the hand, and the rim's
+    underside slopes up, so a finger low enough to catch it wedges underneath. The fingers are
+    lined up along the way: the hand's narrow side leads, its long side stays over the dish,
+    clear of its neighbours.
+
+    Closed loop: every query the fingers are sent on by the dish's remaining way (at most
+    ``SLIDE_STEP``), re-aimed from where the dish now is; fingers that reach the dish's rim (the
+    dish stuck against something) or rise above it lift and go down again where they should be.
+    """
+
+    def __init__(self, obj: str, region: str, label: str):
+        super().__init__()
+        self.obj = obj
+        self.region = region
+        self.label = label
+        self.last_eef_z = None
+
+    def __repr__(self) -> str:
+        return f"SlideDish({self.label})"
+
+    def act(self, scene: Scene, steps: int) -> np.ndarray | None:
+        self.ticks += 1
+        dish = scene.body(self.obj)
+        return getattr(self, f"_{self.phase}")(scene, dish, scene.eef_pos, steps)
+
+    def remaining(self, scene: Scene, dish: Body) -> np.ndarray:
+        """Horizontal vector from the dish's origin to the region's centre."""
+        return scene.site(self.region).pos[:2] - dish.pos[:2]
+
+    def arrived(self, scene: Scene, dish: Body) -> bool:
+        region = scene.site(self.region)
+        margin = np.minimum(ARRIVAL_MARGIN, region.half_extent[:2] / 2)
+        return bool(np.all((dish.pos[:2] > region.lo[:2] + margin) & (dish.pos[:2] < region.hi[:2] - margin)))
+
+    def finger_point(self, scene: Scene, dish: Body) -> np.ndarray:
+        """Where the closed fingers go down: on the floor, on the side facing the destination."""
+        xy = dish.center[:2] + unit(self.remaining(scene, dish)) * FINGERS_AT_RADIUS * dish_radius(dish)
+        return np.array([xy[0], xy[1], dish.bottom + PRESS_HEIGHT])
+
+    def fingers_in_dish(self, dish: Body, eef: np.ndarray) -> bool:
+        """Grip site well inside the dish's rim and not lifted above it."""
+        inside = np.linalg.norm(eef[:2] - dish.center[:2]) < dish_radius(dish) - 0.01
+        return bool(inside) and eef[2] < dish.top + 0.005
+
+    # -- phases ---------------------------------------------------------------------------
+    def _start(self, scene, dish, eef, steps):
+        if self.arrived(scene, dish):
+            return None
+        self.point = self.finger_point(scene, dish)
+        heading = unit(self.remaining(scene, dish))
+        self.grip_mat = grip_rotation(closest_finger_axis(heading, scene.eef_mat))
+        # the hand is ~20 cm wide and starts ~4 cm above the grip site
+        hand_clear = scene.highest_top_along(eef, self.point, exclude={self.obj}, margin=HAND_HALF_WIDTH) - 0.02
+        self.travel_z = max(dish.top + APPROACH_CLEARANCE / 2, hand_clear)
+        self.goto("above")
+        return self._above(scene, dish, eef, steps)
+
+    def _above(self, scene, dish, eef, steps):
+        target = np.array([self.point[0], self.point[1], self.travel_z])
+        if _near(eef, target, 0.015) or self.ticks > 12:
+            self.goto("descend")
+        return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+
+    def _descend(self, scene, dish, eef, steps):
+        stalled = self.last_eef_z is not None and abs(self.last_eef_z - eef[2]) < 0.002 and self.ticks > 2
+        self.last_eef_z = eef[2]
+        if stalled or self.ticks > 10:
+            self.last_eef_z = None
+            self.goto("slide")
+        return move_action(eef, scene.eef_mat, self.point, self.grip_mat, CLOSE, steps, speed=1.0)
+
+    def _slide(self, scene, dish, eef, steps):
+        if self.arrived(scene, dish):
+            self.goto("retreat")
+            return self._retreat(scene, dish, eef, steps)
+        if not self.fingers_in_dish(dish, eef) or self.ticks > 40:
+            self.retry(scene)
+            return self._recover(scene, dish, eef, steps)
+        remaining = self.remaining(scene, dish)
+        step = remaining * min(1.0, SLIDE_STEP / max(float(np.linalg.norm(remaining)), 1e-9))
+        target = np.array([eef[0] + step[0], eef[1] + step[1], dish.bottom + PRESS_HEIGHT])
+        return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+
+    def _retreat(self, scene, dish, eef, steps):
+        target = np.array([eef[0], eef[1], dish.top + 0.08])
+        if eef[2] > target[2] - 0.02 or self.ticks > 6:
+            self.goto("done")
+        return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=0.6)
+
+    def _recover(self, scene, dish, eef, steps):
+        """Lift clear of the rim, then aim again from where the dish now is."""
+        target = np.array([eef[0], eef[1], dish.top + 0.04])
+        if eef[2] > target[2] - 0.015 or self.ticks > 6:
+            self.goto("start")
+        return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+
+    def _done(self, scene, dish, eef, steps):
         return None
 
 

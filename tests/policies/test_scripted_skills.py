@@ -6,7 +6,7 @@ import pytest
 from policies.scripted.goals import Predicate
 from policies.scripted.policy import ScriptedPolicy, destination_for, plan_skills
 from policies.scripted.scene import Scene
-from policies.scripted.skills import PickPlace, SkillFailed, TurnKnob, plan_grasp
+from policies.scripted.skills import PickPlace, SkillFailed, SlideDish, TurnKnob, plan_grasp
 from policies import EpisodeInfo, Observation
 
 
@@ -94,3 +94,68 @@ def test_policy_gives_up_cleanly_on_a_goal_it_cannot_achieve(tmp_path):
     assert "microwave_1" in out.stats["gave_up"]
     with pytest.raises(ValueError, match="needs privileged"):
         policy.act([Observation(np.zeros(8), "i", "e")])
+
+
+def plate_scene(plate_xy=(0.05, -0.03), eef=(-0.2, 0.0, 1.2)):
+    """libero_goal 5 at init 0: a 14 cm plate, 1.9 cm tall, and the stove's front region on the table."""
+    region = {"pos": np.array([-0.05, 0.21, 0.895]), "mat": np.eye(3), "size": np.array([0.04, 0.04, 0.007]),
+              "parent": None, "joints": []}
+    burner = {"pos": np.array([-0.25, 0.2, 0.905]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.003]),
+              "parent": "flat_stove_1", "joints": []}
+    s = scene({"plate_1": box([*plate_xy, 0.9], [0.069, 0.069, 0.0095]),
+               "akita_black_bowl_1": box([-0.075, -0.01, 0.9], [0.054, 0.054, 0.026]),
+               "flat_stove_1": box([-0.3, 0.2, 0.885], [0.15, 0.1, 0.035], fixture=True)},
+              sites={"main_table_stove_front_region": region, "flat_stove_1_cook_region": burner})
+    return Scene(s.state | {"eef_pos": np.asarray(eef, dtype=float)})
+
+
+def test_a_plate_bound_for_a_table_region_is_slid_and_anything_else_lifted():
+    s = plate_scene()
+    (slide,) = plan_skills([Predicate("on", ("plate_1", "main_table_stove_front_region"))], s)
+    assert isinstance(slide, SlideDish)
+    # the burner stands above the table: the plate would have to be lifted onto it
+    (lift,) = plan_skills([Predicate("on", ("plate_1", "flat_stove_1_cook_region"))], s)
+    assert isinstance(lift, PickPlace)
+    # a bowl is as wide, but tall enough to be held by its rim
+    (bowl,) = plan_skills([Predicate("on", ("akita_black_bowl_1", "main_table_stove_front_region"))], s)
+    assert isinstance(bowl, PickPlace)
+
+
+def test_slide_presses_on_the_plate_floor_facing_the_region_and_drags_it_there():
+    s = plate_scene()
+    skill = SlideDish("plate_1", "main_table_stove_front_region", "push")
+    plate = s.body("plate_1")
+    aim = np.array([-0.05, 0.21])  # the region's centre
+    heading = (aim - plate.pos[:2]) / np.linalg.norm(aim - plate.pos[:2])
+    np.testing.assert_allclose(skill.remaining(s, plate), aim - plate.pos[:2])
+    action = skill.act(s, steps=4)
+    assert skill.phase == "above" and action[6] == 1.0  # fingers closed from the start
+    # on the floor (inner 45% of the radius), on the side facing the region, pressed below its top
+    offset = skill.point[:2] - plate.center[:2]
+    np.testing.assert_allclose(offset, heading * 0.3 * 0.069, atol=1e-9)
+    assert skill.point[2] < plate.top
+    # fingers lined up along the way: the hand's narrow side leads
+    assert abs(abs(skill.grip_mat[:2, 0] @ heading) - 1) < 1e-9
+
+    on_floor = np.array([*skill.point[:2], 0.916])
+    s = plate_scene(eef=on_floor)
+    skill.goto("slide")
+    action = skill.act(s, steps=4)
+    assert skill.phase == "slide"
+    assert action[:2] @ heading > 0.9 * np.linalg.norm(action[:2])  # drags towards the region
+    assert action[2] < 0 and action[6] == 1.0  # pressing down, fingers closed
+
+
+def test_slide_lifts_and_starts_over_when_the_fingers_reach_the_rim_and_stops_inside_the_region():
+    skill = SlideDish("plate_1", "main_table_stove_front_region", "push")
+    skill.act(plate_scene(), steps=4)
+    skill.goto("slide")
+    s = plate_scene(eef=(0.05 + 0.065, -0.03, 0.916))  # the plate stayed behind: fingers on its rim
+    action = skill.act(s, steps=4)
+    assert skill.phase == "recover" and skill.attempts == 1 and action[2] > 0
+    # LIBERO's test is the origin strictly inside the region: stop 1 cm inside its border
+    inside = plate_scene(plate_xy=(-0.025, 0.185))
+    assert skill.arrived(inside, inside.body("plate_1"))
+    short = plate_scene(plate_xy=(-0.015, 0.185))  # inside, but by only 5 mm
+    assert not skill.arrived(short, short.body("plate_1"))
+    assert SlideDish("plate_1", "main_table_stove_front_region", "push").act(inside, steps=4) is None
