@@ -62,7 +62,10 @@ def _timed_run(config: RunConfig, run_dir: Path, env_factory=None) -> dict:
 
 def measure(suite: str = "libero_spatial", tasks: int = 2, episodes_per_task: int = 2, workers: int = 2,
             chunk_length: int = 8) -> dict:
-    base = dict(suite=suite, policy="scripted", policy_args={"with_images": "true"}, tasks=list(range(tasks)),
+    # The expert asks for images at every query, as a vision policy would, and plans chunks of
+    # the measured length (its own default is 4), so queries come every chunk_length steps.
+    policy_args = {"with_images": "true", "chunk_length": str(chunk_length)}
+    base = dict(suite=suite, policy="scripted", policy_args=policy_args, tasks=list(range(tasks)),
                 episodes_per_task=episodes_per_task, chunk_length=chunk_length)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
