@@ -124,14 +124,15 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     import torch
 
     from policies.vla import flops
-    from policies.vla.hooks import Hooks, QueryTrace
+    from policies.vla.hooks import Hooks, QueryTrace, TokenStream
+    from policies.vla.tokenizer import ByteTokenizer
 
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
     hooks = build_hooks(settings, model.config)
     pixels, proprio, prompts = example_inputs(model, settings, device)
-    stop_id = 2
+    stop_id = ByteTokenizer.stop_id  # random weights come with the byte tokenizer
     dims = flops.model_dims(model)
 
     caching = hasattr(hooks, "begin")  # a cross-step cache: measure steps that follow an identical frame
@@ -159,7 +160,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "policy": settings.policy,
         "policy_args": {**settings.policy_args, **({} if settings.keep is None else {"keep": settings.keep})},
         "size": settings.size,
-        "device": device if device != "meta" else "meta",
+        "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
         "dtype": str(dtype).removeprefix("torch."),
         "batch": settings.batch,
@@ -202,22 +203,17 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         stream = model.assemble(visual, model.proprio_projector(proprio.to(dtype)), prompts, stop_id)
     embeds, positions = stream.hidden, stream.position_ids
 
-    def ours():
-        from policies.vla.hooks import TokenStream
+    def timed_on_the_sequence(fn) -> dict:
+        """Latency of ``fn`` on a fresh copy of the assembled stream (layers replace its hidden states)."""
+        def call():
+            with torch.inference_mode():
+                fn(TokenStream(embeds, positions, stream.visual, stream.task))
+        return _percentiles(_time(call, device, settings.repeats, settings.warmup))
 
-        with torch.inference_mode():
-            model.language_model(TokenStream(embeds, positions, stream.visual, stream.task))
-
-    result["llm_latency_ms"] = _percentiles(_time(ours, device, settings.repeats, settings.warmup))
+    result["llm_latency_ms"] = timed_on_the_sequence(model.language_model)
     if hooks is not None and type(hooks).before_llm is not Hooks.before_llm:
         # The plug-in's own work between projector and layer 0 (scoring and gather).
-        def plugin():
-            from policies.vla.hooks import TokenStream
-
-            with torch.inference_mode():
-                hooks.before_llm(TokenStream(embeds, positions, stream.visual, stream.task))
-
-        result["plugin_ms"] = _percentiles(_time(plugin, device, settings.repeats, settings.warmup))
+        result["plugin_ms"] = timed_on_the_sequence(hooks.before_llm)
     if settings.yardstick:
         result["yardstick"] = _yardstick(model, embeds, positions, device, dtype, settings)
     return result

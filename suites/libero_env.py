@@ -60,17 +60,19 @@ class LiberoEnv:
         )
         self._env.seed(env_seed)
         self._robosuite_env = self._env.env
+        self._soft_reset = soft_reset
         if soft_reset:  # bit-identical to LIBERO's hard reset, 30-100x cheaper (suites/soft_reset.py)
             install_exact_soft_reset(self._robosuite_env)
         self._cameras_on = True
         self._set_cameras(False)
         self._raw: dict | None = None
-        self._scene_index = None  # built on demand: a hard reset rebuilds the MuJoCo model
+        self._scene_index = None  # built on demand, again after a hard reset (it rebuilds the MuJoCo model)
 
     def reset(self, init_state: np.ndarray) -> None:
         self._set_cameras(False)
         self._env.reset()
-        self._scene_index = None
+        if not self._soft_reset:
+            self._scene_index = None
         self._raw = self._env.set_init_state(np.asarray(init_state))
 
     def step(self, action: np.ndarray, render: bool) -> bool:

@@ -69,6 +69,34 @@ def replace_visual(stream: TokenStream, columns: torch.Tensor, slots: torch.Tens
     return TokenStream(hidden, position_ids, stream.visual, stream.task, stream.padding)
 
 
+def selected_positions(stream: TokenStream, columns: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of the visual tokens that ``indices`` (B, Q) pick among ``columns`` (B, V)."""
+    positions = stream.position_ids.gather(1, columns.to(stream.position_ids.device))
+    return positions.gather(1, indices.to(positions.device))
+
+
+def choose(scores: torch.Tensor, keep: int, method: str) -> torch.Tensor:
+    """(B, Q, V) scores -> (B, V) bool chosen tokens: the union of argmax, or ``keep`` forced.
+
+    On the meta device there are no values, so a forced count takes the first tokens (which
+    ones does not change the cost).
+    """
+    if on_meta(scores):
+        if not keep:
+            raise ValueError(f"on the meta device {method}'s selection has no values: force a count with keep=N")
+        chosen = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool)
+        chosen[:, :keep] = True
+        return chosen
+    return top_voted(scores, keep) if keep else union_of_argmax(scores)
+
+
+def keep_chosen(stream: TokenStream, columns: torch.Tensor, chosen: torch.Tensor) -> TokenStream:
+    """The stream with only the chosen visual tokens (``chosen`` (B, V) over ``columns``) and all others."""
+    keep = ~stream.visual.clone()
+    keep.scatter_(1, columns, chosen.to(keep.device))
+    return keep_tokens(stream, keep)
+
+
 class LightVLAPruner(Hooks):
     def __init__(self, keep: int = 0):
         self.keep = keep  # 0: the learned selection; N: force N tokens (cost figures)
@@ -89,15 +117,5 @@ class LightVLAPruner(Hooks):
         if self.training:
             weights, indices = straight_through(scores, self.noise_scale)
             self.add_cost([2 * v * v * d] * len(n))  # W @ P
-            positions = stream.position_ids.gather(1, columns.to(stream.position_ids.device))
-            return replace_visual(stream, columns, weights @ visual, positions.gather(1, indices.to(positions.device)))
-        if on_meta(scores):
-            if not self.keep:
-                raise ValueError("on the meta device LightVLA's selection has no values: force a count with keep=N")
-            chosen = torch.zeros(columns.shape, dtype=torch.bool)
-            chosen[:, : self.keep] = True  # which tokens does not change the cost
-        else:
-            chosen = top_voted(scores, self.keep) if self.keep else union_of_argmax(scores)
-        keep = ~stream.visual.clone()
-        keep.scatter_(1, columns, chosen.to(keep.device))
-        return keep_tokens(stream, keep)
+            return replace_visual(stream, columns, weights @ visual, selected_positions(stream, columns, indices))
+        return keep_chosen(stream, columns, choose(scores, self.keep, "LightVLA"))

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from policies.pruning.base import keep_tokens, on_meta, rms_norm, visual_block
-from policies.pruning.lightvla import replace_visual, straight_through, top_voted, union_of_argmax
+from policies.pruning.base import keep_tokens, rms_norm, visual_block
+from policies.pruning.lightvla import choose, keep_chosen, replace_visual, selected_positions, straight_through
 from policies.vla.hooks import Hooks, TokenStream
 
 QUERIES_FILE = "token_queries--{step}_checkpoint.pt"
@@ -75,27 +75,22 @@ class LightVLAStarPruner(Hooks, nn.Module):
         keep[:, prefix:] = self._patch_keep
         return keep
 
+    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, Q, L) scores of tokens (N, L, D) by the learnable queries."""
+        queries = rms_norm(self.queries.to(device=tokens.device, dtype=tokens.dtype))
+        p = rms_norm(tokens)
+        return queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])
+
     def _choose_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """(images, P) bool: per image, the union of the queries' argmax (or ``keep`` split over images)."""
-        queries = rms_norm(self.queries.to(device=patches.device, dtype=patches.dtype))
-        p = rms_norm(patches)
-        scores = queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])  # (images, Q, P)
         n, q, d = patches.shape[0], self.queries.shape[0], patches.shape[-1]
         images = n // len(self.cost()) if self.cost() else n  # start(batch) has run: images per sample
         self.add_cost([2 * q * patches.shape[1] * d * images] * (n // images))
-        if on_meta(scores):
-            if not self.keep:
-                raise ValueError("on the meta device LightVLA*'s selection has no values: force a count with keep=N")
-            chosen = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool)
-            chosen[:, : self.keep // 2] = True
-            return chosen
-        return top_voted(scores, self.keep // 2) if self.keep else union_of_argmax(scores)
+        return choose(self.scores(patches), self.keep // 2, "LightVLA*")
 
     def select(self, stream: TokenStream) -> TokenStream:
         visual, columns = visual_block(stream)
-        queries = rms_norm(self.queries.to(device=visual.device, dtype=visual.dtype))
-        p = rms_norm(visual)
-        scores = queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])  # (B, Q, V)
+        scores = self.scores(visual)  # (B, Q, V)
         b, v, d = visual.shape
         self.add_cost([2 * self.queries.shape[0] * v * d] * b)
         if self.training:
@@ -104,21 +99,11 @@ class LightVLAStarPruner(Hooks, nn.Module):
             weights, indices = straight_through(scores, self.noise_scale)
             self.add_cost([2 * self.queries.shape[0] * v * d] * b)
             n = self.queries.shape[0]
-            positions = stream.position_ids.gather(1, columns.to(stream.position_ids.device))
-            stream = replace_visual(stream, columns[:, :n], weights @ visual, positions.gather(1, indices.to(positions.device)))
+            stream = replace_visual(stream, columns[:, :n], weights @ visual, selected_positions(stream, columns, indices))
             keep = torch.ones_like(stream.visual)
             keep.scatter_(1, columns[:, n:], False)
             return keep_tokens(stream, keep)
-        if on_meta(scores):
-            if not self.keep:
-                raise ValueError("on the meta device LightVLA*'s selection has no values: force a count with keep=N")
-            chosen = torch.zeros(columns.shape, dtype=torch.bool)
-            chosen[:, : self.keep] = True
-        else:
-            chosen = top_voted(scores, self.keep) if self.keep else union_of_argmax(scores)
-        keep = ~stream.visual.clone()
-        keep.scatter_(1, columns, chosen.to(keep.device))
-        return keep_tokens(stream, keep)
+        return keep_chosen(stream, columns, choose(scores, self.keep, "LightVLA*"))
 
     def save(self, directory: Path, step: int = 0) -> Path:
         path = Path(directory) / QUERIES_FILE.format(step=step)

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from policies.pruning.base import keep_tokens, on_meta, rows_attention
+from policies.pruning.base import keep_tokens, on_meta, rows_attention, task_span
 from policies.vla.hooks import Hooks, TokenStream
 
 REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
@@ -74,7 +74,7 @@ def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
 def task_rows(q: torch.Tensor, k: torch.Tensor, stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
     """Head-averaged attention (B, n, T) of the last n tokens, which cover every sample's task
     tokens (they end the sequence), and the (B, n) mask of which rows are task tokens."""
-    n = int(stream.task.sum(dim=1).max())
+    n = task_span(stream)
     return rows_attention(q[:, :, -n:], k, stream.padding), stream.task[:, -n:]
 
 

@@ -50,6 +50,11 @@ class Skill(ABC):
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         """The next action (repeated over the chunk), or None when the skill is done."""
 
+    def run_phase(self, scene: Scene, body, steps: int) -> np.ndarray | None:
+        """Call the current phase's method ``_<phase>(scene, body, eef, steps)``."""
+        self.ticks += 1
+        return getattr(self, f"_{self.phase}")(scene, body, scene.eef_pos, steps)
+
     def approach(self, scene: Scene, steps: int, point, gripper: float, then: str, tolerance: float) -> np.ndarray:
         """Phases ``above`` (over ``point``) and ``descend`` (onto it), then phase ``then``."""
         eef = scene.eef_pos
@@ -139,11 +144,7 @@ class PickPlace(Skill):
         return f"PickPlace({self.label})"
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
-        self.ticks += 1
-        body = scene.body(self.obj)
-        eef = scene.eef_pos
-        handler = getattr(self, f"_{self.phase}")
-        return handler(scene, body, eef, steps)
+        return self.run_phase(scene, scene.body(self.obj), steps)
 
     # -- phases ---------------------------------------------------------------------------
     def _start(self, scene, body, eef, steps):
@@ -318,9 +319,7 @@ class SlideDish(Skill):
         return f"SlideDish({self.label})"
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
-        self.ticks += 1
-        dish = scene.body(self.obj)
-        return getattr(self, f"_{self.phase}")(scene, dish, scene.eef_pos, steps)
+        return self.run_phase(scene, scene.body(self.obj), steps)
 
     def remaining(self, scene: Scene, dish: Body) -> np.ndarray:
         """Horizontal vector from the dish's origin to the region's centre."""

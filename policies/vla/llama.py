@@ -149,10 +149,8 @@ class LanguageModel(nn.Module):
             stream.hidden, q, k, v = layer(stream.hidden, cos, sin, mask, causal, extra)
             if hooks.wants_kv(index):
                 hooks.on_kv(index, stream, k, v)
-            if hooks.wants_qk(index):
-                stream = hooks.after_layer(index, stream, q, k)
-            else:
-                stream = hooks.after_layer(index, stream, None, None)
+            wants_qk = hooks.wants_qk(index)
+            stream = hooks.after_layer(index, stream, q if wants_qk else None, k if wants_qk else None)
         if recorder is not None:
             recorder.write(traces)
         return self.model.norm(stream.hidden)

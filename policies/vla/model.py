@@ -71,10 +71,10 @@ class OFTModel(nn.Module):
         is_visual = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
         is_task = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
         padding = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
+        stop = embed(torch.tensor([stop_id], device=device)).to(visual.dtype)
         for i, (prompt, n, length) in enumerate(zip(prompts, real, lengths)):
             ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
             text = embed(ids).to(visual.dtype)
-            stop = embed(torch.tensor([stop_id], device=device)).to(visual.dtype)
             pad = total - length
             sample = torch.cat([
                 text[:1], visual[i, v - n:], proprio[i:i + 1], text[1:],
@@ -88,7 +88,7 @@ class OFTModel(nn.Module):
             is_visual[i, pad + 1:pad + 1 + n] = True
             is_task[i, pad + 1 + n:] = True
             padding[i, :pad] = True
-        return TokenStream(hidden, position_ids, is_visual, is_task, padding if pad_needed(lengths) else None)
+        return TokenStream(hidden, position_ids, is_visual, is_task, padding if len(set(lengths)) > 1 else None)
 
     def forward(self, pixel_values: torch.Tensor, proprio: torch.Tensor, prompts: Sequence[Sequence[int]],
                 stop_id: int, hooks: Hooks | None = None, action_slice: str = "train",
@@ -121,6 +121,3 @@ class OFTModel(nn.Module):
             action_hidden = hidden[:, t - slots:]
         return self.action_head(action_hidden).float()
 
-
-def pad_needed(lengths: Sequence[int]) -> bool:
-    return len(set(lengths)) > 1

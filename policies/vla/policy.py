@@ -94,6 +94,7 @@ class OFTPolicy(Policy):
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
+        from policies.vla import flops
         from policies.vla.model import ACTION_SLICES
 
         if options.action_slice not in ACTION_SLICES:
@@ -101,8 +102,6 @@ class OFTPolicy(Policy):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self._load()
-        from policies.vla import flops
-
         if options.chunk_length > self.config.chunk_length:
             raise PolicyOptionError(
                 f"chunk_length {options.chunk_length} exceeds the model's chunk of {self.config.chunk_length}"

@@ -14,6 +14,7 @@ stage (docs/performance.md); Pillow's default JPEG decoder alone differs in 63% 
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Sequence
 
@@ -84,6 +85,7 @@ def _ycc_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
     return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=1)
 def _sinf():
     """sin in float32 as TensorFlow's kernel gets it (std::sin(float) = libm sinf); else float64 rounded."""
     try:
