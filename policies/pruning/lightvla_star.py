@@ -9,9 +9,11 @@ towers, queries of the DINOv2 width score each image's patches there, and both t
 the same patches from block B+1 on (so the towers' later blocks, the projector and the LLM
 all see fewer tokens). Scores ``S = RMSNorm(Q) RMSNorm(P)^T / sqrt(D)``; inference keeps the
 union of each query's argmax (per image in the vision placement) with original order and
-RoPE positions; training (LLM placement) selects one token per query straight-through, so
-the visual block becomes ``queries`` slots with the selected tokens' positions. The queries
-are saved beside a checkpoint as ``token_queries--{step}_checkpoint.pt``.
+RoPE positions. Training selects one token per query straight-through, so the visual block
+becomes ``queries`` slots (per image in the vision placement) holding the selected tokens'
+positions; in the vision placement tower 0's selection weights mix both towers' patches, so
+the gradient reaches the queries and both towers. The queries are saved beside a
+checkpoint as ``token_queries--{step}_checkpoint.pt``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 
 from policies.pruning.base import keep_tokens, rms_norm, visual_block
 from policies.pruning.lightvla import choose, keep_chosen, replace_visual, selected_positions, straight_through
-from policies.vla.hooks import Hooks, TokenStream
+from policies.vla.hooks import Hooks, TokenStream, VisionSlots
 
 QUERIES_FILE = "token_queries--{step}_checkpoint.pt"
 
@@ -47,7 +49,10 @@ class LightVLAStarPruner(Hooks, nn.Module):
         self.queries = nn.Parameter(torch.randn(num_queries, hidden_size, generator=gen))
         self.after = after_layer if vision_block is None else None
         self.vision_block, self.prefix_tokens = vision_block, prefix_tokens
-        self._patch_keep: torch.Tensor | None = None  # chosen in tower 0, applied to tower 1
+        # Chosen in tower 0, applied to tower 1: kept patches (inference) or slots (training).
+        self._patch_keep: torch.Tensor | None = None
+        self._slot_weights: torch.Tensor | None = None
+        self._slot_patches: torch.Tensor | None = None
         self.keep = keep
         self.noise_scale = 0.0
         self.eval()  # inference selection unless a trainer switches it to training
@@ -61,19 +66,46 @@ class LightVLAStarPruner(Hooks, nn.Module):
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
         return self.select(stream) if self.after is not None and layer == self.after - 1 else stream
 
-    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | None:
+    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | VisionSlots | None:
         if block != self.vision_block:
             return None
         prefix = self.prefix_tokens[tower]
         if tower == 0:
+            self._slot_weights = None
             if self.training:
-                raise ValueError("LightVLA* training is implemented for the llm:L placements only")
-            self._patch_keep = self._choose_patches(tokens[:, prefix:])
+                self._slot_weights, self._slot_patches = self._select_slots(tokens[:, prefix:])
+            else:
+                self._patch_keep = self._choose_patches(tokens[:, prefix:])
+        if self.training:
+            return self._fill_slots(tokens, prefix)
         if self._patch_keep is None:
             raise ValueError("the vision placement chooses patches in tower 0 before tower 1 runs")
         keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=self._patch_keep.device)
         keep[:, prefix:] = self._patch_keep
         return keep
+
+    def _images_per_sample(self, n: int) -> int:
+        return n // len(self.cost()) if self.cost() else n  # start(batch) has run: its batch size
+
+    def _select_slots(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: per image, straight-through weights (images, Q, P) and the selected patches (images, Q)."""
+        n, q, p, d = patches.shape[0], self.queries.shape[0], patches.shape[1], patches.shape[-1]
+        if q > p:
+            raise ValueError(f"training needs at most {p} queries (the patches of an image), has {q}")
+        images = self._images_per_sample(n)
+        self.add_cost([2 * q * p * d * images] * (n // images))
+        return straight_through(self.scores(patches), self.noise_scale)
+
+    def _fill_slots(self, tokens: torch.Tensor, prefix: int) -> VisionSlots:
+        """This tower's patches mixed by tower 0's weights: both towers hold the same slots."""
+        if self._slot_weights is None:
+            raise ValueError("the vision placement selects slots in tower 0 before tower 1 runs")
+        weights, patches = self._slot_weights, tokens[:, prefix:]
+        n, q, p = weights.shape
+        images = self._images_per_sample(n)
+        self.add_cost([2 * q * p * patches.shape[-1] * images] * (n // images))
+        slots = (weights.to(patches.dtype) @ patches).to(tokens.dtype)
+        return VisionSlots(torch.cat([tokens[:, :prefix], slots], dim=1), self._slot_patches)
 
     def scores(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N, Q, L) scores of tokens (N, L, D) by the learnable queries."""
@@ -84,7 +116,7 @@ class LightVLAStarPruner(Hooks, nn.Module):
     def _choose_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """(images, P) bool: per image, the union of the queries' argmax (or ``keep`` split over images)."""
         n, q, d = patches.shape[0], self.queries.shape[0], patches.shape[-1]
-        images = n // len(self.cost()) if self.cost() else n  # start(batch) has run: images per sample
+        images = self._images_per_sample(n)
         self.add_cost([2 * q * patches.shape[1] * d * images] * (n // images))
         return choose(self.scores(patches), self.keep // 2, "LightVLA*")
 

@@ -58,6 +58,18 @@ class ExtraKeys:
         return self.valid.sum(dim=1).cpu()
 
 
+@dataclass
+class VisionSlots:
+    """Tokens that replace a vision block's output: every image gets the same number S of slots.
+
+    Differentiable selection (training) fills each slot with a weighted mix of patches; the
+    slot takes the RoPE position of ``patches``, the patch it stands for (repeats allowed).
+    """
+
+    tokens: torch.Tensor  # (B*images, prefix + S, C), the tower's prefix tokens first
+    patches: torch.Tensor  # (B*images, S) patch index of every slot
+
+
 class Hooks:
     """Hook points of the model core. Every default is the identity.
 
@@ -79,10 +91,12 @@ class Hooks:
     def cost(self) -> list[float]:
         return list(getattr(self, "_cost", []))
 
-    def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | None:
+    def on_vision_block(self, tower: int, block: int,
+                        tokens: torch.Tensor) -> torch.Tensor | VisionSlots | None:
         """After vision block ``block`` of tower 0 (DINOv2) or 1 (SigLIP), tokens (B*images, N, C)
-        with the tower's prefix tokens first: None to go on, or a (B*images, N) bool mask of the
-        tokens to keep (prefix tokens included), after which the tower runs image by image.
+        with the tower's prefix tokens first: None to go on, a (B*images, N) bool mask of the
+        tokens to keep (prefix tokens included), after which the tower runs image by image, or
+        ``VisionSlots`` that replace the tokens (same count per image, so the batch stays whole).
         Both towers must keep the same patches."""
         return None
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from policies.vla.config import VLAConfig
-from policies.vla.hooks import Hooks, QueryTrace
+from policies.vla.hooks import Hooks, QueryTrace, VisionSlots
 
 
 def create_tower(model_id: str, image_size: int, overrides: dict) -> nn.Module:
@@ -45,8 +45,8 @@ class VisualTokens:
 
 @dataclass
 class TowerOutput:
-    features: list[torch.Tensor]  # per image (P_i, C), or one (N, P, C) tensor when nothing was pruned
-    patches: list[torch.Tensor] | None  # per image, the kept patch indices (None: all, in order)
+    features: list[torch.Tensor] | torch.Tensor  # per image (P_i, C), or (N, P, C) when all have P tokens
+    patches: list[torch.Tensor] | None  # per image, the patch index of every token (None: all, in order)
     counts: list[list[int]]  # per block run, tokens entering it per image
 
 
@@ -70,7 +70,8 @@ class VisionBackbone(nn.Module):
         """One tower through its second-to-last block, prefix tokens dropped.
 
         Until a hook prunes, all images run as one batch; after it, image by image (each
-        keeps its own number of tokens, so no padding enters the tower's attention).
+        keeps its own number of tokens, so no padding enters the tower's attention), or still
+        as one batch when the hook gives every image the same number of slots.
         """
         tower = self.towers[index]
         prefix = tower.num_prefix_tokens
@@ -84,21 +85,29 @@ class VisionBackbone(nn.Module):
             if parts is None:
                 counts.append([x.shape[1]] * x.shape[0])
                 x = block(x)
-                keep = hooks.on_vision_block(index, block_index, x)
-                if keep is not None:
-                    if x.device.type != "meta":
-                        keep = keep.to(x.device)
-                    if not bool(keep[:, :prefix].all()):
-                        raise ValueError("a vision hook must keep the tower's prefix tokens")
-                    rows = [keep[i].nonzero().flatten() for i in range(x.shape[0])]
-                    parts = [x[i].index_select(0, r.to(x.device)) for i, r in enumerate(rows)]
-                    patches = [r[prefix:] - prefix for r in rows]
+                change = hooks.on_vision_block(index, block_index, x)
+                if isinstance(change, VisionSlots):
+                    if change.tokens.shape[1] - prefix != change.patches.shape[1]:
+                        raise ValueError("vision slots need one patch index per slot after the prefix tokens")
+                    x, patches = change.tokens, list(change.patches.cpu())
+                elif change is not None:
+                    parts, patches = self._keep_rows(x, change, prefix)
             else:
                 counts.append([p.shape[0] for p in parts])
                 parts = [block(p[None])[0] for p in parts]
         if parts is None:
-            return TowerOutput(x[:, prefix:], None, counts)
+            return TowerOutput(x[:, prefix:], patches, counts)
         return TowerOutput([p[prefix:] for p in parts], patches, counts)
+
+    @staticmethod
+    def _keep_rows(x: torch.Tensor, keep: torch.Tensor, prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image, the kept tokens and the kept patch indices."""
+        if x.device.type != "meta":
+            keep = keep.to(x.device)
+        if not bool(keep[:, :prefix].all()):
+            raise ValueError("a vision hook must keep the tower's prefix tokens")
+        rows = [keep[i].nonzero().flatten() for i in range(x.shape[0])]
+        return [x[i].index_select(0, r.to(x.device)) for i, r in enumerate(rows)], [r[prefix:] - prefix for r in rows]
 
     def forward(self, pixel_values: torch.Tensor, hooks: Hooks | None = None,
                 traces: list[QueryTrace] | None = None) -> VisualTokens:

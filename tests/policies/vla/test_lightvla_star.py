@@ -116,3 +116,52 @@ def test_vision_placement_from_the_policy_options(tiny_checkpoint):
     with pytest.raises(PolicyOptionError, match="vision:B with 0 <= B < 2"):
         make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true",
                                       "placement": "vision:2"})
+
+
+class CaptureSlots(CaptureStream):
+    def on_vision_block(self, tower, block, tokens):
+        change = super().on_vision_block(tower, block, tokens)
+        if change is not None:
+            self.block_output, self.slots = getattr(self, "block_output", []) + [tokens], getattr(self, "slots", []) + [change]
+        return change
+
+
+def test_vision_placement_training_fills_query_slots_in_both_towers():
+    model = tiny_model().train()
+    pruner = CaptureSlots(32, num_queries=16, vision_block=0, prefix_tokens=(5, 0))
+    pruner.train()
+    pruner.set_progress(3, 10)
+    pixels, proprio, prompts = inputs()
+    trace = QueryTrace()
+    model(pixels, proprio, prompts, 2, hooks=pruner, traces=[trace]).abs().mean().backward()
+    # every image becomes 16 slots in both towers from the next block on, and 2 x 16 LLM tokens
+    assert trace.vision_tokens[0] == [[261, 261], [5 + 16, 5 + 16]]
+    assert trace.vision_tokens[1] == [[256, 256], [16, 16]]
+    assert trace.llm_visual_tokens == [32, 32]
+    # the forward value of a slot is the patch it selected, in both towers (prefix tokens untouched)
+    chosen = pruner._slot_patches
+    for tower, prefix in enumerate((5, 0)):
+        before, after = pruner.block_output[tower], pruner.slots[tower].tokens
+        assert torch.equal(after[:, :prefix], before[:, :prefix])
+        picked = before[:, prefix:].gather(1, chosen[..., None].expand(-1, -1, before.shape[-1]))
+        assert torch.allclose(after[:, prefix:], picked, atol=1e-6, rtol=0)
+    # each slot takes its patch's RoPE slot: 1 + image * 256 + patch
+    stream = pruner.stream
+    expected = [1 + i * 256 + p for i in range(2) for p in chosen[i].tolist()]
+    assert stream.position_ids[0][stream.visual[0]].tolist() == expected
+    # the straight-through path trains the queries and both towers' blocks up to the selection
+    assert pruner.queries.grad.abs().sum() > 0
+    for tower in ("featurizer", "fused_featurizer"):
+        grad = model.vision_backbone.get_parameter(f"{tower}.blocks.0.attn.qkv.weight").grad
+        assert grad is not None and grad.abs().sum() > 0
+    _, counted = flops.counted_flops(model, pixels, proprio, prompts, 2, hooks=pruner)
+    assert flops.query_flops(flops.model_dims(model), trace)["total"] == counted["total"]
+
+
+def test_vision_placement_training_needs_no_more_queries_than_patches():
+    model = tiny_model().train()
+    pruner = vision_pruner(queries=300)
+    pruner.train()
+    pixels, proprio, prompts = inputs()
+    with pytest.raises(ValueError, match="at most 256 queries"):
+        model(pixels, proprio, prompts, 2, hooks=pruner)
