@@ -231,9 +231,9 @@ def _params_computed(model) -> int:
     return sum(p.numel() for p in model.parameters()) - unused
 
 
-def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
-    """transformers' LlamaModel, same config and weights: bidirectional (an all-true 4-D mask,
-    which rules out flash attention) and causal (its default fast path)."""
+def yardstick_model(model, device: str, dtype):
+    """transformers' LlamaModel on the same config, sharing our LLM's weight tensors (no copy,
+    so the full size fits wherever our model fits)."""
     import torch
     from transformers import LlamaConfig, LlamaModel
 
@@ -244,10 +244,20 @@ def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
         num_key_value_heads=sizes.num_kv_heads, rms_norm_eps=sizes.rms_norm_eps, rope_theta=sizes.rope_theta,
         attn_implementation="sdpa",
     )
-    with torch.device(device):
+    with torch.device("meta"):
         hf = LlamaModel._from_config(config, dtype=dtype)
-    hf.load_state_dict(model.language_model.model.state_dict())
-    hf.eval()
+    hf.load_state_dict(model.language_model.model.state_dict(), assign=True)
+    with torch.device(device):  # RoPE frequencies are a computed buffer, not a weight
+        hf.rotary_emb = type(hf.rotary_emb)(config)
+    return hf.eval()
+
+
+def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
+    """transformers' LlamaModel, same config and weights: bidirectional (an all-true 4-D mask,
+    which rules out flash attention) and causal (its default fast path)."""
+    import torch
+
+    hf = yardstick_model(model, device, dtype)
     b, t = embeds.shape[:2]
     bidirectional = torch.ones(b, 1, t, t, dtype=torch.bool, device=device)
 

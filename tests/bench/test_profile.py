@@ -43,3 +43,25 @@ def test_full_size_random_weights_are_refused_on_a_small_cpu(capsys):
         pytest.skip("this machine could hold the full model in fp32")
     code = main(["profile", "--size", "full", "--device", "cpu", "--repeats", "1"])
     assert code == 2 and "Use size=tiny on the CPU" in capsys.readouterr().err
+
+
+def test_the_yardstick_shares_our_weights_and_computes_the_same_layers():
+    import torch
+
+    from bench.profile import yardstick_model
+    from policies.vla.config import tiny_config
+    from policies.vla.policy import random_model
+    from tests.policies.vla.test_llama import stream
+
+    model = random_model(tiny_config(), "cpu", torch.float32, seed=0)
+    hf = yardstick_model(model, "cpu", torch.float32)
+    ours = dict(model.language_model.model.named_parameters())
+    theirs = dict(hf.named_parameters())
+    assert theirs.keys() == ours.keys()
+    assert all(theirs[k].data_ptr() == ours[k].data_ptr() for k in ours)  # no second copy of the LLM
+    x = torch.randn(1, 40, model.config.llm.hidden_size)
+    everything = torch.ones(1, 1, 40, 40, dtype=torch.bool)
+    with torch.no_grad():
+        ref = hf(inputs_embeds=x, position_ids=torch.arange(40)[None], attention_mask=everything).last_hidden_state
+        out = model.language_model(stream(x))
+    assert torch.allclose(out, ref, atol=1e-5, rtol=0)
