@@ -131,6 +131,8 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
     hooks = build_hooks(settings, model.config)
+    if isinstance(hooks, torch.nn.Module):  # learnable plug-in parameters live with the model
+        hooks.to(device=device, dtype=dtype)
     pixels, proprio, prompts = example_inputs(model, settings, device)
     stop_id = ByteTokenizer.stop_id  # random weights come with the byte tokenizer
     dims = flops.model_dims(model)

@@ -42,7 +42,7 @@ def top_voted(scores: torch.Tensor, count: int) -> torch.Tensor:
     Random weights cannot show a learned keep count; cost figures force one this way.
     """
     votes = torch.zeros(scores.shape[0], scores.shape[-1], device=scores.device)
-    votes = votes.scatter_add(1, scores.argmax(dim=-1), torch.ones_like(scores[..., 0]))
+    votes = votes.scatter_add(1, scores.argmax(dim=-1), torch.ones(scores.shape[:2], device=scores.device))
     # |S| <= sqrt(D) (normalised vectors), so a vote always outweighs a score difference.
     rank = votes * 1e4 + scores.float().amax(dim=1)
     chosen = rank.topk(count, dim=1).indices

@@ -137,6 +137,7 @@ class LanguageModel(nn.Module):
         hooks = hooks or Hooks()
         stream = hooks.before_llm(stream)
         recorder = _LayerCounts() if traces is not None else None
+        positions = padding = cos = sin = mask = None
         for index, layer in enumerate(self.model.layers):
             skipped = hooks.skip_layer(index)
             extra = None if skipped else hooks.extra_keys(index, stream)
@@ -144,8 +145,11 @@ class LanguageModel(nn.Module):
                 recorder.record(stream, skipped, extra)
             if skipped:
                 continue
-            cos, sin = rope_cos_sin(stream.position_ids, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
-            mask = key_mask(stream.padding, stream.hidden.device)
+            if stream.position_ids is not positions or stream.padding is not padding:
+                # Recomputed only when a hook changed the tokens: fewer small kernels per layer.
+                positions, padding = stream.position_ids, stream.padding
+                cos, sin = rope_cos_sin(positions, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
+                mask = key_mask(padding, stream.hidden.device)
             stream.hidden, q, k, v = layer(stream.hidden, cos, sin, mask, causal, extra)
             if hooks.wants_kv(index):
                 hooks.on_kv(index, stream, k, v)

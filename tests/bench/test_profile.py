@@ -65,3 +65,19 @@ def test_the_yardstick_shares_our_weights_and_computes_the_same_layers():
         ref = hf(inputs_embeds=x, position_ids=torch.arange(40)[None], attention_mask=everything).last_hidden_state
         out = model.language_model(stream(x))
     assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
+    # bf16 is what a GPU runs: every plug-in's selection has to work in it, not only in fp32
+    results = run_json(capsys, "--sweep", "--size", "tiny", "--device", "cpu", "--dtype", "bf16",
+                       "--repeats", "1", "--warmup", "0")
+    methods = [r["policy"] for r in results]
+    assert methods[0] == "oft" and set(methods) == {"oft", "lightvla", "lightvla_star", "fastv", "sparsevlm",
+                                                    "vla_cache"}
+    for r in results:
+        assert r["dtype"] == "bfloat16" and r["latency_ms"]["n"] == 1
+        assert r["tflops_counted"] == pytest.approx(r["tflops_per_query"], rel=1e-9)
+        assert r["tflops_vs_oft"] == pytest.approx(r["tflops_per_query"] / results[0]["tflops_per_query"])
+    lightvla = next(r for r in results if r["policy"] == "lightvla")
+    assert lightvla["visual_tokens_llm"] == 78 and lightvla["tflops_vs_oft"] < 1
+    assert lightvla["plugin_ms"]["n"] == 1
