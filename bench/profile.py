@@ -4,8 +4,9 @@ FLOPs come two ways: analytic, from the token counts each stage saw (policies/vl
 and counted by ``torch.utils.flop_counter.FlopCounterMode`` on the same forward (on the
 ``meta`` device the full size needs no memory). Latency is measured on a real device over
 repeated queries after warm-up, with device synchronisation, on random weights (cost does
-not depend on the weights). A yardstick times transformers' ``LlamaModel`` with the same
-config and weights on the same sequence in the same run.
+not depend on the weights). For OFT, our LLM alone and a yardstick, transformers'
+``LlamaModel`` with the same config and weights, are timed on the same sequence in the same
+run; for a plug-in, its own work between projector and layer 0.
 """
 
 from __future__ import annotations
@@ -212,11 +213,12 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
                 fn(TokenStream(embeds, positions, stream.visual, stream.task))
         return _percentiles(_time(call, device, settings.repeats, settings.warmup))
 
-    result["llm_latency_ms"] = timed_on_the_sequence(model.language_model)
+    if hooks is None:  # the unpruned LLM, the yardstick's counterpart (a plug-in run would repeat OFT's)
+        result["llm_latency_ms"] = timed_on_the_sequence(model.language_model)
     if hooks is not None and type(hooks).before_llm is not Hooks.before_llm:
         # The plug-in's own work between projector and layer 0 (scoring and gather).
         result["plugin_ms"] = timed_on_the_sequence(hooks.before_llm)
-    if settings.yardstick:
+    if settings.yardstick and hooks is None:
         result["yardstick"] = _yardstick(model, embeds, positions, device, dtype, settings)
     return result
 
@@ -305,7 +307,8 @@ def format_profile(result: dict) -> str:
                      f"p99 {lat['p99']:.2f}  ({lat['n']} runs after warm-up)")
         lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB")
         llm = result["llm_latency_ms"]
-        lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
+        if llm:
+            lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
         if result["plugin_ms"]:
             lines.append(f"plug-in before layer 0:           mean {result['plugin_ms']['mean']:.3f} ms  "
                          f"p50 {result['plugin_ms']['p50']:.3f}")

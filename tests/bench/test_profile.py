@@ -81,3 +81,5 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     lightvla = next(r for r in results if r["policy"] == "lightvla")
     assert lightvla["visual_tokens_llm"] == 78 and lightvla["tflops_vs_oft"] < 1
     assert lightvla["plugin_ms"]["n"] == 1
+    # the LLM alone is timed once, without a plug-in, beside the yardstick's
+    assert results[0]["llm_latency_ms"]["n"] == 1 and lightvla["llm_latency_ms"] is None
