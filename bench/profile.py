@@ -14,7 +14,9 @@ from __future__ import annotations
 import gc
 import resource
 import statistics
+import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 # Prompt length (BOS and the final empty piece included) assumed for cost figures: the mean
@@ -367,9 +369,19 @@ def sweep(settings: ProfileSettings) -> list[dict]:
         if policy not in POLICIES or (policy == "vla_cache" and shared[1] == "meta"):
             continue
         run = replace(settings, policy=policy, policy_args=args, keep=None, yardstick=False)
-        results.append(profile(run, shared))
+        if not results:  # OFT: without the baseline there is no table
+            results.append(profile(run, shared))
+            continue
+        try:
+            results.append(profile(run, shared))
+        except Exception as error:  # one method's failure must not cost the other rows
+            traceback.print_exc(file=sys.stderr)
+            results.append({"policy": policy, "policy_args": args, "error": f"{type(error).__name__}: {error}"})
+            gc.collect()
     base = results[0]
     for r in results:
+        if "error" in r:
+            continue
         r["tflops_vs_oft"] = r["tflops_per_query"] / base["tflops_per_query"]
         if r["latency_ms"] and base["latency_ms"]:
             r["latency_vs_oft"] = r["latency_ms"]["mean"] / base["latency_ms"]["mean"]
@@ -384,6 +396,9 @@ def format_sweep(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         args = " ".join(f"{k}={v}" for k, v in r["policy_args"].items())
+        if "error" in r:
+            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - |")
+            continue
         lat = r["latency_ms"]
         latency = f"{lat['p50']:.2f} / {lat['p90']:.2f}" if lat else "-"
         rel = f"{r['latency_vs_oft']:.3f}" if r.get("latency_vs_oft") else "-"

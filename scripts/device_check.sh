@@ -3,19 +3,25 @@
 # bf16, batch 1, random weights (cost does not depend on them). Needs torch, timm,
 # transformers, safetensors, sentencepiece, numpy; not the simulator.
 #   scripts/device_check.sh                       # on a CUDA machine, results in $OUT or results/device
-#   SIZE=tiny DEVICE=cpu scripts/device_check.sh  # the same steps on a CPU, as a smoke test
+#   SIZE=tiny DEVICE=cpu DTYPE=bf16 scripts/device_check.sh  # the same steps on a CPU, as a smoke test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${SIZE:-full}
 DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-auto}  # auto: bf16 on a GPU
 DEST=${OUT:-results/device}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/gpu.txt"
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee "$DEST/versions.txt"
+failed=0
+step() {  # a failed step is reported and the next one still runs: device time is scarce
+  "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
+}
 # Every plug-in's code path on the device first, on the tiny model (seconds).
-$PY -m bench profile --sweep --size tiny --device "$DEVICE" --repeats 5 --warmup 2 --save "$DEST/sweep_tiny.json"
+step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2 --save "$DEST/sweep_tiny.json"
 # OFT with the transformers yardstick, then every method relative to OFT in one run.
-$PY -m bench profile --size "$SIZE" --device "$DEVICE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
-$PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --repeats 50 --warmup 5 --save "$DEST/sweep.json"
+step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
+step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/sweep.json"
+exit $failed

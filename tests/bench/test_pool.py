@@ -48,7 +48,7 @@ import sys
 from bench.config import RunConfig
 from bench.runner import execute
 from tests.fakes import slow_fake_env
-cfg = RunConfig(suite="libero_goal", policy="random", tasks=[0, 1], episodes_per_task=4, max_steps=40, workers=2)
+cfg = RunConfig(suite="libero_goal", policy="random", tasks=[0, 1], episodes_per_task=8, max_steps=40, workers=2)
 execute(cfg, sys.argv[1], resume=len(sys.argv) > 2, progress=False, env_factory=slow_fake_env)
 """
 
@@ -63,7 +63,7 @@ def test_ctrl_c_during_a_pool_run_leaves_a_resumable_run_and_no_orphans(tmp_path
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     done = read_episodes(run)
-    assert 2 <= len(done) < 8
+    assert 2 <= len(done) < 16  # 16 episodes leave a wide window for the interrupt on a loaded machine
     assert (run / "episodes.jsonl").read_text().endswith("\n")
     time.sleep(1)
     for pid in {int(p) for p in pids.read_text().split()}:
@@ -74,7 +74,7 @@ def test_ctrl_c_during_a_pool_run_leaves_a_resumable_run_and_no_orphans(tmp_path
         raise AssertionError(f"worker {pid} outlived the interrupted run")
     subprocess.run([sys.executable, "-c", _INTERRUPTED_RUN, str(run), "resume"], cwd=REPO, env=env, check=True)
     keys = sorted(r["key"] for r in read_episodes(run))
-    assert keys == sorted(f"libero_goal/{t}/{i}" for t in (0, 1) for i in range(4))
+    assert keys == sorted(f"libero_goal/{t}/{i}" for t in (0, 1) for i in range(8))
 
 
 def test_workers_that_cannot_start_stop_the_run_with_an_explanation(tmp_path):

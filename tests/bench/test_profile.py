@@ -83,3 +83,18 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     assert lightvla["plugin_ms"]["n"] == 1
     # the LLM alone is timed once, without a plug-in, beside the yardstick's
     assert results[0]["llm_latency_ms"]["n"] == 1 and lightvla["llm_latency_ms"] is None
+
+
+def test_a_failing_method_is_recorded_and_the_sweep_goes_on(capsys, monkeypatch):
+    from bench import profile
+
+    def methods(config):
+        return [("oft", {}), ("fastv", {"k": "99"}), ("lightvla", {"keep": "8"})]
+
+    monkeypatch.setattr(profile, "sweep_methods", methods)
+    assert main(["profile", "--sweep", "--size", "tiny", "--device", "meta"]) == 1
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if line.startswith("| ")][1:]
+    assert rows[1].startswith("| fastv k=99 | failed: PolicyOptionError: fastv: k must be in 1..1")
+    assert rows[2].startswith("| lightvla keep=8 | 8 x2 |")
+    assert "Traceback" in out.err
