@@ -42,7 +42,7 @@ class ProfileSettings:
     count: bool = True
 
 
-def _percentiles(samples_ms: list[float]) -> dict:
+def percentiles(samples_ms: list[float]) -> dict:
     ordered = sorted(samples_ms)
 
     def pct(p):
@@ -61,7 +61,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: str, repeats: int, warmup: int) -> list[float]:
+def time_calls(fn, device: str, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls after ``warmup`` untimed ones, the device synchronised."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -196,7 +197,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         with torch.inference_mode():
             forward()
 
-    result["latency_ms"] = _percentiles(_time(query, device, settings.repeats, settings.warmup))
+    result["latency_ms"] = percentiles(time_calls(query, device, settings.repeats, settings.warmup))
     if device.startswith("cuda"):
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -213,7 +214,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         def call():
             with torch.inference_mode():
                 fn(TokenStream(embeds, positions, stream.visual, stream.task))
-        return _percentiles(_time(call, device, settings.repeats, settings.warmup))
+        return percentiles(time_calls(call, device, settings.repeats, settings.warmup))
 
     if hooks is None:  # the unpruned LLM, the yardstick's counterpart (a plug-in run would repeat OFT's)
         result["llm_latency_ms"] = timed_on_the_sequence(model.language_model)
@@ -275,8 +276,8 @@ def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
 
     out = {
         "library": "transformers",
-        "bidirectional_ms": _percentiles(_time(run(bidirectional), device, settings.repeats, settings.warmup)),
-        "causal_ms": _percentiles(_time(run(None), device, settings.repeats, settings.warmup)),
+        "bidirectional_ms": percentiles(time_calls(run(bidirectional), device, settings.repeats, settings.warmup)),
+        "causal_ms": percentiles(time_calls(run(None), device, settings.repeats, settings.warmup)),
     }
     del hf
     gc.collect()

@@ -24,4 +24,6 @@ step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE
 # OFT with the transformers yardstick, then every method relative to OFT in one run.
 step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
 step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/sweep.json"
+# LightVLA's batches with different keep counts: one padded call against one call per observation.
+step $PY scripts/lightvla_batching.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --batch 4 --save "$DEST/batching.json"
 exit $failed
