@@ -46,10 +46,12 @@ def task_span(stream: TokenStream) -> int:
     return int(stream.task.sum(dim=1).max())
 
 
-def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, n, D) last-n tokens covering every sample's task tokens, and the (B, n) mask of which are task tokens."""
-    n = task_span(stream)
-    return stream.hidden[:, -n:], stream.task[:, -n:]
+def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """(B, n, D) last-n tokens covering every sample's task tokens, the (B, n) mask of which are
+    task tokens (None when all are), and each sample's task-token count: one read-back for all three."""
+    counts = stream.task.sum(dim=1).tolist()
+    n = max(counts)
+    return stream.hidden[:, -n:], (None if min(counts) == n else stream.task[:, -n:]), counts
 
 
 def on_meta(t: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ from policies.vla.hooks import Hooks, TokenStream
 def lightvla_scores(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V, V) scores of visual tokens (B, V, D) by queries built from task tokens (B, n, D)."""
     p, t = rms_norm(visual), rms_norm(task)
-    mask = None if task_mask is None or bool(task_mask.all()) else task_mask[:, None, :].to(t.device)
+    mask = None if task_mask is None else task_mask[:, None, :].to(t.device)
     queries = rms_norm(F.scaled_dot_product_attention(p, t, t, attn_mask=mask))
     return queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])
 
@@ -109,13 +109,12 @@ class LightVLAPruner(Hooks):
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
         visual, columns = visual_block(stream)
-        task, task_mask = task_block(stream)
+        task, task_mask, task_counts = task_block(stream)
         scores = lightvla_scores(visual, task, task_mask)
         v, d = visual.shape[1:]
-        n = task_mask.sum(dim=1).tolist()
-        self.add_cost([2 * v * d * (2 * m + v) for m in n])  # queries (two products) and the V x V scores
+        self.add_cost([2 * v * d * (2 * m + v) for m in task_counts])  # queries (two products) and the V x V scores
         if self.training:
             weights, indices = straight_through(scores, self.noise_scale)
-            self.add_cost([2 * v * v * d] * len(n))  # W @ P
+            self.add_cost([2 * v * v * d] * len(task_counts))  # W @ P
             return replace_visual(stream, columns, weights @ visual, selected_positions(stream, columns, indices))
         return keep_chosen(stream, columns, choose(scores, self.keep, "LightVLA"))

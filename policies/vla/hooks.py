@@ -38,10 +38,10 @@ def left_compact(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None
     where L is the most valid entries in a row; and the padding mask of the result (None if
     every row is full). A stable sort of the flags puts invalid entries first."""
     t = valid.shape[1]
-    longest = int(valid.sum(dim=1).max())  # the one synchronisation a data-dependent length needs
+    counts = valid.sum(dim=1).tolist()  # the one synchronisation a data-dependent length needs
+    longest = max(counts)
     order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, t - longest:]
-    kept = valid.gather(1, order)
-    return order, (None if bool(kept.all()) else ~kept)
+    return order, (None if min(counts) == longest else ~valid.gather(1, order))
 
 
 @dataclass
