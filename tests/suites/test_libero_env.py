@@ -85,3 +85,35 @@ def test_observation_conventions(task):
         assert state["bddl_file"] == task.bddl_file
     finally:
         env.close()
+
+
+def test_each_env_renders_in_its_own_gl_context(task):
+    """robosuite renders in whichever GL context is current, and closing an env releases it:
+    with two envs in one process, each must make its own context current to render."""
+    import os
+
+    if os.environ.get("MUJOCO_GL", "egl") != "egl":
+        pytest.skip("checks EGL contexts")
+
+    def own(env):
+        return env._robosuite_env.sim._render_context_offscreen.gl_ctx._context.address
+
+    def render_step(env):
+        env.reset(task.init_states()[0])
+        env.step(np.zeros(7), render=True)
+        current = EGL.eglGetCurrentContext()
+        return current.address if current else None
+
+    first, second = LiberoEnv(task), LiberoEnv(task)  # the second's context is current now
+    from OpenGL import EGL  # after robosuite chose the EGL platform
+
+    try:
+        assert own(first) != own(second)
+        for env in (first, second, first):
+            assert render_step(env) == own(env)
+        second.close()  # releases the current context
+        assert render_step(first) == own(first)
+        assert first.observe(images=True)["images"]["agentview"].mean() > 20  # a scene, not an empty buffer
+    finally:
+        first.close()
+        second.close()
