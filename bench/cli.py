@@ -227,8 +227,7 @@ def cmd_profile(args) -> int:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else text)
-    failed = [r for r in result if "error" in r] if args.sweep else []
-    return 1 if failed else 0
+    return 1 if args.sweep and any("error" in r for r in result) else 0
 
 
 def cmd_list(args) -> int:

@@ -370,12 +370,11 @@ def sweep(settings: ProfileSettings) -> list[dict]:
         if policy not in POLICIES or (policy == "vla_cache" and shared[1] == "meta"):
             continue
         run = replace(settings, policy=policy, policy_args=args, keep=None, yardstick=False)
-        if not results:  # OFT: without the baseline there is no table
-            results.append(profile(run, shared))
-            continue
         try:
             results.append(profile(run, shared))
         except Exception as error:  # one method's failure must not cost the other rows
+            if not results:  # OFT: without the baseline there is no table
+                raise
             traceback.print_exc(file=sys.stderr)
             results.append({"policy": policy, "policy_args": args, "error": f"{type(error).__name__}: {error}"})
             gc.collect()

@@ -51,18 +51,16 @@ def main() -> int:
     pixels, proprio = pixels.to(dtype), proprio.to(dtype)
     pruner, stop = LightVLAPruner(), ByteTokenizer.stop_id
 
-    def padded():
-        return model(pixels, proprio, prompts, stop, hooks=pruner)
+    def padded(traces=None):
+        return model(pixels, proprio, prompts, stop, hooks=pruner, traces=traces)
 
-    def one_by_one():
-        return torch.cat([model(pixels[i:i + 1], proprio[i:i + 1], prompts[i:i + 1], stop, hooks=pruner)
-                          for i in range(args.batch)])
+    def one_by_one(traces=None):
+        return torch.cat([model(pixels[i:i + 1], proprio[i:i + 1], prompts[i:i + 1], stop, hooks=pruner,
+                                traces=None if traces is None else traces[i:i + 1]) for i in range(args.batch)])
 
     with torch.inference_mode():
         batched, single = [QueryTrace() for _ in prompts], [QueryTrace() for _ in prompts]
-        a = model(pixels, proprio, prompts, stop, hooks=pruner, traces=batched).float()
-        b = torch.cat([model(pixels[i:i + 1], proprio[i:i + 1], prompts[i:i + 1], stop, hooks=pruner,
-                             traces=single[i:i + 1]) for i in range(args.batch)]).float()
+        a, b = padded(batched).float(), one_by_one(single).float()
         result = {
             "size": args.size, "device": device, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
             "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,

@@ -128,7 +128,7 @@ class VLACache(Hooks):
         columns = stream.visual[0].nonzero().flatten().to(k.device)
         index = stream.position_ids[0].to(k.device)[columns] - VISUAL_START
         if layer not in cache.keys:
-            visual = self.images * 256
+            visual = cache.patches.shape[0]  # every visual token of the episode's frames
             cache.keys[layer] = k.new_zeros(k.shape[1], visual, k.shape[3])
             cache.values[layer] = v.new_zeros(v.shape[1], visual, v.shape[3])
         cache.keys[layer][:, index] = k[0][:, columns]

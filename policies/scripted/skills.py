@@ -31,11 +31,15 @@ class SkillFailed(RuntimeError):
 class Skill(ABC):
     """A state machine over named phases; ``act`` returns None once the skill is finished."""
 
-    def __init__(self):
+    def __init__(self, label: str):
+        self.label = label  # the goal predicate it serves, for messages
         self.phase = "start"
         self.ticks = 0  # queries spent in the current phase
         self.attempts = 0
         self.max_attempts = 4
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label})"
 
     def goto(self, phase: str) -> None:
         self.phase, self.ticks = phase, 0
@@ -130,18 +134,14 @@ class PickPlace(Skill):
     """
 
     def __init__(self, obj: str, destination, label: str):
-        super().__init__()
+        super().__init__(label)
         self.obj = obj
         self.destination = destination  # callable(scene) -> (xy target of body origin, bottom z)
-        self.label = label
         self.grasp_point = None
         self.finger_axis = None
         self.hold_offset = None  # eef minus object origin once grasped
         self.last_eef_z = None
         self.last_object_pos = None
-
-    def __repr__(self) -> str:
-        return f"PickPlace({self.label})"
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         return self.run_phase(scene, scene.body(self.obj), steps)
@@ -309,14 +309,10 @@ class SlideDish(Skill):
     """
 
     def __init__(self, obj: str, region: str, label: str):
-        super().__init__()
+        super().__init__(label)
         self.obj = obj
         self.region = region
-        self.label = label
         self.last_eef_z = None
-
-    def __repr__(self) -> str:
-        return f"SlideDish({self.label})"
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         return self.run_phase(scene, scene.body(self.obj), steps)
@@ -403,15 +399,11 @@ class TurnKnob(Skill):
     """
 
     def __init__(self, joint: str, threshold: float, increase: bool, label: str):
-        super().__init__()
+        super().__init__(label)
         self.joint = joint
         self.threshold = threshold
         self.increase = increase
-        self.label = label
         self.turned = 0.0
-
-    def __repr__(self) -> str:
-        return f"TurnKnob({self.label})"
 
     def _done_turning(self, qpos: float) -> bool:
         return qpos >= self.threshold if self.increase else qpos < self.threshold
@@ -477,14 +469,10 @@ class CloseDrawer(Skill):
     """Push a drawer shut: closed fingers in front of its front face, then along the closing direction."""
 
     def __init__(self, joint: str, articulation: dict, label: str):
-        super().__init__()
+        super().__init__(label)
         self.joint = joint
         self.opens_negative = opens_negative(articulation)
         self.close_range = articulation["default_close_ranges"]
-        self.label = label
-
-    def __repr__(self) -> str:
-        return f"CloseDrawer({self.label})"
 
     def closed(self, qpos: float) -> bool:
         lo, hi = min(self.close_range), max(self.close_range)
