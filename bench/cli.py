@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=20, help="timed queries")
     prof.add_argument("--warmup", type=int, default=3, help="untimed queries first")
     prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
+    prof.add_argument("--no-cuda-graphs", action="store_true",
+                      help="time eager queries only (by default a GPU replays CUDA graphs and eager is timed too)")
     prof.add_argument("--json", action="store_true")
     prof.add_argument("--save", type=Path, metavar="FILE", help="also write the JSON result to FILE")
 
@@ -215,7 +217,7 @@ def cmd_profile(args) -> int:
     settings = ProfileSettings(
         policy=args.policy, policy_args=dict(args.policy_arg or []), keep=args.keep, size=args.size, device=args.device, dtype=args.dtype, batch=args.batch,
         prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
-        yardstick=not args.no_yardstick,
+        yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs,
     )
     if args.sweep:
         result = sweep(settings)

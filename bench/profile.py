@@ -40,6 +40,7 @@ class ProfileSettings:
     seed: int = 0
     yardstick: bool = True
     count: bool = True
+    cuda_graphs: bool = True  # on a GPU, replay fixed-shape parts as CUDA graphs (eager also timed)
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -150,6 +151,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
             hooks.begin("profile", pixels[0])
         return model(pixels, proprio, prompts, stop_id, hooks=hooks, traces=traces)
 
+    model.use_cuda_graphs(False)  # token counts and FLOPs from the eager path: a replay runs no operators
     traces = [QueryTrace() for _ in prompts]
     with torch.inference_mode():
         if caching:
@@ -186,17 +188,28 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "yardstick": None,
         "peak_memory_mb": None,
         "plugin_ms": None,
+        "cuda_graphs": None,
+        "latency_eager_ms": None,
+        "llm_eager_latency_ms": None,
+        "plugin_eager_ms": None,
     }
     if device == "meta":
         return result
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-
     def query():
         with torch.inference_mode():
-            forward()
+            return forward()
 
+    graphed = settings.cuda_graphs and device.startswith("cuda")
+    if graphed:  # eager first, then the same query replayed, and how far apart their actions are
+        model.language_model.fuse_projections()  # the same weights for both
+        result["latency_eager_ms"] = percentiles(time_calls(query, device, settings.repeats, settings.warmup))
+        eager_actions = query()
+        model.use_cuda_graphs()
+        graph_actions = query()
+        result["cuda_graphs"] = {"max_abs_diff_actions": float((graph_actions - eager_actions).abs().max())}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     result["latency_ms"] = percentiles(time_calls(query, device, settings.repeats, settings.warmup))
     if device.startswith("cuda"):
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -216,11 +229,27 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
                 fn(TokenStream(embeds, positions, stream.visual, stream.task))
         return percentiles(time_calls(call, device, settings.repeats, settings.warmup))
 
+    def llm(graphs):
+        return lambda s: model.language_model(s, graphs=graphs)
+
+    def plugin(graphs):
+        def run(s):
+            hooks.graphs = graphs
+            return hooks.before_llm(s)
+        return run
+
     if hooks is None:  # the unpruned LLM, the yardstick's counterpart (a plug-in run would repeat OFT's)
-        result["llm_latency_ms"] = timed_on_the_sequence(model.language_model)
+        result["llm_latency_ms"] = timed_on_the_sequence(llm(model.graphs))
+        if graphed:
+            result["llm_eager_latency_ms"] = timed_on_the_sequence(llm(None))
     if hooks is not None and type(hooks).before_llm is not Hooks.before_llm:
         # The plug-in's own work between projector and layer 0 (scoring and gather).
-        result["plugin_ms"] = timed_on_the_sequence(hooks.before_llm)
+        result["plugin_ms"] = timed_on_the_sequence(plugin(model.graphs))
+        if graphed:
+            result["plugin_eager_ms"] = timed_on_the_sequence(plugin(None))
+    if graphed:
+        result["cuda_graphs"].update(model.graphs.stats())
+    model.use_cuda_graphs(False)
     if settings.yardstick and hooks is None:
         result["yardstick"] = _yardstick(model, embeds, positions, device, dtype, settings)
     return result
@@ -308,13 +337,27 @@ def format_profile(result: dict) -> str:
         lat = result["latency_ms"]
         lines.append(f"latency per query: mean {lat['mean']:.2f} ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  "
                      f"p99 {lat['p99']:.2f}  ({lat['n']} runs after warm-up)")
+        graphs = result.get("cuda_graphs")
+        if graphs:
+            eager = result["latency_eager_ms"]
+            lines[-1] += "  (CUDA graphs)"
+            lines.append(f"latency, eager (no graphs): mean {eager['mean']:.2f} ms  p50 {eager['p50']:.2f}  "
+                         f"p90 {eager['p90']:.2f}  p99 {eager['p99']:.2f}")
+            lines.append(f"CUDA graphs: {graphs['graphs']} captured; largest action difference from eager "
+                         f"{graphs['max_abs_diff_actions']:.2e}")
         lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB")
         llm = result["llm_latency_ms"]
         if llm:
             lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
+        if result.get("llm_eager_latency_ms"):
+            llm = result["llm_eager_latency_ms"]
+            lines.append(f"LLM alone (ours, eager):          mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
         if result["plugin_ms"]:
             lines.append(f"plug-in before layer 0:           mean {result['plugin_ms']['mean']:.3f} ms  "
                          f"p50 {result['plugin_ms']['p50']:.3f}")
+        if result.get("plugin_eager_ms"):
+            lines.append(f"plug-in before layer 0, eager:    mean {result['plugin_eager_ms']['mean']:.3f} ms  "
+                         f"p50 {result['plugin_eager_ms']['p50']:.3f}")
         if result["yardstick"]:
             y = result["yardstick"]
             lines.append(f"LLM alone (transformers, bidir.): mean {y['bidirectional_ms']['mean']:.2f} ms  "
@@ -383,8 +426,11 @@ def sweep(settings: ProfileSettings) -> list[dict]:
         if "error" in r:
             continue
         r["tflops_vs_oft"] = r["tflops_per_query"] / base["tflops_per_query"]
+        # Medians: a host's hiccups move the mean of a few dozen GPU queries by tens of percent.
         if r["latency_ms"] and base["latency_ms"]:
-            r["latency_vs_oft"] = r["latency_ms"]["mean"] / base["latency_ms"]["mean"]
+            r["latency_vs_oft"] = r["latency_ms"]["p50"] / base["latency_ms"]["p50"]
+        if r.get("latency_eager_ms") and base.get("latency_eager_ms"):
+            r["latency_eager_vs_oft"] = r["latency_eager_ms"]["p50"] / base["latency_eager_ms"]["p50"]
     return results
 
 
@@ -392,16 +438,20 @@ def format_sweep(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"size {r0['size']}  device {r0['device_name']}  dtype {r0['dtype']}  batch {r0['batch']}  "
              f"prompt {r0['prompt_tokens']} tokens",
-             "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT |",
-             "|---|---|---|---|---|---|"]
+             "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT (p50) "
+             "| eager p50 / p90 ms | vs OFT (p50) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         args = " ".join(f"{k}={v}" for k, v in r["policy_args"].items())
         if "error" in r:
-            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - |")
+            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - | - | - |")
             continue
-        lat = r["latency_ms"]
-        latency = f"{lat['p50']:.2f} / {lat['p90']:.2f}" if lat else "-"
-        rel = f"{r['latency_vs_oft']:.3f}" if r.get("latency_vs_oft") else "-"
+
+        def cells(latency, ratio):
+            return (f"{latency['p50']:.2f} / {latency['p90']:.2f}" if latency else "-",
+                    f"{ratio:.3f}" if ratio else "-")
+        latency, rel = cells(r["latency_ms"], r.get("latency_vs_oft"))
+        eager, eager_rel = cells(r.get("latency_eager_ms"), r.get("latency_eager_vs_oft"))
         lines.append(f"| {r['policy']} {args} | {summarize_layers(r['visual_tokens_per_layer'])} | "
-                     f"{r['tflops_per_query']:.4f} | {r['tflops_vs_oft']:.3f} | {latency} | {rel} |")
+                     f"{r['tflops_per_query']:.4f} | {r['tflops_vs_oft']:.3f} | {latency} | {rel} | {eager} | {eager_rel} |")
     return "\n".join(lines)

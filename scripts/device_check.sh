@@ -23,7 +23,9 @@ step() {  # a failed step is reported and the next one still runs: device time i
 step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2 --save "$DEST/sweep_tiny.json"
 # OFT with the transformers yardstick, then every method relative to OFT in one run.
 step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
-step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/sweep.json"
+step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep.json"
 # LightVLA's batches with different keep counts: one padded call against one call per observation.
 step $PY scripts/lightvla_batching.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --batch 4 --save "$DEST/batching.json"
+# Wall time against the device's kernel time, and the costliest kernels, for OFT and LightVLA at 78.
+step $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/kernels.json"
 exit $failed

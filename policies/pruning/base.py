@@ -61,8 +61,7 @@ def on_meta(t: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm without a weight, computed in fp32, returned in the input's dtype."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def last_token_attention(q: torch.Tensor, k: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -32,6 +32,9 @@ class FastVPruner(Hooks):
     def wants_qk(self, layer: int) -> bool:
         return layer == self.k - 1
 
+    def plain_layer(self, layer: int) -> bool:
+        return layer != self.k - 1
+
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
         if layer != self.k - 1:
             return stream

@@ -110,11 +110,19 @@ class LightVLAPruner(Hooks):
     def before_llm(self, stream: TokenStream) -> TokenStream:
         visual, columns = visual_block(stream)
         task, task_mask, task_counts = task_block(stream)
-        scores = lightvla_scores(visual, task, task_mask)
         v, d = visual.shape[1:]
         self.add_cost([2 * v * d * (2 * m + v) for m in task_counts])  # queries (two products) and the V x V scores
         if self.training:
-            weights, indices = straight_through(scores, self.noise_scale)
+            weights, indices = straight_through(lightvla_scores(visual, task, task_mask), self.noise_scale)
             self.add_cost([2 * v * v * d] * len(task_counts))  # W @ P
             return replace_visual(stream, columns, weights @ visual, selected_positions(stream, columns, indices))
-        return keep_chosen(stream, columns, choose(scores, self.keep, "LightVLA"))
+        if self.graphs is not None and not on_meta(visual):
+            # Scoring and choice have fixed shapes: one graph; the gather after it does not.
+            chosen = self.graphs.run(f"lightvla choice keep={self.keep}", self.chosen, visual, task, task_mask)
+        else:
+            chosen = self.chosen(visual, task, task_mask)
+        return keep_chosen(stream, columns, chosen)
+
+    def chosen(self, visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, V) bool: the visual tokens inference keeps."""
+        return choose(lightvla_scores(visual, task, task_mask), self.keep, "LightVLA")

@@ -66,6 +66,12 @@ class LightVLAStarPruner(Hooks, nn.Module):
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
         return self.select(stream) if self.after is not None and layer == self.after - 1 else stream
 
+    def plain_layer(self, layer: int) -> bool:
+        return self.after is None or layer != self.after - 1
+
+    def plain_vision(self) -> bool:
+        return self.vision_block is None
+
     def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | VisionSlots | None:
         if block != self.vision_block:
             return None

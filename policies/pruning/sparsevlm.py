@@ -135,6 +135,9 @@ class SparseVLMPruner(Hooks):
     def wants_qk(self, layer: int) -> bool:
         return layer + 1 in self.layers
 
+    def plain_layer(self, layer: int) -> bool:
+        return layer + 1 not in self.layers
+
     def removal_plan(self, visual: int, target: int) -> tuple[int, int, int]:
         """(removed, recycled, clusters) taking ``visual`` tokens to ``target``, aggregates included.
 

@@ -70,12 +70,32 @@ class VisionSlots:
     patches: torch.Tensor  # (B*images, S) patch index of every slot
 
 
+_LAYER_POINTS = ("skip_layer", "extra_keys", "wants_kv", "on_kv", "wants_qk", "after_layer")
+
+
 class Hooks:
     """Hook points of the model core. Every default is the identity.
 
     A plug-in that computes something itself (scores, attention rows) reports those FLOPs
     per sample with ``add_cost`` so that a query's count stays complete.
+
+    ``graphs`` is set by the core for each query: the model's CUDA graphs
+    (``policies.vla.graphs.Graphs``) when it replays them, else None. A plug-in may run its
+    own fixed-shape work through it.
     """
+
+    graphs = None
+
+    def plain_vision(self) -> bool:
+        """Whether the vision towers run untouched (then the core may replay them as one graph)."""
+        return type(self).on_vision_block is Hooks.on_vision_block
+
+    def plain_layer(self, layer: int) -> bool:
+        """Whether LLM layer ``layer`` runs with no hook action: not skipped, no extra keys, no
+        K/V or q/k wanted, ``after_layer`` the identity. The core may replay a run of plain
+        layers as one graph. The default looks at which points a plug-in overrides; plug-ins
+        that act at a few layers only say which."""
+        return all(getattr(type(self), name) is getattr(Hooks, name) for name in _LAYER_POINTS)
 
     def reset(self) -> None:
         """A new episode starts (plug-ins with state across control steps clear it)."""

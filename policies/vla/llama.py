@@ -8,6 +8,8 @@ loaded (it is in the checkpoint) but never computed: the action head reads hidde
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,25 +25,45 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In fp32 as Llama does, then back to the input's dtype before the weight.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalised in fp32 and rounded to the input's dtype before the weight, as Llama
+        # does; the unweighted F.rms_norm computes exactly that, in one kernel on a GPU
+        # instead of six.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin of shape (B, T, head_dim), computed in fp32 (the half-split layout of Llama)."""
+    """cos and signed sin of shape (B, T, 1, head_dim), computed in fp32 (the half-split layout
+    of Llama), for queries and keys laid out (B, T, heads, head_dim). The sin's first half is
+    negated so that ``apply_rope`` needs no negation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sign = torch.ones(head_dim, device=position_ids.device)
+    sign[: head_dim // 2] = -1
+    return emb.cos().to(dtype)[:, :, None], (emb.sin() * sign).to(dtype)[:, :, None]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1): (x2, x1) times the signed
+    sin; three kernels instead of five (the sign is exact, so the result is the same)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+# Below this many tokens the q, k, v products are bound by reading their weights, and one
+# product over the three weights reads them faster (H100: about 300 flops per weight byte
+# balance its compute and memory; measured in docs/performance.md).
+FUSED_QKV_BELOW_TOKENS = 300
+
+
+def fuse_weights(*linears: nn.Linear) -> torch.Tensor:
+    """One weight holding the rows of ``linears``, which then view it (no second copy): one
+    matrix product instead of several on the same input. Checkpoint names stay as they are."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    for linear, part in zip(linears, fused.split([linear.out_features for linear in linears])):
+        linear.weight.data = part
+    return fused
 
 
 class Attention(nn.Module):
@@ -53,13 +75,28 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, sizes.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, sizes.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(sizes.num_heads * hd, d, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections
+
+    def fuse_projections(self, enabled: bool = True) -> None:
+        if not enabled:
+            self.qkv_weight = None  # the projections keep viewing the fused storage
+        elif self.qkv_weight is None:
+            self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, attn_mask, causal: bool, extra: ExtraKeys | None = None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        # RoPE in the (B, T, heads, hd) layout the products write: contiguous element-wise
+        # kernels. Then (B, heads, T, hd) views for attention.
+        if self.qkv_weight is not None and t < FUSED_QKV_BELOW_TOKENS:
+            qkv = F.linear(x, self.qkv_weight).view(b, t, h + 2 * kvh, hd)
+            q, k = apply_rope(qkv[:, :, :h + kvh], cos, sin).split([h, kvh], dim=2)  # one RoPE for both
+            v = qkv[:, :, h + kvh:]
+        else:
+            q = apply_rope(self.q_proj(x).view(b, t, h, hd), cos, sin)
+            k = apply_rope(self.k_proj(x).view(b, t, kvh, hd), cos, sin)
+            v = self.v_proj(x).view(b, t, kvh, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys, values = k, v
         if extra is not None:
             if causal:
@@ -131,33 +168,68 @@ class LanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
+    def fuse_projections(self, enabled: bool = True) -> None:
+        """q, k and v as one product when a sequence is short (``FUSED_QKV_BELOW_TOKENS``). For
+        inference on the model's final device: the fused weights are not moved with the module."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections(enabled)
+
     def forward(self, stream: TokenStream, hooks: Hooks | None = None, causal: bool = False,
-                traces: list[QueryTrace] | None = None) -> torch.Tensor:
-        """Final-norm hidden states (B, T', D) of the stream after every layer and hook."""
+                traces: list[QueryTrace] | None = None, graphs=None) -> torch.Tensor:
+        """Final-norm hidden states (B, T', D) of the stream after every layer and hook.
+
+        With ``graphs`` (``policies.vla.graphs.Graphs``), each run of layers where the hooks do
+        nothing is replayed as one CUDA graph per sequence shape.
+        """
         hooks = hooks or Hooks()
         stream = hooks.before_llm(stream)
         recorder = _LayerCounts() if traces is not None else None
+        layers = self.model.layers
         positions = padding = cos = sin = mask = None
-        for index, layer in enumerate(self.model.layers):
+        index = 0
+        while index < len(layers):
+            if graphs is not None and hooks.plain_layer(index):
+                end = index + 1
+                while end < len(layers) and hooks.plain_layer(end):
+                    end += 1
+                if recorder is not None:
+                    for _ in range(index, end):
+                        recorder.record(stream, False)
+                run = functools.partial(self.plain_layers, index, end, causal)
+                stream.hidden = graphs.run(f"llm layers {index}-{end - 1} causal={causal}", run,
+                                           stream.hidden, stream.position_ids, stream.padding)
+                index = end
+                continue
             skipped = hooks.skip_layer(index)
             extra = None if skipped else hooks.extra_keys(index, stream)
             if recorder is not None:
                 recorder.record(stream, skipped, extra)
             if skipped:
+                index += 1
                 continue
             if stream.position_ids is not positions or stream.padding is not padding:
                 # Recomputed only when a hook changed the tokens: fewer small kernels per layer.
                 positions, padding = stream.position_ids, stream.padding
                 cos, sin = rope_cos_sin(positions, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
                 mask = key_mask(padding, stream.hidden.device)
-            stream.hidden, q, k, v = layer(stream.hidden, cos, sin, mask, causal, extra)
+            stream.hidden, q, k, v = layers[index](stream.hidden, cos, sin, mask, causal, extra)
             if hooks.wants_kv(index):
                 hooks.on_kv(index, stream, k, v)
             wants_qk = hooks.wants_qk(index)
             stream = hooks.after_layer(index, stream, q if wants_qk else None, k if wants_qk else None)
+            index += 1
         if recorder is not None:
             recorder.write(traces)
         return self.model.norm(stream.hidden)
+
+    def plain_layers(self, start: int, end: int, causal: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
+                     padding: torch.Tensor | None) -> torch.Tensor:
+        """Layers ``start`` to ``end - 1`` with no hook: a pure function of its tensors (graphable)."""
+        cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
+        mask = key_mask(padding, hidden.device)
+        for layer in self.model.layers[start:end]:
+            hidden = layer(hidden, cos, sin, mask, causal)[0]
+        return hidden
 
 
 def key_mask(padding: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from policies.vla.config import VLAConfig
+from policies.vla.graphs import Graphs, graphable
 from policies.vla.heads import FusedProjector, L1ActionHead, ProprioProjector
 from policies.vla.hooks import Hooks, QueryTrace, TokenStream
 from policies.vla.llama import LanguageModel
@@ -37,6 +38,20 @@ class OFTModel(nn.Module):
         self.language_model = LanguageModel(config.llm)
         self.proprio_projector = ProprioProjector(config.proprio_dim, d)
         self.action_head = L1ActionHead(d, config.action_dim, config.chunk_length, config.head_blocks)
+        self.graphs: Graphs | None = None
+
+    def use_cuda_graphs(self, enabled: bool = True, limit: int = 64) -> None:
+        """Replay the fixed-shape parts of inference queries (vision towers with projector, runs
+        of LLM layers no hook touches) as CUDA graphs, at most ``limit`` shapes, and fuse the
+        LLM's projections. Call it once the model is on its device with its weights: graphs read
+        the weights where they were."""
+        self.graphs = Graphs(limit) if enabled else None
+        if enabled:
+            self.language_model.fuse_projections()
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected visual tokens (B, V, D) of unpruned towers: a pure function (graphable)."""
+        return self.projector(self.vision_backbone(pixel_values).features)
 
     @property
     def visual_tokens(self) -> int:
@@ -100,17 +115,25 @@ class OFTModel(nn.Module):
         dtype = self.projector.fc1.weight.dtype
         b = pixel_values.shape[0]
         hooks.start(b)
+        graphs = self.graphs if self.graphs is not None and graphable() else None
+        hooks.graphs = graphs
         if proprio.shape != (b, self.config.proprio_dim):
             raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {self.config.proprio_dim})")
-        tokens = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
-        visual = self.projector(tokens.features)
+        if graphs is not None and hooks.plain_vision():
+            pixels = pixel_values.to(dtype)
+            self.vision_backbone.check_channels(pixels)
+            visual = graphs.run("vision and projector", self.encode_images, pixels)
+            tokens = self.vision_backbone.unpruned_layout(b, visual.device, traces)
+        else:
+            tokens = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
+            visual = self.projector(tokens.features)
         if traces is not None:
             for i, trace in enumerate(traces):
                 padded = 0 if tokens.padding is None else int(tokens.padding[i].sum())
                 trace.projector_tokens = visual.shape[1] - padded
         proprio_token = self.proprio_projector(proprio.to(dtype))
         stream = self.assemble(visual, proprio_token, prompts, stop_id, tokens.index, tokens.padding, tokens.total)
-        hidden = self.language_model(stream, hooks, traces=traces)
+        hidden = self.language_model(stream, hooks, traces=traces, graphs=graphs)
         if traces is not None:
             for trace, cost in zip(traces, hooks.cost()):
                 trace.plugin_flops = cost

@@ -91,6 +91,7 @@ class OFTPolicy(Policy):
         dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
         action_slice: str = "train"  # train: hidden[T-58:T-2] (OFT); release: hidden[-56:] (LightVLA code)
         center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
+        cuda_graphs: bool = True  # on a GPU, replay the fixed-shape parts of a query as CUDA graphs
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
@@ -102,6 +103,8 @@ class OFTPolicy(Policy):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self._load()
+        if options.cuda_graphs and self.device.startswith("cuda"):
+            self.model.use_cuda_graphs()
         if options.chunk_length > self.config.chunk_length:
             raise PolicyOptionError(
                 f"chunk_length {options.chunk_length} exceeds the model's chunk of {self.config.chunk_length}"

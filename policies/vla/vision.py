@@ -37,7 +37,7 @@ def tower_blocks(config: VLAConfig) -> tuple[tuple[int, ...], tuple[int, ...], t
 class VisualTokens:
     """The fused visual tokens of a batch, with where each came from."""
 
-    features: torch.Tensor  # (B, V, C)
+    features: torch.Tensor | None  # (B, V, C); None where the caller computed them (a replayed graph)
     index: torch.Tensor  # (B, V) patch index over all images (image * patches + patch): its RoPE slot
     padding: torch.Tensor | None = None  # (B, V) bool: left padding when samples keep different counts
     total: int = 0  # visual tokens before any pruning (images * patches)
@@ -117,12 +117,9 @@ class VisionBackbone(nn.Module):
         Channels per image: 3 normalised for DINOv2, then 3 for SigLIP; images third-person first.
         """
         hooks = hooks or Hooks()
-        b, channels = pixel_values.shape[:2]
+        self.check_channels(pixel_values)
+        b = pixel_values.shape[0]
         images, per = self.num_images, self.patches_per_image
-        if channels != 6 * images:
-            raise ValueError(
-                f"pixel_values has {channels} channels; expected {6 * images} (6 per image for {images} images)"
-            )
         # All images of the batch go through each tower in one call: (B*images, 3, H, W).
         per_image = pixel_values.reshape(b * images, 6, *pixel_values.shape[2:])
         outs = [self.tower_features(i, per_image[:, 3 * i:3 * i + 3], hooks) for i in range(2)]
@@ -134,6 +131,24 @@ class VisionBackbone(nn.Module):
             index = torch.arange(images * per, device=fused.device).expand(b, -1)
             return VisualTokens(fused.reshape(b, images * fused.shape[1], fused.shape[2]), index, None, images * per)
         return self._fuse_pruned(outs, b)
+
+    def check_channels(self, pixel_values: torch.Tensor) -> None:
+        channels, images = pixel_values.shape[1], self.num_images
+        if channels != 6 * images:
+            raise ValueError(
+                f"pixel_values has {channels} channels; expected {6 * images} (6 per image for {images} images)"
+            )
+
+    def unpruned_layout(self, b: int, device: torch.device, traces: list[QueryTrace] | None = None) -> VisualTokens:
+        """What ``forward`` reports besides the features when no hook prunes: every patch in
+        order, and in ``traces`` each block's token count (patches plus prefix tokens)."""
+        images, per = self.num_images, self.patches_per_image
+        if traces is not None:
+            counts = [[[per + t.num_prefix_tokens] * images for _ in range(len(t.blocks) - 1)] for t in self.towers]
+            for trace in traces:
+                trace.vision_tokens = [[list(c) for c in tower] for tower in counts]
+        index = torch.arange(images * per, device=device).expand(b, -1)
+        return VisualTokens(None, index, None, images * per)
 
     def _fuse_pruned(self, outs: list[TowerOutput], b: int) -> VisualTokens:
         images, per = self.num_images, self.patches_per_image

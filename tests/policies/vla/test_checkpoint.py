@@ -148,3 +148,12 @@ def test_save_can_write_bf16(tmp_path):
     tensors = load_file(next(directory.glob("model-*.safetensors")))
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert load_checkpoint(directory).model.projector.fc1.weight.dtype == torch.float32
+
+
+def test_a_model_with_fused_projections_saves_and_loads(tmp_path):
+    model = tiny_model()
+    model.use_cuda_graphs()  # fuses the LLM's projections: their weights then share storage
+    save_checkpoint(model, tmp_path / "fused", norm_stats())
+    loaded = load_checkpoint(tmp_path / "fused").model
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key

@@ -113,3 +113,21 @@ def test_bf16_forward_runs_and_stays_finite(llm):
     with torch.no_grad():
         out = model(stream(torch.randn(1, 16, llm.sizes.hidden_size, dtype=torch.bfloat16)))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_fused_projections_compute_the_same_and_keep_the_checkpoint_weights():
+    torch.manual_seed(1)
+    llm = LanguageModel(tiny_config().llm).eval()
+    x = torch.randn(2, 12, llm.sizes.hidden_size)
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    with torch.no_grad():
+        unfused = llm(stream(x))
+        llm.fuse_projections()
+        fused = llm(stream(x))
+    assert torch.allclose(unfused, fused, atol=1e-5)
+    after = llm.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    attn = llm.model.layers[0].self_attn
+    # the named weights view the fused one: no second copy
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()

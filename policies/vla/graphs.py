@@ -1,0 +1,128 @@
+"""CUDA graphs for the fixed-shape parts of a query.
+
+At batch 1 a full-size query launches about two thousand small kernels, and Python issuing
+them takes longer than the GPU running them. A CUDA graph records a function's kernels once
+per input shape and replays them with one launch. ``Graphs.run(name, fn, *args)`` does that
+for a pure function of its tensor arguments (weights are read in place, so the model must not
+be moved or reloaded after a capture): the arguments are copied into the graph's static
+inputs, the graph is replayed, and its outputs are cloned, so a later replay cannot overwrite
+what a caller holds. Functions with data-dependent shapes or host reads (token selection
+counts) stay outside, eager.
+
+On a device without graphs (the CPU) the same bookkeeping runs, with the function called on
+the static inputs instead of a replay, so the plumbing is tested everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class _Entry:
+    inputs: tuple  # static input tensors (None where the argument was None)
+    outputs: Any  # static outputs: a tensor or a tuple of tensors
+    graph: Any = None  # torch.cuda.CUDAGraph, or None where the function is called instead
+
+
+class Graphs:
+    """One model's captured graphs, at most ``limit`` of them, sharing one memory pool."""
+
+    def __init__(self, limit: int = 64, warmup: int = 2):
+        self.limit = limit
+        self.warmup = warmup
+        self._entries: dict[tuple, _Entry] = {}
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+        self.eager_calls = 0  # calls over the limit, run without a graph
+        self.failures: list[str] = []  # captures that failed (that shape then runs eagerly)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def run(self, name: str, fn: Callable, *args: torch.Tensor | None):
+        """``fn(*args)`` through the graph of (``name``, argument shapes, dtypes, devices).
+
+        ``name`` must identify ``fn`` together with every non-tensor value it depends on.
+        """
+        key = (name,) + tuple(None if a is None else (tuple(a.shape), a.dtype, a.device) for a in args)
+        entry = self._entries.get(key)
+        if entry is None:
+            if len(self._entries) >= self.limit:
+                self.eager_calls += 1
+                return fn(*args)
+            entry = self._entries[key] = self._capture(fn, args)
+            self.captures += 1
+        else:
+            for static, a in zip(entry.inputs, args):
+                if static is not None:
+                    static.copy_(a)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            entry.outputs = fn(*entry.inputs)
+        self.replays += 1
+        return _clone(entry.outputs)
+
+    def _capture(self, fn: Callable, args: tuple) -> _Entry:
+        inputs = tuple(None if a is None else a.clone() for a in args)
+        devices = {a.device for a in args if a is not None}
+        if not any(d.type == "cuda" for d in devices):
+            return _Entry(inputs, None)
+        # If a library kernel refuses capture, try once more without cuDNN attention (the
+        # other attention kernels capture), then give up on this shape: it runs eagerly.
+        for without_cudnn in (False, True):
+            try:
+                graph, outputs = self._record(fn, inputs, without_cudnn)
+                return _Entry(inputs, outputs, graph)
+            except RuntimeError as error:
+                self.failures.append(f"{type(error).__name__}: {str(error)[:300]}")
+                torch.cuda.synchronize()
+        return _Entry(inputs, None)
+
+    def _record(self, fn: Callable, inputs: tuple, without_cudnn: bool):
+        from contextlib import nullcontext
+
+        from torch.nn.attention import sdpa_kernel
+
+        backends = sdpa_kernel(list(_attention_backends_but_cudnn())) if without_cudnn else nullcontext()
+        with backends:
+            # Warm-up on a side stream, as capture requires (lazy library initialisation, workspaces).
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = fn(*inputs)
+        return graph, outputs
+
+    def stats(self) -> dict:
+        return {"graphs": len(self._entries), "captures": self.captures, "replays": self.replays,
+                "eager_calls": self.eager_calls, "failures": list(self.failures)}
+
+
+def _clone(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone()
+    return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in outputs)
+
+
+def graphable() -> bool:
+    """Graphs serve inference only (a capture records no autograd history), and their static
+    inputs, made under inference mode, may only be written under it."""
+    return torch.is_inference_mode_enabled()
+
+
+def _attention_backends_but_cudnn():
+    from torch.nn.attention import SDPBackend
+
+    return (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)

@@ -1,0 +1,108 @@
+"""Graph replay bookkeeping (static inputs, cloned outputs, one entry per shape) and the model's
+graphed path: same actions and token records as the eager path, for OFT and every plug-in.
+
+On the CPU ``Graphs`` calls the function on its static inputs where a GPU replays a capture,
+so these tests check everything but the capture itself (the GPU check script compares a
+replayed query with an eager one on the device).
+"""
+
+import pytest
+import torch
+
+from policies.pruning.fastv import FastVPruner
+from policies.pruning.lightvla import LightVLAPruner
+from policies.pruning.lightvla_star import LightVLAStarPruner
+from policies.pruning.sparsevlm import SparseVLMPruner
+from policies.vla.config import replace_llm, tiny_config
+from policies.vla.graphs import Graphs
+from policies.vla.hooks import QueryTrace
+from policies.vla.model import OFTModel
+from policies.vla.vision import tower_blocks
+from tests.policies.vla.test_model import inputs
+
+
+def test_each_call_sees_its_own_inputs_and_gets_its_own_output():
+    graphs = Graphs()
+    fn = lambda x, y: x * 2 + y  # noqa: E731
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    first = graphs.run("f", fn, a, b)
+    second = graphs.run("f", fn, b, a)
+    assert torch.equal(first, a * 2 + b) and torch.equal(second, b * 2 + a)
+    second += 1  # a caller's output is its own: the next call does not see this, nor overwrite it
+    third = graphs.run("f", fn, a, b)
+    assert torch.equal(third, a * 2 + b) and not torch.equal(second, third)
+    assert graphs.stats() == {"graphs": 1, "captures": 1, "replays": 3, "eager_calls": 0, "failures": []}
+
+
+def test_one_entry_per_name_shape_and_missing_argument():
+    graphs = Graphs()
+    fn = lambda x, mask: x if mask is None else x * mask  # noqa: E731
+    graphs.run("f", fn, torch.ones(2), None)
+    graphs.run("f", fn, torch.ones(3), None)
+    graphs.run("f", fn, torch.ones(3), torch.zeros(3))
+    graphs.run("g", fn, torch.ones(3), None)
+    graphs.run("f", fn, torch.ones(2), None)
+    assert len(graphs) == 4
+
+
+def test_shapes_over_the_limit_run_without_a_graph():
+    graphs = Graphs(limit=2)
+    for n in range(1, 5):
+        assert torch.equal(graphs.run("f", torch.neg, torch.ones(n)), -torch.ones(n))
+    assert graphs.stats()["graphs"] == 2 and graphs.stats()["eager_calls"] == 2
+
+
+@pytest.fixture(scope="module")
+def model8():
+    torch.manual_seed(0)
+    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
+
+
+HOOKS = {
+    "oft": (lambda: None, 2),  # vision with projector, all 8 layers
+    # + the scoring and choice; the two observations keep different counts: a layer graph each
+    "lightvla": (lambda: LightVLAPruner(), 4),
+    "lightvla keep": (lambda: LightVLAPruner(keep=40), 3),
+    "fastv": (lambda: FastVPruner(2, 0.5), 3),  # vision, layer 0, layers 2-7 (layer 1 ranks, eager)
+    "sparsevlm": (lambda: SparseVLMPruner(budget=64, layers=(2, 5)), 4),  # vision, 0, 2-3, 5-7
+    # vision, layer 0, layers 2-7 for each of the two kept counts (layer 1 selects, eager)
+    "lightvla_star llm": (lambda: LightVLAStarPruner(64, num_queries=16, after_layer=2), 4),
+    "lightvla_star vision": (lambda: vision_star(), 2),  # all layers, for each of the two kept counts
+}
+
+
+def vision_star():
+    _, widths, prefixes = tower_blocks(tiny_config())
+    return LightVLAStarPruner(widths[0], num_queries=16, vision_block=0, prefix_tokens=prefixes)
+
+
+@pytest.mark.parametrize("name", list(HOOKS))
+def test_graphed_queries_equal_eager_ones(model8, name):
+    make, expected_graphs = HOOKS[name]
+    results = {}
+    for graphed in (False, True):
+        model8.use_cuda_graphs(graphed)
+        hooks = make()
+        outputs, traces = [], []
+        for seed in (0, 1, 0):  # a different observation in between: nothing stale is replayed
+            pixels, proprio, prompts = inputs(seed=seed)
+            trace = QueryTrace()
+            with torch.inference_mode():
+                outputs.append(model8(pixels, proprio, prompts, 2, hooks=hooks, traces=[trace]))
+            traces.append(trace)
+        results[graphed] = outputs, traces
+        if graphed:
+            assert len(model8.graphs) == expected_graphs
+    model8.use_cuda_graphs(False)
+    for eager, graphed in zip(*(results[False][0], results[True][0])):
+        assert torch.allclose(eager, graphed, atol=1e-5)  # fused projections: another summation order
+    assert not torch.equal(results[True][0][0], results[True][0][1])
+    assert results[False][1] == results[True][1]  # token counts of every vision block and LLM layer
+
+
+def test_training_queries_are_not_graphed(model8):
+    model8.use_cuda_graphs()
+    pixels, proprio, prompts = inputs()
+    out = model8(pixels, proprio, prompts, 2, hooks=LightVLAPruner())
+    assert out.requires_grad and len(model8.graphs) == 0
+    model8.use_cuda_graphs(False)
