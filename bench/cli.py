@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
     prof.add_argument("--no-cuda-graphs", action="store_true",
                       help="time eager queries only (by default a GPU replays CUDA graphs and eager is timed too)")
+    prof.add_argument("--compile-kernels", action="store_true",
+                      help="compile the LLM's element-wise chains (RMSNorm, RoPE, SiLU x up) with torch.compile")
     prof.add_argument("--json", action="store_true")
     prof.add_argument("--save", type=Path, metavar="FILE", help="also write the JSON result to FILE")
 
@@ -217,7 +219,7 @@ def cmd_profile(args) -> int:
     settings = ProfileSettings(
         policy=args.policy, policy_args=dict(args.policy_arg or []), keep=args.keep, size=args.size, device=args.device, dtype=args.dtype, batch=args.batch,
         prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
-        yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs,
+        yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs, compile_kernels=args.compile_kernels,
     )
     if args.sweep:
         result = sweep(settings)

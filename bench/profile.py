@@ -41,6 +41,7 @@ class ProfileSettings:
     yardstick: bool = True
     count: bool = True
     cuda_graphs: bool = True  # on a GPU, replay fixed-shape parts as CUDA graphs (eager also timed)
+    compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -130,11 +131,13 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     from policies.vla import flops
     from policies.vla.hooks import Hooks, QueryTrace, TokenStream
+    from policies.vla.llama import EAGER, compiled_kernels
     from policies.vla.tokenizer import ByteTokenizer
 
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
+    model.language_model.use_kernels(compiled_kernels() if settings.compile_kernels else EAGER)
     hooks = build_hooks(settings, model.config)
     if isinstance(hooks, torch.nn.Module):  # learnable plug-in parameters live with the model
         hooks.to(device=device, dtype=dtype)
@@ -172,6 +175,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
         "dtype": str(dtype).removeprefix("torch."),
         "batch": settings.batch,
+        "compiled_kernels": settings.compile_kernels,
         "params": sum(p.numel() for p in model.parameters()),
         "params_computed": _params_computed(model),
         "prompt_tokens": settings.prompt_tokens,
@@ -319,7 +323,7 @@ def format_profile(result: dict) -> str:
     args = " ".join(f"{k}={v}" for k, v in result["policy_args"].items())
     lines = [
         f"policy {result['policy']} {args}  size {result['size']}  device {result['device_name']}  dtype {result['dtype']}  "
-        f"batch {result['batch']}",
+        f"batch {result['batch']}" + ("  element-wise chains compiled" if result.get("compiled_kernels") else ""),
         f"parameters: {result['params'] / 1e6:,.1f} M ({result['params_computed'] / 1e6:,.1f} M used by a query)",
         f"tokens: {result['sequence_tokens']} in the LLM sequence = 1 BOS + {result['visual_tokens_llm']} visual + "
         f"1 proprio + {result['prompt_tokens'] - 1} prompt + 56 action slots + 1 stop",
@@ -437,7 +441,7 @@ def sweep(settings: ProfileSettings) -> list[dict]:
 def format_sweep(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"size {r0['size']}  device {r0['device_name']}  dtype {r0['dtype']}  batch {r0['batch']}  "
-             f"prompt {r0['prompt_tokens']} tokens",
+             f"prompt {r0['prompt_tokens']} tokens" + ("  element-wise chains compiled" if r0.get("compiled_kernels") else ""),
              "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT (p50) "
              "| eager p50 / p90 ms | vs OFT (p50) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -26,6 +26,8 @@ step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --r
 step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep.json"
 # LightVLA's batches with different keep counts: one padded call against one call per observation.
 step $PY scripts/lightvla_batching.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --batch 4 --save "$DEST/batching.json"
+# The same sweep with the LLM's element-wise chains compiled (torch.compile).
+step $PY -m bench profile --sweep --compile-kernels --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_compiled.json"
 # Wall time against the device's kernel time, and the costliest kernels, for OFT and LightVLA at 78.
 step $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/kernels.json"
 exit $failed

@@ -18,17 +18,20 @@ from policies.vla.config import LlamaSizes
 from policies.vla.hooks import ExtraKeys, Hooks, QueryTrace, TokenStream
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+def weighted_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalised in fp32 and rounded to the input's dtype before the weight, as Llama does;
+    # the unweighted F.rms_norm computes exactly that, in one kernel on a GPU instead of seven.
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in fp32 and rounded to the input's dtype before the weight, as Llama
-        # does; the unweighted F.rms_norm computes exactly that, in one kernel on a GPU
-        # instead of six.
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual sum and its normalisation."""
+    x = x + delta
+    return x, weighted_rms_norm(x, weight, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -49,6 +52,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
     return torch.addcmul(x * cos, swapped, signed_sin)
+
+
+class Kernels:
+    """The LLM's element-wise chains: eager (one kernel per operator), or each compiled into one
+    kernel by torch.compile (shapes dynamic, so new token counts do not recompile). Compiled
+    chains may round bf16 intermediates differently from eager."""
+
+    def __init__(self, compiled: bool = False):
+        wrap = (lambda fn: torch.compile(fn, dynamic=True)) if compiled else (lambda fn: fn)
+        self.compiled = compiled
+        self.rms_norm = wrap(weighted_rms_norm)
+        self.add_rms_norm = wrap(add_rms_norm)
+        self.rope = wrap(apply_rope)
+        self.silu_mul = wrap(silu_mul)
+
+
+EAGER = Kernels()
+
+
+@functools.cache
+def compiled_kernels() -> Kernels:
+    """One compiled set per process, so that every model and query shares its compilations."""
+    return Kernels(compiled=True)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.kernels = EAGER
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 # Below this many tokens the q, k, v products are bound by reading their weights, and one
@@ -76,6 +113,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, sizes.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(sizes.num_heads * hd, d, bias=False)
         self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections
+        self.kernels = EAGER
 
     def fuse_projections(self, enabled: bool = True) -> None:
         if not enabled:
@@ -90,11 +128,11 @@ class Attention(nn.Module):
         # kernels. Then (B, heads, T, hd) views for attention.
         if self.qkv_weight is not None and t < FUSED_QKV_BELOW_TOKENS:
             qkv = F.linear(x, self.qkv_weight).view(b, t, h + 2 * kvh, hd)
-            q, k = apply_rope(qkv[:, :, :h + kvh], cos, sin).split([h, kvh], dim=2)  # one RoPE for both
+            q, k = self.kernels.rope(qkv[:, :, :h + kvh], cos, sin).split([h, kvh], dim=2)  # one RoPE for both
             v = qkv[:, :, h + kvh:]
         else:
-            q = apply_rope(self.q_proj(x).view(b, t, h, hd), cos, sin)
-            k = apply_rope(self.k_proj(x).view(b, t, kvh, hd), cos, sin)
+            q = self.kernels.rope(self.q_proj(x).view(b, t, h, hd), cos, sin)
+            k = self.kernels.rope(self.k_proj(x).view(b, t, kvh, hd), cos, sin)
             v = self.v_proj(x).view(b, t, kvh, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys, values = k, v
@@ -125,9 +163,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(sizes.hidden_size, sizes.intermediate_size, bias=False)
         self.up_proj = nn.Linear(sizes.hidden_size, sizes.intermediate_size, bias=False)
         self.down_proj = nn.Linear(sizes.intermediate_size, sizes.hidden_size, bias=False)
+        self.kernels = EAGER
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -140,8 +179,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask, causal: bool = False, extra: ExtraKeys | None = None):
         attn_out, q, k, v = self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, causal, extra)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        x, normed = norm.kernels.add_rms_norm(x, attn_out, norm.weight, norm.eps)
+        x = x + self.mlp(normed)
         return x, q, k, v
 
 
@@ -167,6 +207,12 @@ class LanguageModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
+
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Run the element-wise chains of every layer with ``kernels`` (eager or compiled)."""
+        for module in self.modules():
+            if hasattr(module, "kernels"):
+                module.kernels = kernels
 
     def fuse_projections(self, enabled: bool = True) -> None:
         """q, k and v as one product when a sequence is short (``FUSED_QKV_BELOW_TOKENS``). For

@@ -92,6 +92,7 @@ class OFTPolicy(Policy):
         action_slice: str = "train"  # train: hidden[T-58:T-2] (OFT); release: hidden[-56:] (LightVLA code)
         center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
         cuda_graphs: bool = True  # on a GPU, replay the fixed-shape parts of a query as CUDA graphs
+        compile_kernels: bool = False  # compile the LLM's element-wise chains (torch.compile; slow first queries)
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
@@ -105,6 +106,10 @@ class OFTPolicy(Policy):
         self._load()
         if options.cuda_graphs and self.device.startswith("cuda"):
             self.model.use_cuda_graphs()
+        if options.compile_kernels:
+            from policies.vla.llama import compiled_kernels
+
+            self.model.language_model.use_kernels(compiled_kernels())
         if options.chunk_length > self.config.chunk_length:
             raise PolicyOptionError(
                 f"chunk_length {options.chunk_length} exceeds the model's chunk of {self.config.chunk_length}"

@@ -131,3 +131,24 @@ def test_fused_projections_compute_the_same_and_keep_the_checkpoint_weights():
     # the named weights view the fused one: no second copy
     assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
     assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+
+
+def test_compiled_element_wise_chains_compute_the_same(llm):
+    from policies.vla.llama import EAGER, compiled_kernels
+
+    x = torch.randn(1, 12, llm.sizes.hidden_size)
+    padding = torch.zeros(1, 12, dtype=torch.bool)
+    padding[0, :3] = True
+    try:
+        with torch.no_grad():
+            eager = llm(stream(x, padding=padding))
+            llm.use_kernels(compiled_kernels())
+            compiled = llm(stream(x, padding=padding))
+            compiled_other_length = llm(stream(x[:, :7]))  # dynamic shapes: no recompilation needed
+            llm.use_kernels(EAGER)
+            eager_other_length = llm(stream(x[:, :7]))
+    finally:
+        llm.use_kernels(EAGER)
+    assert all(layer.mlp.kernels is EAGER for layer in llm.model.layers)
+    assert torch.allclose(eager[:, 3:], compiled[:, 3:], atol=1e-5)
+    assert torch.allclose(eager_other_length, compiled_other_length, atol=1e-5)

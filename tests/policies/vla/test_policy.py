@@ -90,3 +90,10 @@ def test_random_weights_without_checkpoint():
     policy = make_policy("oft", {"size": "tiny"}, seed=3)
     out = policy.act([fake_observation(6)])[0]
     assert out.actions.shape == (8, 7) and policy.identity()["weights"] == {"random": True, "size": "tiny", "seed": 3}
+
+
+def test_compiled_element_wise_chains_give_the_same_actions(tiny_checkpoint, policy):
+    compiled = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "compile_kernels": "true"})
+    assert compiled.model.language_model.model.layers[0].self_attn.kernels.compiled
+    obs = [fake_observation(seed=5)]
+    assert np.allclose(compiled.act(obs)[0].actions, policy.act(obs)[0].actions, atol=1e-4)
