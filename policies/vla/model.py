@@ -43,7 +43,7 @@ class OFTModel(nn.Module):
     def use_cuda_graphs(self, enabled: bool = True, limit: int = 64) -> None:
         """Replay the fixed-shape parts of inference queries (vision towers with projector, runs
         of LLM layers no hook touches) as CUDA graphs, at most ``limit`` shapes, and fuse the
-        LLM's projections. Call it once the model is on its device with its weights: graphs read
+        LLM's q, k, v projections. Call it once the model is on its device with its weights: graphs read
         the weights where they were."""
         self.graphs = Graphs(limit) if enabled else None
         if enabled:
