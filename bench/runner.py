@@ -186,10 +186,12 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
 
 
 def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video: str | None) -> dict:
-    latencies = list(result.query_latency_ms)
-    warmup = None
-    if not warm and latencies:
-        warmup = latencies.pop(0)  # the run's first query pays for lazy initialisation
+    # Left out of the latency summary: the run's first query (lazy initialisation) and queries
+    # whose policy reports a one-time cost (a CUDA graph captured for a new shape).
+    latencies, warmup = [], []
+    for i, ms in enumerate(result.query_latency_ms):
+        stats = result.query_stats[i] if i < len(result.query_stats) else {}
+        (warmup if (i == 0 and not warm) or stats.get("warmup") else latencies).append(ms)
     return {
         "key": planned.key,
         "suite": planned.suite,
@@ -204,7 +206,7 @@ def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video
         "wall_s": round(result.wall_s, 4),
         "latency_ms": latency_summary(latencies),
         "query_latency_ms": [round(x, 4) for x in latencies],
-        "warmup_latency_ms": None if warmup is None else round(warmup, 4),
+        "warmup_latency_ms": [round(x, 4) for x in warmup],
         "policy_stats": summarize_stats(result.query_stats),
         "error": result.error,
         "video": video,

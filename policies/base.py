@@ -41,7 +41,9 @@ class Observation:
 @dataclass
 class PolicyOutput:
     actions: np.ndarray  # (n, 7): the chunk, executed first action first
-    stats: dict[str, Any] = field(default_factory=dict)  # per-query figures: visual tokens, FLOPs, ...
+    # Per-query figures: visual tokens, FLOPs, ... ``warmup: True`` marks a query that paid a
+    # one-time cost (a CUDA graph capture), so its latency is kept out of the latency summary.
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class PolicyOptionError(ValueError):

@@ -205,9 +205,12 @@ class OFTPolicy(Policy):
         from policies.vla.postprocess import gripper_to_env, unnormalize_actions
 
         traces = [QueryTrace() for _ in prompts]
+        graphs = self.model.graphs
+        captures = graphs.captures if graphs is not None else 0
         with torch.inference_mode():
             normalized = self.model(pixels, proprio, prompts, self.tokenizer.stop_id, self.hooks(),
                                     self.options.action_slice, traces)
+        captured = graphs is not None and graphs.captures > captures  # a one-time cost of a new shape
         outputs = []
         for chunk, trace in zip(normalized.cpu().numpy(), traces):
             actions = unnormalize_actions(chunk, self.stats["action"]) if self.stats else chunk.astype(np.float64)
@@ -216,6 +219,7 @@ class OFTPolicy(Policy):
             stats["visual_tokens"] = trace.llm_visual_tokens[0]
             stats["tflops"] = flops.query_flops(self.dims, trace)["total"] / 1e12
             stats["batch_size"] = len(prompts)
+            stats["warmup"] = captured
             outputs.append(PolicyOutput(actions, stats))
         return outputs
 

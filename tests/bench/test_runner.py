@@ -49,7 +49,7 @@ def test_run_records_every_planned_episode(tmp_path):
     for key in ("python", "numpy", "mujoco", "robosuite", "libero"):
         assert key in manifest["versions"]
     assert "commit" in manifest["code"] and "dirty" in manifest["code"]
-    assert records[0]["warmup_latency_ms"] is not None and records[1]["warmup_latency_ms"] is None
+    assert len(records[0]["warmup_latency_ms"]) == 1 and records[1]["warmup_latency_ms"] == []
 
 
 def test_alias_long_means_libero_10_not_90(tmp_path):
@@ -167,3 +167,20 @@ def test_summarize_stats_means_numbers_and_keeps_the_last_text():
         {"visual_tokens": 90, "tokens_per_layer": [512, 90], "phase": "carry"},
     ])
     assert summary == {"visual_tokens": 85.0, "tokens_per_layer": [512.0, 85.0], "phase": "carry"}
+
+
+def test_queries_that_paid_a_one_time_cost_stay_out_of_the_latency_summary():
+    from types import SimpleNamespace
+
+    from bench.episode import EpisodeResult
+    from bench.runner import make_record
+
+    planned = SimpleNamespace(key="libero_10/0/0", suite="libero_10", task_index=0, init_state_index=0)
+    task = SimpleNamespace(name="task", instruction="do it")
+    result = EpisodeResult("success", steps=4, queries=4, query_latency_ms=[30.0, 900.0, 20.0, 22.0],
+                           query_stats=[{}, {"warmup": True}, {"warmup": False}, {}])
+    warm = make_record(planned, task, SimpleNamespace(seed=1), result, True, None)
+    assert warm["query_latency_ms"] == [30.0, 20.0, 22.0] and warm["warmup_latency_ms"] == [900.0]
+    assert warm["latency_ms"]["max"] == 30.0
+    first = make_record(planned, task, SimpleNamespace(seed=1), result, False, None)
+    assert first["query_latency_ms"] == [20.0, 22.0] and first["warmup_latency_ms"] == [30.0, 900.0]

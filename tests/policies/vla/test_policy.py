@@ -8,7 +8,7 @@ import pytest
 
 from policies.base import PolicyOptionError
 from policies.registry import make_policy
-from tests.policies.vla.conftest import fake_observation, norm_stats
+from tests.policies.vla.conftest import INSTRUCTIONS, fake_observation, norm_stats
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,12 @@ def test_compiled_element_wise_chains_give_the_same_actions(tiny_checkpoint, pol
     assert compiled.model.language_model.model.layers[0].self_attn.kernels.compiled
     obs = [fake_observation(seed=5)]
     assert np.allclose(compiled.act(obs)[0].actions, policy.act(obs)[0].actions, atol=1e-4)
+
+
+def test_a_query_that_captures_graphs_is_marked_warmup(tiny_checkpoint):
+    policy = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu"})
+    assert policy.act([fake_observation(0)])[0].stats["warmup"] is False  # no graphs on the CPU
+    policy.model.use_cuda_graphs()  # the CPU runs the same bookkeeping, captures included
+    first, again = (policy.act([fake_observation(seed)])[0].stats["warmup"] for seed in (1, 2))
+    other_prompt = policy.act([fake_observation(3, instruction=INSTRUCTIONS[1])])[0].stats["warmup"]
+    assert (first, again, other_prompt) == (True, False, True)  # a new prompt length is a new shape
