@@ -88,9 +88,9 @@ class RMSNorm(nn.Module):
         return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
-# Below this many tokens the q, k, v products are bound by reading their weights, and one
-# product over the three weights reads them faster (H100: about 300 flops per weight byte
-# balance its compute and memory; measured in docs/performance.md).
+# Below this many rows (tokens over the whole batch) the q, k, v products are bound by reading
+# their weights, and one product over the three weights reads them faster (H100: about 300
+# flops per weight byte balance its compute and memory; measured in docs/performance.md).
 FUSED_QKV_BELOW_TOKENS = 300
 
 
@@ -126,7 +126,7 @@ class Attention(nn.Module):
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # RoPE in the (B, T, heads, hd) layout the products write: contiguous element-wise
         # kernels. Then (B, heads, T, hd) views for attention.
-        if self.qkv_weight is not None and t < FUSED_QKV_BELOW_TOKENS:
+        if self.qkv_weight is not None and b * t < FUSED_QKV_BELOW_TOKENS:
             qkv = F.linear(x, self.qkv_weight).view(b, t, h + 2 * kvh, hd)
             q, k = self.kernels.rope(qkv[:, :, :h + kvh], cos, sin).split([h, kvh], dim=2)  # one RoPE for both
             v = qkv[:, :, h + kvh:]
@@ -215,7 +215,7 @@ class LanguageModel(nn.Module):
                 module.kernels = kernels
 
     def fuse_projections(self, enabled: bool = True) -> None:
-        """q, k and v as one product when a sequence is short (``FUSED_QKV_BELOW_TOKENS``). For
+        """q, k and v as one product when a batch has few tokens (``FUSED_QKV_BELOW_TOKENS``). For
         inference on the model's final device: the fused weights are not moved with the module."""
         for layer in self.model.layers:
             layer.self_attn.fuse_projections(enabled)
