@@ -26,6 +26,7 @@ class _Entry:
     inputs: tuple  # static input tensors (None where the argument was None)
     outputs: Any  # static outputs: a tensor or a tuple of tensors
     graph: Any = None  # torch.cuda.CUDAGraph, or None where the function is called instead
+    device: Any = None  # the CUDA device it was captured on
 
 
 class Graphs:
@@ -62,7 +63,8 @@ class Graphs:
                 if static is not None:
                     static.copy_(a)
         if entry.graph is not None:
-            entry.graph.replay()
+            with torch.cuda.device(entry.device):  # the capture's device, also on cuda:1 and beyond
+                entry.graph.replay()
         else:
             entry.outputs = fn(*entry.inputs)
         self.replays += 1
@@ -70,18 +72,19 @@ class Graphs:
 
     def _capture(self, fn: Callable, args: tuple) -> _Entry:
         inputs = tuple(None if a is None else a.clone() for a in args)
-        devices = {a.device for a in args if a is not None}
-        if not any(d.type == "cuda" for d in devices):
+        device = next((a.device for a in args if a is not None and a.device.type == "cuda"), None)
+        if device is None:
             return _Entry(inputs, None)
         # If a library kernel refuses capture, try once more without cuDNN attention (the
         # other attention kernels capture), then give up on this shape: it runs eagerly.
         for without_cudnn in (False, True):
             try:
-                graph, outputs = self._record(fn, inputs, without_cudnn)
-                return _Entry(inputs, outputs, graph)
+                with torch.cuda.device(device):
+                    graph, outputs = self._record(fn, inputs, without_cudnn)
+                return _Entry(inputs, outputs, graph, device)
             except RuntimeError as error:
                 self.failures.append(f"{type(error).__name__}: {str(error)[:300]}")
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
         return _Entry(inputs, None)
 
     def _record(self, fn: Callable, inputs: tuple, without_cudnn: bool):
