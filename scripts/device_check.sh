@@ -13,14 +13,15 @@ DEST=${OUT:-results/device}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/gpu.txt"
-$PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee "$DEST/versions.txt"
+# At most seven result files, so that a remote run returns all of them.
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/environment.txt"
+$PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/environment.txt"
 failed=0
 step() {  # a failed step is reported and the next one still runs: device time is scarce
   "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
 }
 # Every plug-in's code path on the device first, on the tiny model (seconds).
-step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2 --save "$DEST/sweep_tiny.json"
+step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2
 # OFT with the transformers yardstick, then every method relative to OFT in one run.
 step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
 step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep.json"
