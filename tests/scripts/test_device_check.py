@@ -1,0 +1,33 @@
+"""The GPU measurement script, run end to end on the tiny model on the CPU: device time is
+scarce, so a step that would fail there should fail here first."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the model extra is not installed")
+
+
+def test_every_step_runs_and_writes_its_results(tmp_path):
+    env = {**os.environ, "SIZE": "tiny", "DEVICE": "cpu", "DTYPE": "bf16", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "scripts" / "device_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "failed.txt").exists()
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files == {"environment.txt", "oft.json", "sweep.json", "batching.json", "sweep_compiled.json", "kernels.json"}
+    for name in ("sweep.json", "sweep_compiled.json"):
+        rows = json.loads((tmp_path / name).read_text())
+        assert len(rows) == 9 and not [r for r in rows if "error" in r]
+        assert all(r["compiled_kernels"] == (name == "sweep_compiled.json") for r in rows)
+    assert json.loads((tmp_path / "oft.json").read_text())["yardstick"]["library"] == "transformers"
+    kernels = json.loads((tmp_path / "kernels.json").read_text())["results"]
+    assert [(r["policy"], r["fused_qkv"]) for r in kernels] == [("oft", False), ("oft", True),
+                                                                  ("lightvla", False), ("lightvla", True)]
