@@ -56,6 +56,13 @@ def percentiles(samples_ms: list[float]) -> dict:
             "min": ordered[0], "n": len(ordered)}
 
 
+def device_name(device: str) -> str:
+    """The GPU's model name, or the device itself (cpu, meta)."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -172,7 +179,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "policy_args": {**settings.policy_args, **({} if settings.keep is None else {"keep": settings.keep})},
         "size": settings.size,
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "batch": settings.batch,
         "compiled_kernels": settings.compile_kernels,

@@ -21,7 +21,8 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.profile import ProfileSettings, build_hooks, build_model, example_inputs, percentiles, time_calls  # noqa: E402
+from bench.profile import (ProfileSettings, build_hooks, build_model, device_name, example_inputs,  # noqa: E402
+                           percentiles, time_calls)
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
 
 
@@ -113,8 +114,8 @@ def main() -> int:
             results.append(breakdown(model, device, dtype, settings, args.queries, fused))
             print(report(results[-1]), flush=True)
     if args.save:
-        args.save.write_text(json.dumps({"device_name": torch.cuda.get_device_name() if device.startswith("cuda")
-                                         else device, "dtype": str(dtype), "results": results}, indent=1))
+        args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype), "results": results},
+                                        indent=1))
     return 0
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.profile import ProfileSettings, build_model, percentiles, time_calls  # noqa: E402
+from bench.profile import ProfileSettings, build_model, device_name, percentiles, time_calls  # noqa: E402
 from policies.pruning.lightvla import LightVLAPruner  # noqa: E402
 from policies.vla.hooks import QueryTrace  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> int:
         a, b = padded(batched).float(), one_by_one(single).float()
         result = {
             "size": args.size, "device": device, "dtype": str(dtype).removeprefix("torch."), "batch": args.batch,
-            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+            "device_name": device_name(device),
             "kept_tokens": [t.llm_visual_tokens[0] for t in batched],
             "kept_tokens_one_by_one": [t.llm_visual_tokens[0] for t in single],
             "max_abs_difference": float((a - b).abs().max()),

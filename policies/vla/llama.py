@@ -256,8 +256,7 @@ class LanguageModel(nn.Module):
             if stream.position_ids is not positions or stream.padding is not padding:
                 # Recomputed only when a hook changed the tokens: fewer small kernels per layer.
                 positions, padding = stream.position_ids, stream.padding
-                cos, sin = rope_cos_sin(positions, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
-                mask = key_mask(padding, stream.hidden.device)
+                cos, sin, mask = self.position_terms(stream.hidden, positions, padding)
             stream.hidden, q, k, v = layers[index](stream.hidden, cos, sin, mask, causal, extra)
             if hooks.wants_kv(index):
                 hooks.on_kv(index, stream, k, v)
@@ -268,11 +267,15 @@ class LanguageModel(nn.Module):
             recorder.write(traces)
         return self.model.norm(stream.hidden)
 
+    def position_terms(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None):
+        """RoPE cos and signed sin for the tokens' positions, and the key mask of the padding."""
+        cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
+        return cos, sin, key_mask(padding, hidden.device)
+
     def plain_layers(self, start: int, end: int, causal: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
                      padding: torch.Tensor | None) -> torch.Tensor:
         """Layers ``start`` to ``end - 1`` with no hook: a pure function of its tensors (graphable)."""
-        cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
-        mask = key_mask(padding, hidden.device)
+        cos, sin, mask = self.position_terms(hidden, position_ids, padding)
         for layer in self.model.layers[start:end]:
             hidden = layer(hidden, cos, sin, mask, causal)[0]
         return hidden

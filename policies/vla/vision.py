@@ -119,7 +119,7 @@ class VisionBackbone(nn.Module):
         hooks = hooks or Hooks()
         self.check_channels(pixel_values)
         b = pixel_values.shape[0]
-        images, per = self.num_images, self.patches_per_image
+        images = self.num_images
         # All images of the batch go through each tower in one call: (B*images, 3, H, W).
         per_image = pixel_values.reshape(b * images, 6, *pixel_values.shape[2:])
         outs = [self.tower_features(i, per_image[:, 3 * i:3 * i + 3], hooks) for i in range(2)]
@@ -128,8 +128,9 @@ class VisionBackbone(nn.Module):
                 trace.vision_tokens = [[c[s * images:(s + 1) * images] for c in out.counts] for out in outs]
         if outs[0].patches is None and outs[1].patches is None:
             fused = torch.cat([outs[0].features, outs[1].features], dim=2)  # (B*images, P, 2176)
-            index = torch.arange(images * per, device=fused.device).expand(b, -1)
-            return VisualTokens(fused.reshape(b, images * fused.shape[1], fused.shape[2]), index, None, images * per)
+            layout = self.unpruned_layout(b, fused.device)
+            layout.features = fused.reshape(b, images * fused.shape[1], fused.shape[2])
+            return layout
         return self._fuse_pruned(outs, b)
 
     def check_channels(self, pixel_values: torch.Tensor) -> None:
