@@ -42,6 +42,13 @@ class ProfileSettings:
     count: bool = True
     cuda_graphs: bool = True  # on a GPU, replay fixed-shape parts as CUDA graphs (eager also timed)
     compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
+    compile_towers: bool = False  # every vision block compiled by torch.compile
+    parallel_towers: bool = False  # the two vision towers on two CUDA streams
+
+    def speedups(self):
+        from policies.vla.model import Speedups
+
+        return Speedups(self.compile_kernels, self.compile_towers, self.parallel_towers)
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -138,13 +145,12 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     from policies.vla import flops
     from policies.vla.hooks import Hooks, QueryTrace, TokenStream
-    from policies.vla.llama import EAGER, compiled_kernels
     from policies.vla.tokenizer import ByteTokenizer
 
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
-    model.language_model.use_kernels(compiled_kernels() if settings.compile_kernels else EAGER)
+    model.use_speedups(settings.speedups())
     hooks = build_hooks(settings, model.config)
     if isinstance(hooks, torch.nn.Module):  # learnable plug-in parameters live with the model
         hooks.to(device=device, dtype=dtype)
@@ -183,6 +189,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "batch": settings.batch,
         "compiled_kernels": settings.compile_kernels,
+        "speedups": settings.speedups().enabled(),
         "params": sum(p.numel() for p in model.parameters()),
         "params_computed": _params_computed(model),
         "prompt_tokens": settings.prompt_tokens,
@@ -330,7 +337,7 @@ def format_profile(result: dict) -> str:
     args = " ".join(f"{k}={v}" for k, v in result["policy_args"].items())
     lines = [
         f"policy {result['policy']} {args}  size {result['size']}  device {result['device_name']}  dtype {result['dtype']}  "
-        f"batch {result['batch']}" + ("  element-wise chains compiled" if result.get("compiled_kernels") else ""),
+        f"batch {result['batch']}" + _speedups_note(result),
         f"parameters: {result['params'] / 1e6:,.1f} M ({result['params_computed'] / 1e6:,.1f} M used by a query)",
         f"tokens: {result['sequence_tokens']} in the LLM sequence = 1 BOS + {result['visual_tokens_llm']} visual + "
         f"1 proprio + {result['prompt_tokens'] - 1} prompt + 56 action slots + 1 stop",
@@ -378,6 +385,11 @@ def format_profile(result: dict) -> str:
     else:
         lines.append("latency: not measured on the meta device")
     return "\n".join(lines)
+
+
+def _speedups_note(result: dict) -> str:
+    names = result.get("speedups") or []
+    return f"  speedups: {', '.join(names)}" if names else ""
 
 
 def summarize_layers(counts: list) -> str:
@@ -448,7 +460,7 @@ def sweep(settings: ProfileSettings) -> list[dict]:
 def format_sweep(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"size {r0['size']}  device {r0['device_name']}  dtype {r0['dtype']}  batch {r0['batch']}  "
-             f"prompt {r0['prompt_tokens']} tokens" + ("  element-wise chains compiled" if r0.get("compiled_kernels") else ""),
+             f"prompt {r0['prompt_tokens']} tokens" + _speedups_note(r0),
              "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT (p50) "
              "| eager p50 / p90 ms | vs OFT (p50) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -12,6 +12,7 @@ shift by one): ``hidden[:, T-58:T-2]`` for 56 slots; ``action_slice="release"`` 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -24,6 +25,20 @@ from policies.vla.hooks import Hooks, QueryTrace, TokenStream
 from policies.vla.llama import LanguageModel
 
 ACTION_SLICES = ("train", "release")
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Ways to run the same computation in fewer or overlapping GPU kernels; all off, every
+    operator is its own kernel, one after another. Compiled kernels may round bf16
+    intermediates differently from eager ones; parallel towers compute exactly the same."""
+
+    compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
+    compile_towers: bool = False  # every vision block compiled by torch.compile
+    parallel_towers: bool = False  # the two vision towers on two CUDA streams at once
+
+    def enabled(self) -> list[str]:
+        return [name for name, on in asdict(self).items() if on]
 
 
 class OFTModel(nn.Module):
@@ -39,6 +54,17 @@ class OFTModel(nn.Module):
         self.proprio_projector = ProprioProjector(config.proprio_dim, d)
         self.action_head = L1ActionHead(d, config.action_dim, config.chunk_length, config.head_blocks)
         self.graphs: Graphs | None = None
+        self.speedups = Speedups()
+
+    def use_speedups(self, speedups: Speedups) -> None:
+        from policies.vla.llama import EAGER, compiled_kernels
+
+        self.language_model.use_kernels(compiled_kernels() if speedups.compile_kernels else EAGER)
+        self.vision_backbone.compile_blocks(speedups.compile_towers)
+        self.vision_backbone.parallel_towers = speedups.parallel_towers
+        if self.graphs is not None and speedups != self.speedups:
+            self.graphs = Graphs(self.graphs.limit)  # graphs captured before would replay the old kernels
+        self.speedups = speedups
 
     def use_cuda_graphs(self, enabled: bool = True, limit: int = 64) -> None:
         """Replay the fixed-shape parts of inference queries (vision towers with projector, runs

@@ -93,23 +93,22 @@ class OFTPolicy(Policy):
         center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
         cuda_graphs: bool = True  # on a GPU, replay the fixed-shape parts of a query as CUDA graphs
         compile_kernels: bool = False  # compile the LLM's element-wise chains (torch.compile; slow first queries)
+        compile_towers: bool = False  # compile every vision block (torch.compile; slow first queries)
+        parallel_towers: bool = False  # on a GPU, run the two vision towers on two CUDA streams at once
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
         from policies.vla import flops
-        from policies.vla.model import ACTION_SLICES
+        from policies.vla.model import ACTION_SLICES, Speedups
 
         if options.action_slice not in ACTION_SLICES:
             raise PolicyOptionError(f"action_slice must be one of {', '.join(ACTION_SLICES)}, got {options.action_slice!r}")
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self._load()
+        self.model.use_speedups(Speedups(options.compile_kernels, options.compile_towers, options.parallel_towers))
         if options.cuda_graphs and self.device.startswith("cuda"):
             self.model.use_cuda_graphs()
-        if options.compile_kernels:
-            from policies.vla.llama import compiled_kernels
-
-            self.model.language_model.use_kernels(compiled_kernels())
         if options.chunk_length > self.config.chunk_length:
             raise PolicyOptionError(
                 f"chunk_length {options.chunk_length} exceeds the model's chunk of {self.config.chunk_length}"

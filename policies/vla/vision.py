@@ -57,6 +57,23 @@ class VisionBackbone(nn.Module):
         self.fused_featurizer = create_tower(config.timm_model_ids[1], config.image_sizes[1], config.timm_model_overrides[1])
         self.num_images = config.num_images
         self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim
+        self.parallel_towers = False  # set by ``OFTModel.use_speedups``
+        self._side_streams: dict = {}
+        self._compiled_blocks: list[list] | None = None  # per tower, torch.compile'd blocks (a plain
+        # list, so they are not registered as submodules and checkpoint keys stay the same)
+
+    def compile_blocks(self, enabled: bool = True) -> None:
+        """Run every tower block compiled by torch.compile: its LayerNorms, LayerScales, residual
+        adds, bias and GELU fuse into fewer kernels. Compilation happens at the first query."""
+        if not enabled:
+            self._compiled_blocks = None
+        elif self._compiled_blocks is None:
+            self._compiled_blocks = [[torch.compile(block) for block in tower.blocks] for tower in self.towers]
+
+    def _block(self, tower: int, index: int) -> nn.Module:
+        if self._compiled_blocks is None:
+            return self.towers[tower].blocks[index]
+        return self._compiled_blocks[tower][index]
 
     @property
     def towers(self) -> tuple[nn.Module, nn.Module]:
@@ -81,7 +98,7 @@ class VisionBackbone(nn.Module):
         x = tower.norm_pre(x)
         counts, parts, patches = [], None, None
         for block_index in range(len(tower.blocks) - 1):  # through the second-to-last block
-            block = tower.blocks[block_index]
+            block = self._block(index, block_index)
             if parts is None:
                 counts.append([x.shape[1]] * x.shape[0])
                 x = block(x)
@@ -122,7 +139,7 @@ class VisionBackbone(nn.Module):
         images = self.num_images
         # All images of the batch go through each tower in one call: (B*images, 3, H, W).
         per_image = pixel_values.reshape(b * images, 6, *pixel_values.shape[2:])
-        outs = [self.tower_features(i, per_image[:, 3 * i:3 * i + 3], hooks) for i in range(2)]
+        outs = self._both_towers(per_image, hooks)
         if traces is not None:
             for s, trace in enumerate(traces):
                 trace.vision_tokens = [[c[s * images:(s + 1) * images] for c in out.counts] for out in outs]
@@ -132,6 +149,29 @@ class VisionBackbone(nn.Module):
             layout.features = fused.reshape(b, images * fused.shape[1], fused.shape[2])
             return layout
         return self._fuse_pruned(outs, b)
+
+    def _both_towers(self, per_image: torch.Tensor, hooks: Hooks) -> list[TowerOutput]:
+        """Both towers' outputs; with ``parallel_towers`` on a GPU, DINOv2 on a side stream while
+        SigLIP runs on the current one. At a few images each tower's products are too small to
+        fill a large GPU, and the towers do not depend on each other. Only where no hook acts
+        inside the towers (hooks may read back to the host)."""
+        dino, siglip = per_image[:, :3], per_image[:, 3:6]
+        if not (self.parallel_towers and per_image.is_cuda and hooks.plain_vision()):
+            return [self.tower_features(0, dino, hooks), self.tower_features(1, siglip, hooks)]
+        main = torch.cuda.current_stream(per_image.device)
+        side = self._side_stream(per_image.device)
+        side.wait_stream(main)  # the pixels are ready; under graph capture this forks the capture
+        with torch.cuda.stream(side):
+            first = self.tower_features(0, dino, hooks)
+        second = self.tower_features(1, siglip, hooks)
+        main.wait_stream(side)  # ... and this joins it again
+        first.features.record_stream(main)  # allocated on the side stream, read on the main one
+        return [first, second]
+
+    def _side_stream(self, device: torch.device):
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device=device)
+        return self._side_streams[device]
 
     def check_channels(self, pixel_values: torch.Tensor) -> None:
         channels, images = pixel_values.shape[1], self.num_images

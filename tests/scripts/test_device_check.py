@@ -22,11 +22,15 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (tmp_path / "failed.txt").exists()
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"environment.txt", "oft.json", "sweep.json", "batching.json", "sweep_compiled.json", "kernels.json"}
-    for name in ("sweep.json", "sweep_compiled.json"):
+    assert files == {"environment.txt", "oft.json", "sweep.json", "variants.json", "sweep_speedups.json", "kernels.json"}
+    all_three = ["compile_kernels", "compile_towers", "parallel_towers"]
+    for name, speedups in (("sweep.json", []), ("sweep_speedups.json", all_three)):
         rows = json.loads((tmp_path / name).read_text())
         assert len(rows) == 9 and not [r for r in rows if "error" in r]
-        assert all(r["compiled_kernels"] == (name == "sweep_compiled.json") for r in rows)
+        assert all(r["speedups"] == speedups for r in rows)
+    variants = json.loads((tmp_path / "variants.json").read_text())["variants"]
+    assert variants["plain"]["max_abs_diff"] == {"oft": 0.0, "lightvla": 0.0}
+    assert variants["all three"]["speedups"] == all_three
     assert json.loads((tmp_path / "oft.json").read_text())["yardstick"]["library"] == "transformers"
     kernels = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert [(r["policy"], r["fused_qkv"]) for r in kernels] == [("oft", False), ("oft", True),

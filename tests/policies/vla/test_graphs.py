@@ -106,3 +106,19 @@ def test_training_queries_are_not_graphed(model8):
     out = model8(pixels, proprio, prompts, 2, hooks=LightVLAPruner())
     assert out.requires_grad and len(model8.graphs) == 0
     model8.use_cuda_graphs(False)
+
+
+def test_changing_speedups_drops_the_graphs_captured_with_the_old_kernels(model8):
+    from policies.vla.model import Speedups
+
+    model8.use_cuda_graphs()
+    pixels, proprio, prompts = inputs()
+    with torch.inference_mode():
+        model8(pixels, proprio, prompts, 2)
+    assert len(model8.graphs) == 2
+    model8.use_speedups(Speedups())  # unchanged: graphs kept
+    assert len(model8.graphs) == 2
+    model8.use_speedups(Speedups(parallel_towers=True))
+    assert len(model8.graphs) == 0 and model8.vision_backbone.parallel_towers
+    model8.use_speedups(Speedups())
+    model8.use_cuda_graphs(False)

@@ -92,9 +92,11 @@ def test_random_weights_without_checkpoint():
     assert out.actions.shape == (8, 7) and policy.identity()["weights"] == {"random": True, "size": "tiny", "seed": 3}
 
 
-def test_compiled_element_wise_chains_give_the_same_actions(tiny_checkpoint, policy):
-    compiled = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "compile_kernels": "true"})
+def test_speedups_give_the_same_actions(tiny_checkpoint, policy):
+    compiled = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "compile_kernels": "true",
+                                   "compile_towers": "true", "parallel_towers": "true"})
     assert compiled.model.language_model.model.layers[0].self_attn.kernels.compiled
+    assert compiled.model.speedups.enabled() == ["compile_kernels", "compile_towers", "parallel_towers"]
     obs = [fake_observation(seed=5)]
     assert np.allclose(compiled.act(obs)[0].actions, policy.act(obs)[0].actions, atol=1e-4)
 

@@ -56,3 +56,32 @@ def test_full_size_towers_have_the_published_shapes():
     assert (dino.embed_dim, len(dino.blocks), dino.num_prefix_tokens) == (1024, 24, 5)
     assert (siglip.embed_dim, len(siglip.blocks), siglip.num_prefix_tokens) == (1152, 27, 0)
     assert full.embed_dim == 2176 and full.patches_per_image == 256
+
+
+def test_compiled_blocks_give_the_same_features_and_keep_the_checkpoint_keys(backbone):
+    keys = list(backbone.state_dict())
+    pixels = torch.randn(2, 12, 224, 224)
+    with torch.inference_mode():
+        eager = backbone(pixels).features
+        backbone.compile_blocks()
+        try:
+            compiled = backbone(pixels).features
+            compiled_one = backbone(pixels[:1]).features  # another batch size
+        finally:
+            backbone.compile_blocks(False)
+    assert list(backbone.state_dict()) == keys
+    assert torch.allclose(compiled, eager, atol=1e-5) and not torch.equal(compiled, torch.zeros_like(compiled))
+    assert torch.allclose(compiled_one, eager[:1], atol=1e-5)
+    assert backbone._block(0, 0) is backbone.towers[0].blocks[0]
+
+
+def test_parallel_towers_on_the_cpu_run_one_after_the_other_and_give_the_same_features(backbone):
+    pixels = torch.randn(1, 12, 224, 224)
+    with torch.inference_mode():
+        sequential = backbone(pixels).features
+        backbone.parallel_towers = True
+        try:
+            parallel = backbone(pixels).features
+        finally:
+            backbone.parallel_towers = False
+    assert torch.equal(parallel, sequential) and not backbone._side_streams

@@ -1,0 +1,109 @@
+"""Which speedups pay: OFT and LightVLA at 78 tokens under each combination of compiled LLM
+chains, compiled vision blocks and the two towers on two CUDA streams, replayed as CUDA graphs
+on one model in one run. Per variant: the p50 latency of a query and of the vision towers with
+projector alone, LightVLA relative to OFT, and the largest action difference from the plain
+variant (compiled kernels may round bf16 intermediates differently; parallel towers must not
+change anything).
+
+    python scripts/speedup_variants.py --size full --device cuda
+    python scripts/speedup_variants.py --size tiny --device cpu   # the same steps, no streams
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench.profile import (ProfileSettings, build_hooks, build_model, device_name, example_inputs,  # noqa: E402
+                           percentiles, time_calls)
+from policies.vla.model import Speedups  # noqa: E402
+from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
+
+VARIANTS = {
+    "plain": Speedups(),
+    "parallel towers": Speedups(parallel_towers=True),
+    "compiled LLM chains": Speedups(compile_kernels=True),
+    "compiled towers": Speedups(compile_towers=True),
+    "all three": Speedups(compile_kernels=True, compile_towers=True, parallel_towers=True),
+}
+POLICIES = (("oft", None), ("lightvla", 78))
+
+
+def measure(model, device, dtype, base: ProfileSettings, speedups: Speedups) -> dict:
+    model.use_speedups(speedups)
+    model.use_cuda_graphs()
+    pixels, proprio, prompts = example_inputs(model, base, device)
+    row = {"speedups": speedups.enabled(), "latency_ms": {}, "actions": {}}
+    for policy, keep in POLICIES:
+        hooks = build_hooks(ProfileSettings(**{**base.__dict__, "policy": policy, "keep": keep}), model.config)
+
+        def query():
+            with torch.inference_mode():
+                return model(pixels, proprio, prompts, ByteTokenizer.stop_id, hooks=hooks)
+
+        row["latency_ms"][policy] = percentiles(time_calls(query, device, base.repeats, base.warmup))
+        row["actions"][policy] = query().cpu()
+    vision_input = pixels.to(dtype)
+
+    def vision():
+        with torch.inference_mode():
+            model.graphs.run("vision and projector", model.encode_images, vision_input)
+
+    row["vision_ms"] = percentiles(time_calls(vision, device, base.repeats, base.warmup))
+    row["graph_failures"] = list(model.graphs.failures)
+    return row
+
+
+def report(rows: dict) -> str:
+    lines = ["| variant | OFT p50 ms | LightVLA keep=78 p50 ms | LightVLA / OFT | towers + projector p50 ms "
+             "| largest action difference from plain (OFT, LightVLA) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        oft, light = r["latency_ms"]["oft"]["p50"], r["latency_ms"]["lightvla"]["p50"]
+        diffs = ", ".join(f"{d:.2e}" for d in r["max_abs_diff"].values())
+        lines.append(f"| {name} | {oft:.2f} | {light:.2f} | {light / oft:.3f} | {r['vision_ms']['p50']:.2f} | {diffs} |")
+        if r["graph_failures"]:
+            lines.append(f"|  capture failures: {'; '.join(r['graph_failures'])} | | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
+    args = parser.parse_args()
+
+    base = ProfileSettings(size=args.size, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                           warmup=args.warmup)
+    model, device, dtype = build_model(base)
+    rows, reference = {}, None
+    for name in args.variants:
+        row = measure(model, device, dtype, base, VARIANTS[name])
+        actions = row.pop("actions")
+        reference = reference or actions  # the first variant (plain, by default) is the reference
+        row["max_abs_diff"] = {p: float((actions[p] - reference[p]).abs().max()) for p in actions}
+        rows[name] = row
+        print(f"{name}: OFT {row['latency_ms']['oft']['p50']:.2f} ms, LightVLA {row['latency_ms']['lightvla']['p50']:.2f} ms, "
+              f"towers {row['vision_ms']['p50']:.2f} ms", flush=True)
+    text = report(rows)
+    print(f"size {args.size}  device {device_name(device)}  dtype {str(dtype).removeprefix('torch.')}  "
+          f"batch 1, CUDA graphs where the device has them\n{text}")
+    if args.save:
+        args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype), "variants": rows},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
