@@ -83,20 +83,30 @@ class OFTModel(nn.Module):
     def visual_tokens(self) -> int:
         return self.vision_backbone.patches_per_image * self.config.num_images
 
+    def embed_text(self, prompts: Sequence[Sequence[int]], stop_id: int, device, dtype):
+        """Each prompt's token embeddings and the stop token's, from one host-to-device copy.
+
+        The copy waits for the GPU, so ``forward`` makes it before launching the towers: made
+        between the towers and the LLM, the wait would leave the GPU idle while the host then
+        assembles the sequence and launches the LLM."""
+        ids = torch.tensor([i for p in prompts for i in p] + [stop_id], dtype=torch.long).to(device)
+        embedded = self.language_model.embed(ids).to(dtype)
+        return list(embedded[:-1].split([len(p) for p in prompts])), embedded[-1:]
+
     def assemble(self, visual: torch.Tensor, proprio: torch.Tensor, prompts: Sequence[Sequence[int]],
                  stop_id: int, index: torch.Tensor | None = None, visual_padding: torch.Tensor | None = None,
-                 total_visual: int | None = None) -> TokenStream:
+                 total_visual: int | None = None, text=None) -> TokenStream:
         """The LLM input stream; samples of unequal length are left-padded.
 
         ``index`` (B, V) gives each visual token's patch slot and so its RoPE position (1 + slot),
         for visual tokens pruned inside the vision towers; the tokens after the visual block are
         numbered as if all ``total_visual`` patches were there (positions are never renumbered).
+        ``text`` is ``embed_text``'s result for ``prompts`` where the caller made it already.
         """
         b, v, d = visual.shape
         if len(prompts) != b:
             raise ValueError(f"{len(prompts)} prompts for a batch of {b}")
         total_visual = total_visual or v
-        embed = self.language_model.embed
         device = visual.device
         # Masks are small; on the meta device (cost counting) they stay on the CPU so that
         # token counts remain readable.
@@ -112,13 +122,11 @@ class OFTModel(nn.Module):
         is_visual = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
         is_task = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
         padding = torch.zeros(b, total, dtype=torch.bool, device=mask_device)
-        stop = embed(torch.tensor([stop_id], device=device)).to(visual.dtype)
-        for i, (prompt, n, length) in enumerate(zip(prompts, real, lengths)):
-            ids = torch.as_tensor(list(prompt), dtype=torch.long, device=device)
-            text = embed(ids).to(visual.dtype)
+        texts, stop = text or self.embed_text(prompts, stop_id, device, visual.dtype)
+        for i, (words, n, length) in enumerate(zip(texts, real, lengths)):
             pad = total - length
             sample = torch.cat([
-                text[:1], visual[i, v - n:], proprio[i:i + 1], text[1:],
+                words[:1], visual[i, v - n:], proprio[i:i + 1], words[1:],
                 visual.new_zeros(slots, d),  # action slots: zeroed embeddings
                 stop,
             ])
@@ -145,6 +153,7 @@ class OFTModel(nn.Module):
         hooks.graphs = graphs
         if proprio.shape != (b, self.config.proprio_dim):
             raise ValueError(f"proprio has shape {tuple(proprio.shape)}; expected ({b}, {self.config.proprio_dim})")
+        text = self.embed_text(prompts, stop_id, pixel_values.device, dtype)  # before the towers: see there
         if graphs is not None and hooks.plain_vision():
             pixels = pixel_values.to(dtype)
             self.vision_backbone.check_channels(pixels)
@@ -158,7 +167,7 @@ class OFTModel(nn.Module):
                 padded = 0 if tokens.padding is None else int(tokens.padding[i].sum())
                 trace.projector_tokens = visual.shape[1] - padded
         proprio_token = self.proprio_projector(proprio.to(dtype))
-        stream = self.assemble(visual, proprio_token, prompts, stop_id, tokens.index, tokens.padding, tokens.total)
+        stream = self.assemble(visual, proprio_token, prompts, stop_id, tokens.index, tokens.padding, tokens.total, text)
         hidden = self.language_model(stream, hooks, traces=traces, graphs=graphs)
         if traces is not None:
             for trace, cost in zip(traces, hooks.cost()):

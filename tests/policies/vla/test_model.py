@@ -120,3 +120,16 @@ def test_bad_inputs_are_named(model):
         model(pixels, proprio[:, :7], prompts, 2)
     with pytest.raises(ValueError, match="action_slice"):
         model(pixels, proprio, prompts, 2, action_slice="last")
+
+
+def test_the_prompts_reach_the_device_in_one_copy_made_before_the_towers_run(model, monkeypatch):
+    # A host-to-device copy waits for the GPU: made after the towers were launched, the GPU would
+    # sit idle while the host assembles the sequence and launches the LLM.
+    calls = []
+    embed_text, vision = model.embed_text, model.vision_backbone.forward
+    monkeypatch.setattr(model, "embed_text", lambda *a: calls.append("prompts") or embed_text(*a))
+    monkeypatch.setattr(model.vision_backbone, "forward", lambda *a, **k: calls.append("towers") or vision(*a, **k))
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 12))
+    with torch.inference_mode():
+        model(pixels, proprio, prompts, 2)
+    assert calls == ["prompts", "towers"]
