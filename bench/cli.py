@@ -88,12 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
     prof.add_argument("--no-cuda-graphs", action="store_true",
                       help="time eager queries only (by default a GPU replays CUDA graphs and eager is timed too)")
-    prof.add_argument("--compile-kernels", action="store_true",
-                      help="compile the LLM's element-wise chains (RMSNorm, RoPE, SiLU x up) with torch.compile")
-    prof.add_argument("--compile-towers", action="store_true",
-                      help="compile every vision block with torch.compile (norms, LayerScale, GELU fused)")
-    prof.add_argument("--parallel-towers", action="store_true",
-                      help="on a GPU, run the two vision towers on two CUDA streams at once")
+    prof.add_argument("--speedups", default="", metavar="NAMES",
+                      help="comma-separated, or all: compile_kernels (the LLM's element-wise chains compiled by "
+                           "torch.compile), compile_towers (every vision block compiled), parallel_towers (the two "
+                           "towers on two CUDA streams), fuse_gate_up (the MLP's gate and up as one product below "
+                           "300 tokens)")
     prof.add_argument("--json", action="store_true")
     prof.add_argument("--save", type=Path, metavar="FILE", help="also write the JSON result to FILE")
 
@@ -223,8 +222,7 @@ def cmd_profile(args) -> int:
     settings = ProfileSettings(
         policy=args.policy, policy_args=dict(args.policy_arg or []), keep=args.keep, size=args.size, device=args.device, dtype=args.dtype, batch=args.batch,
         prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
-        yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs, compile_kernels=args.compile_kernels,
-        compile_towers=args.compile_towers, parallel_towers=args.parallel_towers,
+        yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs, speedups=args.speedups,
     )
     if args.sweep:
         result = sweep(settings)

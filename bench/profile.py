@@ -41,14 +41,7 @@ class ProfileSettings:
     yardstick: bool = True
     count: bool = True
     cuda_graphs: bool = True  # on a GPU, replay fixed-shape parts as CUDA graphs (eager also timed)
-    compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
-    compile_towers: bool = False  # every vision block compiled by torch.compile
-    parallel_towers: bool = False  # the two vision towers on two CUDA streams
-
-    def speedups(self):
-        from policies.vla.model import Speedups
-
-        return Speedups(self.compile_kernels, self.compile_towers, self.parallel_towers)
+    speedups: str = ""  # policies.vla.model.Speedups by name: comma-separated, or all
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -145,12 +138,13 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     from policies.vla import flops
     from policies.vla.hooks import Hooks, QueryTrace, TokenStream
+    from policies.vla.model import Speedups
     from policies.vla.tokenizer import ByteTokenizer
 
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
-    model.use_speedups(settings.speedups())
+    model.use_speedups(Speedups.parse(settings.speedups))
     hooks = build_hooks(settings, model.config)
     if isinstance(hooks, torch.nn.Module):  # learnable plug-in parameters live with the model
         hooks.to(device=device, dtype=dtype)
@@ -188,8 +182,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "batch": settings.batch,
-        "compiled_kernels": settings.compile_kernels,
-        "speedups": settings.speedups().enabled(),
+        "speedups": Speedups.parse(settings.speedups).enabled(),
         "params": sum(p.numel() for p in model.parameters()),
         "params_computed": _params_computed(model),
         "prompt_tokens": settings.prompt_tokens,

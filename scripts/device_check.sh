@@ -26,11 +26,11 @@ step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE
 # OFT with the transformers yardstick, then every method relative to OFT in one run.
 step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
 step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep.json"
-# OFT and LightVLA at 78 under each speedup (compiled LLM chains, compiled towers, parallel towers).
+# OFT and LightVLA at 78 under each speedup alone and all together.
 step $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/variants.json"
-# The sweep again with all three speedups.
-step $PY -m bench profile --sweep --compile-kernels --compile-towers --parallel-towers --size "$SIZE" --device "$DEVICE" \
-  --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_speedups.json"
+# The sweep again with every speedup.
+step $PY -m bench profile --sweep --speedups all --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 \
+  --warmup 5 --save "$DEST/sweep_speedups.json"
 # Wall time against the device's kernel time, and the costliest kernels, for OFT and LightVLA at 78.
 step $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/kernels.json"
 exit $failed

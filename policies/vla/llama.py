@@ -91,7 +91,8 @@ class RMSNorm(nn.Module):
 # Below this many rows (tokens over the whole batch) the q, k, v products are bound by reading
 # their weights, and one product over the three weights reads them faster (H100: about 300
 # flops per weight byte balance its compute and memory; measured in docs/performance.md).
-FUSED_QKV_BELOW_TOKENS = 300
+# The same holds for the gate and up products of the MLP.
+FUSED_BELOW_TOKENS = 300
 
 
 def fuse_weights(*linears: nn.Linear) -> torch.Tensor:
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # RoPE in the (B, T, heads, hd) layout the products write: contiguous element-wise
         # kernels. Then (B, heads, T, hd) views for attention.
-        if self.qkv_weight is not None and b * t < FUSED_QKV_BELOW_TOKENS:
+        if self.qkv_weight is not None and b * t < FUSED_BELOW_TOKENS:
             qkv = F.linear(x, self.qkv_weight).view(b, t, h + 2 * kvh, hd)
             q, k = self.kernels.rope(qkv[:, :, :h + kvh], cos, sin).split([h, kvh], dim=2)  # one RoPE for both
             v = qkv[:, :, h + kvh:]
@@ -163,10 +164,23 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(sizes.hidden_size, sizes.intermediate_size, bias=False)
         self.up_proj = nn.Linear(sizes.hidden_size, sizes.intermediate_size, bias=False)
         self.down_proj = nn.Linear(sizes.intermediate_size, sizes.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections
         self.kernels = EAGER
 
+    def fuse_projections(self, enabled: bool = True) -> None:
+        if not enabled:
+            self.gate_up_weight = None  # the projections keep viewing the fused storage
+        elif self.gate_up_weight is None:
+            self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj)
+
     def forward(self, x):
-        return self.down_proj(self.kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_weight is not None and x.shape[:-1].numel() < FUSED_BELOW_TOKENS:
+            # The halves are strided views: eager element-wise kernels on them are slower, so
+            # this pays where the products dominate (few tokens).
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.kernels.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -215,10 +229,15 @@ class LanguageModel(nn.Module):
                 module.kernels = kernels
 
     def fuse_projections(self, enabled: bool = True) -> None:
-        """q, k and v as one product when a batch has few tokens (``FUSED_QKV_BELOW_TOKENS``). For
+        """q, k and v as one product when a batch has few tokens (``FUSED_BELOW_TOKENS``). For
         inference on the model's final device: the fused weights are not moved with the module."""
         for layer in self.model.layers:
             layer.self_attn.fuse_projections(enabled)
+
+    def fuse_gate_up(self, enabled: bool = True) -> None:
+        """The MLP's gate and up as one product when a batch has few tokens; as ``fuse_projections``."""
+        for layer in self.model.layers:
+            layer.mlp.fuse_projections(enabled)
 
     def forward(self, stream: TokenStream, hooks: Hooks | None = None, causal: bool = False,
                 traces: list[QueryTrace] | None = None, graphs=None) -> torch.Tensor:

@@ -12,7 +12,7 @@ shift by one): ``hidden[:, T-58:T-2]`` for 56 slots; ``action_slice="release"`` 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
@@ -30,12 +30,23 @@ ACTION_SLICES = ("train", "release")
 @dataclass(frozen=True)
 class Speedups:
     """Ways to run the same computation in fewer or overlapping GPU kernels; all off, every
-    operator is its own kernel, one after another. Compiled kernels may round bf16
-    intermediates differently from eager ones; parallel towers compute exactly the same."""
+    operator is its own kernel, one after another. Compiled kernels and fused products may
+    round bf16 intermediates differently; parallel towers compute exactly the same."""
 
     compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
     compile_towers: bool = False  # every vision block compiled by torch.compile
     parallel_towers: bool = False  # the two vision towers on two CUDA streams at once
+    fuse_gate_up: bool = False  # the MLP's gate and up products as one below 300 tokens
+
+    @classmethod
+    def parse(cls, text: str) -> "Speedups":
+        """'' (none), 'all', or names separated by commas: 'compile_kernels,parallel_towers'."""
+        known = [f.name for f in fields(cls)]
+        names = known if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown speedup {', '.join(map(repr, unknown))}; known: {', '.join(known)}, or all")
+        return cls(**{n: True for n in names})
 
     def enabled(self) -> list[str]:
         return [name for name, on in asdict(self).items() if on]
@@ -62,6 +73,7 @@ class OFTModel(nn.Module):
         self.language_model.use_kernels(compiled_kernels() if speedups.compile_kernels else EAGER)
         self.vision_backbone.compile_blocks(speedups.compile_towers)
         self.vision_backbone.parallel_towers = speedups.parallel_towers
+        self.language_model.fuse_gate_up(speedups.fuse_gate_up)
         if self.graphs is not None and speedups != self.speedups:
             self.graphs = Graphs(self.graphs.limit)  # graphs captured before would replay the old kernels
         self.speedups = speedups

@@ -92,9 +92,7 @@ class OFTPolicy(Policy):
         action_slice: str = "train"  # train: hidden[T-58:T-2] (OFT); release: hidden[-56:] (LightVLA code)
         center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
         cuda_graphs: bool = True  # on a GPU, replay the fixed-shape parts of a query as CUDA graphs
-        compile_kernels: bool = False  # compile the LLM's element-wise chains (torch.compile; slow first queries)
-        compile_towers: bool = False  # compile every vision block (torch.compile; slow first queries)
-        parallel_towers: bool = False  # on a GPU, run the two vision towers on two CUDA streams at once
+        speedups: str = ""  # comma-separated, or all: compile_kernels, compile_towers, parallel_towers, fuse_gate_up
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
@@ -106,7 +104,11 @@ class OFTPolicy(Policy):
         self.device = resolve_device(options.device)
         self.dtype = resolve_dtype(options.dtype, self.device)
         self._load()
-        self.model.use_speedups(Speedups(options.compile_kernels, options.compile_towers, options.parallel_towers))
+        try:
+            speedups = Speedups.parse(options.speedups)
+        except ValueError as error:
+            raise PolicyOptionError(str(error)) from None
+        self.model.use_speedups(speedups)
         if options.cuda_graphs and self.device.startswith("cuda"):
             self.model.use_cuda_graphs()
         if options.chunk_length > self.config.chunk_length:

@@ -23,14 +23,14 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert not (tmp_path / "failed.txt").exists()
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"environment.txt", "oft.json", "sweep.json", "variants.json", "sweep_speedups.json", "kernels.json"}
-    all_three = ["compile_kernels", "compile_towers", "parallel_towers"]
-    for name, speedups in (("sweep.json", []), ("sweep_speedups.json", all_three)):
+    every = ["compile_kernels", "compile_towers", "parallel_towers", "fuse_gate_up"]
+    for name, speedups in (("sweep.json", []), ("sweep_speedups.json", every)):
         rows = json.loads((tmp_path / name).read_text())
         assert len(rows) == 9 and not [r for r in rows if "error" in r]
         assert all(r["speedups"] == speedups for r in rows)
     variants = json.loads((tmp_path / "variants.json").read_text())["variants"]
     assert variants["plain"]["max_abs_diff"] == {"oft": 0.0, "lightvla": 0.0}
-    assert variants["all three"]["speedups"] == all_three
+    assert variants["all"]["speedups"] == every
     assert json.loads((tmp_path / "oft.json").read_text())["yardstick"]["library"] == "transformers"
     kernels = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert [(r["policy"], r["fused_qkv"]) for r in kernels] == [("oft", False), ("oft", True),

@@ -119,18 +119,23 @@ def test_fused_projections_compute_the_same_and_keep_the_checkpoint_weights():
     torch.manual_seed(1)
     llm = LanguageModel(tiny_config().llm).eval()
     x = torch.randn(2, 12, llm.sizes.hidden_size)
+    long = torch.randn(2, 160, llm.sizes.hidden_size)  # 320 tokens: past FUSED_BELOW_TOKENS, separate products
     before = {k: v.clone() for k, v in llm.state_dict().items()}
     with torch.no_grad():
-        unfused = llm(stream(x))
+        unfused, unfused_long = llm(stream(x)), llm(stream(long))
         llm.fuse_projections()
-        fused = llm(stream(x))
-    assert torch.allclose(unfused, fused, atol=1e-5)
+        llm.fuse_gate_up()
+        fused, fused_long = llm(stream(x)), llm(stream(long))
+    assert torch.allclose(unfused, fused, atol=1e-5) and torch.equal(unfused_long, fused_long)
     after = llm.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     attn = llm.model.layers[0].self_attn
     # the named weights view the fused one: no second copy
     assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
     assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.untyped_storage().data_ptr()
+    mlp = llm.model.layers[0].mlp
+    assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
 
 
 def test_compiled_element_wise_chains_compute_the_same(llm):

@@ -93,10 +93,9 @@ def test_random_weights_without_checkpoint():
 
 
 def test_speedups_give_the_same_actions(tiny_checkpoint, policy):
-    compiled = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "compile_kernels": "true",
-                                   "compile_towers": "true", "parallel_towers": "true"})
+    compiled = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "speedups": "all"})
     assert compiled.model.language_model.model.layers[0].self_attn.kernels.compiled
-    assert compiled.model.speedups.enabled() == ["compile_kernels", "compile_towers", "parallel_towers"]
+    assert compiled.model.speedups.enabled() == ["compile_kernels", "compile_towers", "parallel_towers", "fuse_gate_up"]
     obs = [fake_observation(seed=5)]
     assert np.allclose(compiled.act(obs)[0].actions, policy.act(obs)[0].actions, atol=1e-4)
 
@@ -108,3 +107,8 @@ def test_a_query_that_captures_graphs_is_marked_warmup(tiny_checkpoint):
     first, again = (policy.act([fake_observation(seed)])[0].stats["warmup"] for seed in (1, 2))
     other_prompt = policy.act([fake_observation(3, instruction=INSTRUCTIONS[1])])[0].stats["warmup"]
     assert (first, again, other_prompt) == (True, False, True)  # a new prompt length is a new shape
+
+
+def test_an_unknown_speedup_is_an_error_naming_it(tiny_checkpoint):
+    with pytest.raises(PolicyOptionError, match="unknown speedup 'fast'"):
+        make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "speedups": "compile_kernels,fast"})
