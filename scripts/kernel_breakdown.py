@@ -1,8 +1,7 @@
 """Where a query's time goes on a GPU: wall time against the time the device spends in kernels
 (a large gap means the query is bound by the host launching kernels, not by the device), the
 number of kernels launched, and the kernels that take the most time, for OFT and LightVLA at
-78 tokens, replaying CUDA graphs, with and without the fused q, k, v product (its token
-threshold is set from this comparison).
+78 tokens, replaying CUDA graphs, plain and with every speedup (``policies.vla.model.Speedups``).
 
     python scripts/kernel_breakdown.py --size full --device cuda
     python scripts/kernel_breakdown.py --size tiny --device cpu   # host operators only
@@ -23,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.profile import (ProfileSettings, build_hooks, build_model, device_name, example_inputs,  # noqa: E402
                            percentiles, time_calls)
+from policies.vla.model import Speedups  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
 
 
@@ -35,9 +35,17 @@ def kind_of(kernel: str) -> str:
     return "other"
 
 
-def breakdown(model, device, dtype, settings: ProfileSettings, queries: int, fused: bool) -> dict:
+def short_name(kernel: str, limit: int = 200) -> str:
+    """A kernel's name without the template noise that hides what it computes: PyTorch's
+    element-wise kernels name their functor (MulFunctor, CUDAFunctor_add, copy ...) deep inside."""
+    for noise in ("void ", "at::native::", "(anonymous namespace)::", "c10::"):
+        kernel = kernel.replace(noise, "")
+    return kernel[:limit]
+
+
+def breakdown(model, device, dtype, settings: ProfileSettings, queries: int) -> dict:
+    model.use_speedups(Speedups.parse(settings.speedups))
     model.use_cuda_graphs()
-    model.language_model.fuse_projections(fused)
     hooks = build_hooks(settings, model.config)
     if isinstance(hooks, torch.nn.Module):
         hooks.to(device=device, dtype=dtype)
@@ -67,12 +75,12 @@ def breakdown(model, device, dtype, settings: ProfileSettings, queries: int, fus
     return {
         "policy": settings.policy,
         "keep": settings.keep,
-        "fused_qkv": fused,
+        "speedups": Speedups.parse(settings.speedups).enabled(),
         "wall_ms": wall,
         "device_busy_ms": busy_ms if cuda else None,
         "kernels_per_query": sum(e.count for e in kernels) / queries if cuda else None,
         "device_ms_by_kind": by_kind,
-        "top_kernels": [{"name": e.key[:90], "calls": e.count // queries,
+        "top_kernels": [{"name": short_name(e.key), "calls": e.count // queries,
                          "ms_per_query": e.self_device_time_total / 1e3 / queries} for e in top],
         "top_host_ops": [{"name": e.key, "calls": e.count // queries,
                           "self_cpu_ms_per_query": e.self_cpu_time_total / 1e3 / queries} for e in host_ops],
@@ -81,7 +89,7 @@ def breakdown(model, device, dtype, settings: ProfileSettings, queries: int, fus
 
 def report(r: dict) -> str:
     name = r["policy"] if r["keep"] is None else f"{r['policy']} keep={r['keep']}"
-    name += ", fused q/k/v" if r["fused_qkv"] else ", separate q/k/v"
+    name += f", speedups: {', '.join(r['speedups'])}" if r["speedups"] else ", plain"
     lines = [f"{name}: wall mean {r['wall_ms']['mean']:.2f} ms, p50 {r['wall_ms']['p50']:.2f}"]
     if r["device_busy_ms"] is not None:
         lines.append(f"  device busy {r['device_busy_ms']:.2f} ms per query ({r['kernels_per_query']:.0f} kernels); "
@@ -109,9 +117,9 @@ def main() -> int:
     model, device, dtype = build_model(base)
     results = []
     for policy, keep in (("oft", None), ("lightvla", 78)):
-        for fused in (False, True):
-            settings = ProfileSettings(**{**base.__dict__, "policy": policy, "keep": keep})
-            results.append(breakdown(model, device, dtype, settings, args.queries, fused))
+        for speedups in ("", "all"):
+            settings = ProfileSettings(**{**base.__dict__, "policy": policy, "keep": keep, "speedups": speedups})
+            results.append(breakdown(model, device, dtype, settings, args.queries))
             print(report(results[-1]), flush=True)
     if args.save:
         args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype), "results": results},
