@@ -9,7 +9,11 @@ No torch here.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
+import glob
+import importlib.util
 import logging
 import os
 
@@ -46,6 +50,23 @@ def proprio_from_obs(raw: dict) -> np.ndarray:
     ).astype(np.float64)
 
 
+@functools.cache
+def load_triton_before_gl() -> None:
+    """Load Triton's library, when installed, before the first GL context is made.
+
+    Without a GPU, EGL renders with Mesa's llvmpipe, which carries its own LLVM; so does
+    Triton, which torch loads for torch.compile and which timm imports through torchvision.
+    Triton's library loaded into a process that has made a GL context crashes it (a
+    segmentation fault), so a model built after an env in one process would. Loaded first,
+    both live together. Only the shared library is loaded here, not Triton or torch.
+    """
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for library in glob.glob(os.path.join(spec.submodule_search_locations[0], "_C", "libtriton*.so")):
+        ctypes.CDLL(library)
+
+
 class LiberoEnv:
     """One LIBERO task's simulator, reused across that task's episodes."""
 
@@ -56,6 +77,7 @@ class LiberoEnv:
         from suites.soft_reset import install_exact_soft_reset
 
         self.task = task
+        load_triton_before_gl()
         gc.collect()  # see _use_own_gl_context: dead envs' render contexts are freed now, not mid-build
         self._env = OffScreenRenderEnv(
             bddl_file_name=task.bddl_file, camera_heights=camera_size, camera_widths=camera_size

@@ -41,11 +41,6 @@ def visual_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
     return stream.hidden.gather(1, index[..., None].expand(-1, -1, stream.hidden.shape[2])), columns
 
 
-def task_span(stream: TokenStream) -> int:
-    """n such that the last n columns hold every sample's task tokens (they end each sequence)."""
-    return int(stream.task.sum(dim=1).max())
-
-
 def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """(B, n, D) last-n tokens covering every sample's task tokens, the (B, n) mask of which are
     task tokens (None when all are), and each sample's task-token count: one read-back for all three."""

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from policies.pruning.base import keep_tokens, on_meta, rows_attention, task_span
+from policies.pruning.base import keep_tokens, on_meta, rows_attention
 from policies.vla.hooks import Hooks, TokenStream
 
 REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
@@ -71,10 +71,9 @@ def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
     return sorted({min(max(layer, 1), num_layers - 1) for layer in scaled})
 
 
-def task_rows(q: torch.Tensor, k: torch.Tensor, stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head-averaged attention (B, n, T) of the last n tokens, which cover every sample's task
+def task_rows(q: torch.Tensor, k: torch.Tensor, stream: TokenStream, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-averaged attention (B, n, T) of the last n tokens, n covering every sample's task
     tokens (they end the sequence), and the (B, n) mask of which rows are task tokens."""
-    n = task_span(stream)
     return rows_attention(q[:, :, -n:], k, stream.padding), stream.task[:, -n:]
 
 
@@ -88,7 +87,8 @@ def rate_visual(rows: torch.Tensor, is_task: torch.Tensor, visual_columns: torch
     # The maximum is >= the mean in exact arithmetic; naming it keeps one rater under rounding.
     raters = (mass >= mass.mean()) | (mass == mass.max())
     matrix = attention[raters]
-    rank = int(torch.linalg.matrix_rank(matrix))
+    # The rank is read on the host anyway; a GPU's SVD of so small a matrix costs more than the copy.
+    rank = int(torch.linalg.matrix_rank(matrix.cpu()))
     return matrix.mean(dim=0), 1.0 - rank / min(matrix.shape)
 
 
@@ -154,13 +154,13 @@ class SparseVLMPruner(Hooks):
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
         if layer + 1 not in self.layers:
             return stream
-        counts = stream.visual.sum(dim=1).tolist()
+        # Visual tokens, real tokens and task tokens per sample: one read-back for the three.
+        counts, tokens, task = torch.cat([stream.counts()[[1, 0]], stream.task.sum(dim=1)[None]]).tolist()
         if max(counts) <= self.budget:
             return stream
         stages_left = len(self.layers) - self.layers.index(layer + 1)
         meta = on_meta(q)
-        rows, is_task = (None, None) if meta else task_rows(q, k, stream)
-        tokens = stream.counts()[0].tolist()
+        rows, is_task = (None, None) if meta else task_rows(q, k, stream, max(task))
         width = q.shape[1] * q.shape[3]
         cost = [0.0 if meta else 2.0 * is_task.shape[1] * n * width for n in tokens]  # the rater rows
         keep = ~stream.visual

@@ -1,5 +1,10 @@
 """The env wrapper against the plain LIBERO env, on the real simulator."""
 
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -117,3 +122,18 @@ def test_each_env_renders_in_its_own_gl_context(task):
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton (torch's compiler backend) is not installed")
+def test_a_model_can_be_loaded_after_an_env_rendered_in_the_same_process(task):
+    # Triton's LLVM loaded after Mesa's (software EGL) used to crash the process.
+    code = (
+        "import sys; from suites import get_suite; from suites.libero_env import LiberoEnv\n"
+        "env = LiberoEnv(get_suite('libero_spatial').task(0))\n"
+        "env.reset(get_suite('libero_spatial').task(0).init_states()[0]); env.step([0] * 6 + [-1], render=True)\n"
+        "import torch._dynamo, triton\n"
+        "print('alive')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and "alive" in done.stdout, done.stderr[-2000:]
