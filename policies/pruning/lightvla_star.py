@@ -72,6 +72,9 @@ class LightVLAStarPruner(Hooks, nn.Module):
     def plain_vision(self) -> bool:
         return self.vision_block is None
 
+    def plain_vision_block(self, tower: int, block: int) -> bool:
+        return block != self.vision_block
+
     def on_vision_block(self, tower: int, block: int, tokens: torch.Tensor) -> torch.Tensor | VisionSlots | None:
         if block != self.vision_block:
             return None

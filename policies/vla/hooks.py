@@ -90,6 +90,12 @@ class Hooks:
         """Whether the vision towers run untouched (then the core may replay them as one graph)."""
         return type(self).on_vision_block is Hooks.on_vision_block
 
+    def plain_vision_block(self, tower: int, block: int) -> bool:
+        """Whether ``on_vision_block`` does nothing after this block of this tower, so the core
+        may replay a run of such blocks as one graph. The default: whether the plug-in
+        overrides ``on_vision_block``; plug-ins that act after a few blocks only say which."""
+        return self.plain_vision()
+
     def plain_layer(self, layer: int) -> bool:
         """Whether LLM layer ``layer`` runs with no hook action: not skipped, no extra keys, no
         K/V or q/k wanted, ``after_layer`` the identity. The core may replay a run of plain

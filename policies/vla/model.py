@@ -173,7 +173,8 @@ class OFTModel(nn.Module):
             tokens = self.vision_backbone.unpruned_layout(b, visual.device, traces)
         else:
             tokens = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
-            visual = self.projector(tokens.features)
+            visual = self.projector(tokens.features) if graphs is None else graphs.run(
+                "projector", self.projector, tokens.features)
         if traces is not None:
             for i, trace in enumerate(traces):
                 padded = 0 if tokens.padding is None else int(tokens.padding[i].sum())

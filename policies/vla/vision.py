@@ -9,6 +9,7 @@ norm, and the prefix tokens (class token, registers) are dropped: OpenVLA's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,35 +87,59 @@ class VisionBackbone(nn.Module):
     def tower_features(self, index: int, pixels: torch.Tensor, hooks: Hooks) -> TowerOutput:
         """One tower through its second-to-last block, prefix tokens dropped.
 
-        Until a hook prunes, all images run as one batch; after it, image by image (each
-        keeps its own number of tokens, so no padding enters the tower's attention), or still
-        as one batch when the hook gives every image the same number of slots.
+        Until a hook prunes, all images run as one batch; after it, still as one batch when
+        every image keeps the same number of tokens, else image by image (so no padding enters
+        the tower's attention). Hooks are not consulted after a pruning. With ``hooks.graphs``
+        (CUDA graphs), each run of blocks after which no hook acts is replayed as one graph per
+        input shape, the embedding with the first run.
         """
-        tower = self.towers[index]
-        prefix = tower.num_prefix_tokens
-        x = tower.patch_embed(pixels)
-        x = tower._pos_embed(x)
-        x = tower.patch_drop(x)
-        x = tower.norm_pre(x)
-        counts, parts, patches = [], None, None
-        for block_index in range(len(tower.blocks) - 1):  # through the second-to-last block
-            block = self._block(index, block_index)
+        prefix = self.towers[index].num_prefix_tokens
+        depth = len(self.towers[index].blocks) - 1  # through the second-to-last block
+        graphs = hooks.graphs
+        counts, patches, parts, pruned = [], None, None, False
+        x = pixels  # the first run embeds the pixels
+        start = 0
+        while start < depth:
+            end = start + 1
+            if graphs is not None:
+                while end < depth and (pruned or hooks.plain_vision_block(index, end - 1)):
+                    end += 1
             if parts is None:
-                counts.append([x.shape[1]] * x.shape[0])
-                x = block(x)
-                change = hooks.on_vision_block(index, block_index, x)
+                x = self._run_blocks(index, start, end, x, graphs)
+                counts += [[x.shape[1]] * x.shape[0] for _ in range(start, end)]
+            else:
+                parts = [self._run_blocks(index, start, end, p[None], graphs)[0] for p in parts]
+                counts += [[p.shape[0] for p in parts] for _ in range(start, end)]
+            if not pruned:
+                change = hooks.on_vision_block(index, end - 1, x)
                 if isinstance(change, VisionSlots):
                     if change.tokens.shape[1] - prefix != change.patches.shape[1]:
                         raise ValueError("vision slots need one patch index per slot after the prefix tokens")
                     x, patches = change.tokens, list(change.patches.cpu())
                 elif change is not None:
-                    parts, patches = self._keep_rows(x, change, prefix)
-            else:
-                counts.append([p.shape[0] for p in parts])
-                parts = [block(p[None])[0] for p in parts]
+                    pruned = True
+                    kept, patches = self._keep_rows(x, change, prefix)
+                    if len({k.shape[0] for k in kept}) == 1:
+                        x = torch.stack(kept)
+                    else:
+                        parts = kept
+            start = end
         if parts is None:
             return TowerOutput(x[:, prefix:], patches, counts)
         return TowerOutput([p[prefix:] for p in parts], patches, counts)
+
+    def _run_blocks(self, index: int, start: int, end: int, x: torch.Tensor, graphs) -> torch.Tensor:
+        run = functools.partial(self._blocks, index, start, end)
+        return run(x) if graphs is None else graphs.run(f"tower {index} blocks {start}-{end - 1}", run, x)
+
+    def _blocks(self, index: int, start: int, end: int, x: torch.Tensor) -> torch.Tensor:
+        """Blocks ``start`` to ``end - 1`` of a tower; from block 0, ``x`` is the pixels, embedded first."""
+        tower = self.towers[index]
+        if start == 0:
+            x = tower.norm_pre(tower.patch_drop(tower._pos_embed(tower.patch_embed(x))))
+        for block in range(start, end):
+            x = self._block(index, block)(x)
+        return x
 
     @staticmethod
     def _keep_rows(x: torch.Tensor, keep: torch.Tensor, prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

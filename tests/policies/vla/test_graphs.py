@@ -67,13 +67,17 @@ HOOKS = {
     "sparsevlm": (lambda: SparseVLMPruner(budget=64, layers=(2, 5)), 4),  # vision, 0, 2-3, 5-7
     # vision, layer 0, layers 2-7 for each of the two kept counts (layer 1 selects, eager)
     "lightvla_star llm": (lambda: LightVLAStarPruner(64, num_queries=16, after_layer=2), 4),
-    "lightvla_star vision": (lambda: vision_star(), 2),  # all layers, for each of the two kept counts
+    # Per tower: the embedding with block 0 (the hook acts after it), then block 1 as one batch
+    # when both images keep as many tokens (seed 0) or image by image (seed 1: 20 and 21 kept,
+    # two graphs); the projector and all layers for each of the two kept counts.
+    "lightvla_star vision": (lambda: vision_star(), 12),
+    "lightvla_star vision keep": (lambda: vision_star(keep=40), 6),  # 20 per image: one batch, one count
 }
 
 
-def vision_star():
+def vision_star(keep=0):
     _, widths, prefixes = tower_blocks(tiny_config())
-    return LightVLAStarPruner(widths[0], num_queries=16, vision_block=0, prefix_tokens=prefixes)
+    return LightVLAStarPruner(widths[0], num_queries=16, vision_block=0, prefix_tokens=prefixes, keep=keep)
 
 
 @pytest.mark.parametrize("name", list(HOOKS))
