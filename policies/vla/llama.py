@@ -154,7 +154,7 @@ def _extend_mask(attn_mask, extra: ExtraKeys, b: int, t: int, device) -> torch.T
     if attn_mask is None and extra.valid is None:
         return None
     own = attn_mask if attn_mask is not None else torch.ones(b, 1, 1, t, dtype=torch.bool, device=device)
-    reused = extra.valid if extra.valid is not None else torch.ones(b, extra.k.shape[2], dtype=torch.bool)
+    reused = extra.valid if extra.valid is not None else torch.ones(b, extra.k.shape[2], dtype=torch.bool, device=device)
     return torch.cat([own, reused.to(device)[:, None, None, :]], dim=-1)
 
 
@@ -272,14 +272,22 @@ class LanguageModel(nn.Module):
             if skipped:
                 index += 1
                 continue
-            if stream.position_ids is not positions or stream.padding is not padding:
-                # Recomputed only when a hook changed the tokens: fewer small kernels per layer.
-                positions, padding = stream.position_ids, stream.padding
-                cos, sin, mask = self.position_terms(stream.hidden, positions, padding)
-            stream.hidden, q, k, v = layers[index](stream.hidden, cos, sin, mask, causal, extra)
-            if hooks.wants_kv(index):
+            wants_kv, wants_qk = hooks.wants_kv(index), hooks.wants_qk(index)
+            if graphs is not None:  # this layer alone as a graph; the hooks act eagerly around it
+                outputs = wants_kv or wants_qk
+                run = functools.partial(self.one_layer, index, causal, outputs)
+                extra_tensors = (None, None, None) if extra is None else (extra.k, extra.v, extra.valid)
+                result = graphs.run(f"llm layer {index} causal={causal} outputs={outputs}", run,
+                                    stream.hidden, stream.position_ids, stream.padding, *extra_tensors)
+                stream.hidden, q, k, v = result if outputs else (result, None, None, None)
+            else:
+                if stream.position_ids is not positions or stream.padding is not padding:
+                    # Recomputed only when a hook changed the tokens: fewer small kernels per layer.
+                    positions, padding = stream.position_ids, stream.padding
+                    cos, sin, mask = self.position_terms(stream.hidden, positions, padding)
+                stream.hidden, q, k, v = layers[index](stream.hidden, cos, sin, mask, causal, extra)
+            if wants_kv:
                 hooks.on_kv(index, stream, k, v)
-            wants_qk = hooks.wants_qk(index)
             stream = hooks.after_layer(index, stream, q if wants_qk else None, k if wants_qk else None)
             index += 1
         if recorder is not None:
@@ -290,6 +298,16 @@ class LanguageModel(nn.Module):
         """RoPE cos and signed sin for the tokens' positions, and the key mask of the padding."""
         cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
         return cos, sin, key_mask(padding, hidden.device)
+
+    def one_layer(self, index: int, causal: bool, outputs: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
+                  padding: torch.Tensor | None, extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
+                  extra_valid: torch.Tensor | None):
+        """Layer ``index`` as a pure function of its tensors (graphable): its hidden states, and
+        with ``outputs`` its q, k, v for the hooks."""
+        cos, sin, mask = self.position_terms(hidden, position_ids, padding)
+        extra = None if extra_k is None else ExtraKeys(extra_k, extra_v, extra_valid)
+        result = self.model.layers[index](hidden, cos, sin, mask, causal, extra)
+        return result if outputs else result[0]
 
     def plain_layers(self, start: int, end: int, causal: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
                      padding: torch.Tensor | None) -> torch.Tensor:

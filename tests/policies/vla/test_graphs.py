@@ -63,10 +63,11 @@ HOOKS = {
     # + the scoring and choice; the two observations keep different counts: a layer graph each
     "lightvla": (lambda: LightVLAPruner(), 4),
     "lightvla keep": (lambda: LightVLAPruner(keep=40), 3),
-    "fastv": (lambda: FastVPruner(2, 0.5), 3),  # vision, layer 0, layers 2-7 (layer 1 ranks, eager)
-    "sparsevlm": (lambda: SparseVLMPruner(budget=64, layers=(2, 5)), 4),  # vision, 0, 2-3, 5-7
-    # vision, layer 0, layers 2-7 for each of the two kept counts (layer 1 selects, eager)
-    "lightvla_star llm": (lambda: LightVLAStarPruner(64, num_queries=16, after_layer=2), 4),
+    # Layers after which a plug-in acts are graphs of their own, the plug-in eager after them.
+    "fastv": (lambda: FastVPruner(2, 0.5), 4),  # vision, layer 0, layer 1 (ranks), layers 2-7
+    "sparsevlm": (lambda: SparseVLMPruner(budget=64, layers=(2, 5)), 6),  # vision, 0, 1, 2-3, 4, 5-7
+    # vision, layer 0, layer 1 (selects), layers 2-7 for each of the two kept counts
+    "lightvla_star llm": (lambda: LightVLAStarPruner(64, num_queries=16, after_layer=2), 5),
     # Per tower: the embedding with block 0 (the hook acts after it), then block 1 as one batch
     # when both images keep as many tokens (seed 0) or image by image (seed 1: 20 and 21 kept,
     # two graphs); the projector and all layers for each of the two kept counts.

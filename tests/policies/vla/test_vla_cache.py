@@ -94,3 +94,33 @@ def test_policy_resets_per_episode_and_answers_batches_one_by_one(tiny_checkpoin
     third = policy.act([a, b])
     assert third[0].stats["reused_tokens"] == 0 and third[1].stats["reused_tokens"] > 0
     assert np.allclose(third[0].actions, first[0].actions, atol=1e-6)
+
+
+def test_graphed_steps_equal_eager_ones_and_fill_the_same_cache(model8):
+    # With graphs, each layer the cache acts at is a graph of its own (reused keys as inputs, its
+    # keys and values as outputs) and the cache's work runs eagerly around it.
+    pixels, proprio, prompts = inputs()
+    moved = pixels.clone()
+    moved[0, :6, :112] = torch.randn(6, 112, 224, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for graphed in (False, True):
+        model8.use_cuda_graphs(graphed)
+        cache = VLACache(similarity=0.99, max_reuse=100, first_layer=2, ramp=3)
+        steps = []
+        for frame in (pixels, pixels, moved):
+            cache.begin("ep", frame[0])
+            trace = QueryTrace()
+            with torch.inference_mode():
+                steps.append((model8(frame, proprio, prompts, 2, hooks=cache, traces=[trace]), trace,
+                              cache.reused_tokens))
+        runs[graphed] = steps, cache.episodes["ep"]
+        if graphed:
+            assert len(model8.graphs) > 1
+    model8.use_cuda_graphs(False)
+    for (eager, eager_trace, eager_reused), (graph, graph_trace, graph_reused) in zip(runs[False][0], runs[True][0]):
+        assert torch.allclose(eager, graph, atol=1e-5)
+        assert eager_trace == graph_trace and eager_reused == graph_reused
+    assert runs[True][0][1][2] == 100  # the second step reused tokens
+    for layer, keys in runs[False][1].keys.items():
+        assert torch.allclose(keys, runs[True][1].keys[layer], atol=1e-5)
+        assert torch.allclose(runs[False][1].values[layer], runs[True][1].values[layer], atol=1e-5)
