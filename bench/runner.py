@@ -188,10 +188,13 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
 def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video: str | None) -> dict:
     # Left out of the latency summary: the run's first query (lazy initialisation) and queries
     # whose policy reports a one-time cost (a CUDA graph captured for a new shape).
-    latencies, warmup = [], []
+    latencies, warmup, steady = [], [], []
     for i, ms in enumerate(result.query_latency_ms):
         stats = result.query_stats[i] if i < len(result.query_stats) else {}
-        (warmup if (i == 0 and not warm) or stats.get("warmup") else latencies).append(ms)
+        is_warmup = (i == 0 and not warm) or stats.get("warmup")
+        (warmup if is_warmup else latencies).append(ms)
+        if not is_warmup:
+            steady.append(stats)
     return {
         "key": planned.key,
         "suite": planned.suite,
@@ -207,7 +210,7 @@ def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video
         "latency_ms": latency_summary(latencies),
         "query_latency_ms": [round(x, 4) for x in latencies],
         "warmup_latency_ms": [round(x, 4) for x in warmup],
-        "policy_stats": summarize_stats(result.query_stats),
+        "policy_stats": summarize_stats(result.query_stats, steady),
         "error": result.error,
         "video": video,
         "finished_at": now_iso(),
@@ -223,13 +226,18 @@ def latency_summary(latencies_ms: list[float]) -> dict | None:
             "p99": float(p99), "max": float(arr.max())}
 
 
-def summarize_stats(per_query: list[dict]) -> dict:
+def summarize_stats(per_query: list[dict], steady: list[dict] | None = None) -> dict:
     """Mean over the episode's queries of each numeric statistic (element-wise for lists);
-    the last value of a text statistic (where a scripted policy ended up, why it gave up)."""
+    the last value of a text statistic (where a scripted policy ended up, why it gave up).
+    Timings (names ending in ``_ms``) average the ``steady`` queries only, those kept in the
+    latency summary, when given."""
     summary = {}
     keys = sorted({k for stats in per_query for k in stats})
     for key in keys:
-        values = [stats[key] for stats in per_query if key in stats]
+        source = steady if steady is not None and key.endswith("_ms") else per_query
+        values = [stats[key] for stats in source if key in stats]
+        if not values:
+            continue
         if isinstance(values[-1], str):
             summary[key] = values[-1]
             continue

@@ -8,6 +8,7 @@ through unscaled). Plug-in adapters (LightVLA, FastV, ...) subclass this and sup
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -195,7 +196,13 @@ class OFTPolicy(Policy):
         return pixel_tensor, proprio_tensor, [self.prompt_ids(o.instruction) for o in observations]
 
     def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
-        return self.run(*self.prepare(observations))
+        start = time.perf_counter()
+        prepared = self.prepare(observations)
+        preprocess_ms = (time.perf_counter() - start) * 1e3
+        outputs = self.run(*prepared)
+        for output in outputs:
+            output.stats["preprocess_ms"] = preprocess_ms
+        return outputs
 
     def run(self, pixels, proprio, prompts) -> list[PolicyOutput]:
         """The model on prepared inputs -> env action chunks with per-query stats."""
@@ -208,12 +215,15 @@ class OFTPolicy(Policy):
         traces = [QueryTrace() for _ in prompts]
         graphs = self.model.graphs
         captures = graphs.captures if graphs is not None else 0
+        start = time.perf_counter()
         with torch.inference_mode():
             normalized = self.model(pixels, proprio, prompts, self.tokenizer.stop_id, self.hooks(),
                                     self.options.action_slice, traces)
+        normalized = normalized.cpu().numpy()  # waits for the device
+        model_ms = (time.perf_counter() - start) * 1e3
         captured = graphs is not None and graphs.captures > captures  # a one-time cost of a new shape
         outputs = []
-        for chunk, trace in zip(normalized.cpu().numpy(), traces):
+        for chunk, trace in zip(normalized, traces):
             actions = unnormalize_actions(chunk, self.stats["action"]) if self.stats else chunk.astype(np.float64)
             actions = gripper_to_env(actions)[: self.chunk_length]
             stats: dict[str, Any] = trace.as_stats()
@@ -221,6 +231,7 @@ class OFTPolicy(Policy):
             stats["tflops"] = flops.query_flops(self.dims, trace)["total"] / 1e12
             stats["batch_size"] = len(prompts)
             stats["warmup"] = captured
+            stats["model_ms"] = model_ms  # the model's forward for the whole batch, inputs on the device
             outputs.append(PolicyOutput(actions, stats))
         return outputs
 

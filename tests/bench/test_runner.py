@@ -184,3 +184,20 @@ def test_queries_that_paid_a_one_time_cost_stay_out_of_the_latency_summary():
     assert warm["latency_ms"]["max"] == 30.0
     first = make_record(planned, task, SimpleNamespace(seed=1), result, False, None)
     assert first["query_latency_ms"] == [20.0, 22.0] and first["warmup_latency_ms"] == [30.0, 900.0]
+
+
+def test_timings_in_the_policy_stats_average_the_queries_kept_in_the_latency_summary():
+    from types import SimpleNamespace
+
+    from bench.episode import EpisodeResult
+    from bench.runner import make_record
+
+    planned = SimpleNamespace(key="libero_10/0/0", suite="libero_10", task_index=0, init_state_index=0)
+    task = SimpleNamespace(name="task", instruction="do it")
+    stats = [{"model_ms": 500.0, "tflops": 2.0}, {"model_ms": 800.0, "warmup": True, "tflops": 2.0},
+             {"model_ms": 20.0, "tflops": 3.0}, {"model_ms": 24.0, "tflops": 3.0}]
+    result = EpisodeResult("success", steps=4, queries=4, query_latency_ms=[510.0, 810.0, 25.0, 30.0],
+                           query_stats=stats)
+    record = make_record(planned, task, SimpleNamespace(seed=1), result, False, None)
+    assert record["policy_stats"]["model_ms"] == 22.0  # the first query and the capture left out
+    assert record["policy_stats"]["tflops"] == 2.5  # other statistics: every query

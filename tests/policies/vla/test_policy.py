@@ -112,3 +112,8 @@ def test_a_query_that_captures_graphs_is_marked_warmup(tiny_checkpoint):
 def test_an_unknown_speedup_is_an_error_naming_it(tiny_checkpoint):
     with pytest.raises(PolicyOptionError, match="unknown speedup 'fast'"):
         make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "speedups": "compile_kernels,fast"})
+
+
+def test_each_query_reports_its_preprocessing_and_model_time_apart(policy):
+    stats = policy.act([fake_observation(seed=4)])[0].stats
+    assert stats["preprocess_ms"] > 0 and stats["model_ms"] > 0
