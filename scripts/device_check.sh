@@ -15,8 +15,8 @@ mkdir -p "$DEST"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # At most seven result files, so that a remote run returns all of them (the batching comparison,
 # scripts/lightvla_batching.py, was measured and is not repeated here).
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/environment.txt"
-$PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/environment.txt"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/summary.txt"
+$PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/summary.txt"
 failed=0
 step() {  # a failed step is reported and the next one still runs: device time is scarce
   "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
@@ -33,4 +33,6 @@ step $PY -m bench profile --sweep --speedups all --size "$SIZE" --device "$DEVIC
   --warmup 5 --save "$DEST/sweep_speedups.json"
 # Wall time against the device's kernel time, and the costliest kernels, for OFT and LightVLA at 78.
 step $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/kernels.json"
+# Each target, met or not, from the files above.
+$PY scripts/device_targets.py "$DEST" | tee -a "$DEST/summary.txt"
 exit $failed

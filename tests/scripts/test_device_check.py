@@ -22,7 +22,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not (tmp_path / "failed.txt").exists()
     files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"environment.txt", "oft.json", "sweep.json", "variants.json", "sweep_speedups.json", "kernels.json"}
+    assert files == {"summary.txt", "oft.json", "sweep.json", "variants.json", "sweep_speedups.json", "kernels.json"}
     every = ["compile_kernels", "compile_towers", "parallel_towers", "fuse_gate_up"]
     for name, speedups in (("sweep.json", []), ("sweep_speedups.json", every)):
         rows = json.loads((tmp_path / name).read_text())
@@ -32,6 +32,8 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert variants["plain"]["max_abs_diff"] == {"oft": 0.0, "lightvla": 0.0}
     assert variants["all"]["speedups"] == every
     assert json.loads((tmp_path / "oft.json").read_text())["yardstick"]["library"] == "transformers"
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "OFT one query p50" in summary and "every speedup: OFT p50" in summary and "variant all:" in summary
     kernels = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert [(r["policy"], r["speedups"]) for r in kernels] == [("oft", []), ("oft", every),
                                                                  ("lightvla", []), ("lightvla", every)]
