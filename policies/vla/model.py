@@ -29,9 +29,9 @@ ACTION_SLICES = ("train", "release")
 
 @dataclass(frozen=True)
 class Speedups:
-    """Ways to run the same computation in fewer or overlapping GPU kernels; all off, every
-    operator is its own kernel, one after another. Compiled kernels and fused products may
-    round bf16 intermediates differently; parallel towers compute exactly the same."""
+    """Optional ways to run the same computation in fewer or overlapping GPU kernels, each off
+    by default until measured to pay (docs/performance.md). Compiled kernels and fused products
+    may round bf16 intermediates differently; parallel towers compute exactly the same."""
 
     compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
     compile_towers: bool = False  # every vision block compiled by torch.compile
