@@ -196,6 +196,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "tflops_counted": None if counted is None else counted / 1e12,
         "latency_ms": None,
         "llm_latency_ms": None,
+        "vision_latency_ms": None,
         "yardstick": None,
         "peak_memory_mb": None,
         "plugin_ms": None,
@@ -251,6 +252,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     if hooks is None:  # the unpruned LLM, the yardstick's counterpart (a plug-in run would repeat OFT's)
         result["llm_latency_ms"] = timed_on_the_sequence(llm(model.graphs))
+        result["vision_latency_ms"] = _time_vision(model, pixels.to(dtype), device, settings)
         if graphed:
             result["llm_eager_latency_ms"] = timed_on_the_sequence(llm(None))
     if hooks is not None and type(hooks).before_llm is not Hooks.before_llm:
@@ -264,6 +266,20 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     if settings.yardstick and hooks is None:
         result["yardstick"] = _yardstick(model, embeds, positions, device, dtype, settings)
     return result
+
+
+def _time_vision(model, pixels, device: str, settings: ProfileSettings) -> dict:
+    """The towers with projector alone, as a query runs them (one graph where graphs are on):
+    the part of a query every method shares, before any plug-in acts."""
+    import torch
+
+    def call():
+        with torch.inference_mode():
+            if model.graphs is None:
+                model.encode_images(pixels)
+            else:
+                model.graphs.run("vision and projector", model.encode_images, pixels)
+    return percentiles(time_calls(call, device, settings.repeats, settings.warmup))
 
 
 def _params_computed(model) -> int:
@@ -360,6 +376,9 @@ def format_profile(result: dict) -> str:
         llm = result["llm_latency_ms"]
         if llm:
             lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
+        if result.get("vision_latency_ms"):
+            vision = result["vision_latency_ms"]
+            lines.append(f"towers with projector alone:      mean {vision['mean']:.2f} ms  p50 {vision['p50']:.2f}")
         if result.get("llm_eager_latency_ms"):
             llm = result["llm_eager_latency_ms"]
             lines.append(f"LLM alone (ours, eager):          mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")

@@ -34,6 +34,8 @@ def target_lines(directory: Path) -> list[str]:
     if oft and oft.get("latency_ms"):
         p50 = oft["latency_ms"]["p50"]
         lines.append(f"OFT one query p50 {p50:.2f} ms (target <= {OFT_TARGET_MS:.0f}): {_verdict(p50 <= OFT_TARGET_MS)}")
+        if oft.get("vision_latency_ms"):
+            lines.append(f"towers with projector alone p50 {oft['vision_latency_ms']['p50']:.2f} ms (shared by every method)")
         if oft.get("yardstick") and oft.get("llm_latency_ms"):
             ours = oft["llm_latency_ms"]["p50"]
             theirs = min(oft["yardstick"]["bidirectional_ms"]["p50"], oft["yardstick"]["causal_ms"]["p50"])
