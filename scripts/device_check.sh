@@ -27,7 +27,7 @@ step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE
 step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
 step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep.json"
 # OFT and LightVLA at 78 under each speedup alone and all together.
-step $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/variants.json"
+step $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 20 --save "$DEST/variants.json"
 # The sweep again with every speedup.
 step $PY -m bench profile --sweep --speedups all --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 \
   --warmup 5 --save "$DEST/sweep_speedups.json"
