@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -118,6 +119,7 @@ class OFTPolicy(Policy):
             )
         self.dims = flops.model_dims(self.model)
         self._prompts: dict[str, list[int]] = {}
+        self._threads: ThreadPoolExecutor | None = None  # image preprocessing, made at the first query
         self._hooks = self.build_hooks(options, self.config)
 
     def _load(self) -> None:
@@ -182,18 +184,28 @@ class OFTPolicy(Policy):
 
         from policies.vla.preprocess import normalize_proprio, pixel_values, prepare_image
 
-        pixels, proprios = [], []
         for obs in observations:
             if not obs.images or any(c not in obs.images for c in CAMERAS):
                 have = sorted(obs.images or {})
                 raise ValueError(f"oft needs camera images {CAMERAS}; the observation has {have}")
-            images = [prepare_image(obs.images[c], self.config.image_sizes[0], self.options.center_crop) for c in CAMERAS]
-            pixels.append(pixel_values(images, self.config.image_means, self.config.image_stds))
+        # Every camera image of the batch at once: JPEG coding and numpy release the GIL.
+        size, crop = self.config.image_sizes[0], self.options.center_crop
+        images = list(self._image_threads().map(lambda image: prepare_image(image, size, crop),
+                                                [obs.images[c] for obs in observations for c in CAMERAS]))
+        pixels, proprios = [], []
+        for i, obs in enumerate(observations):
+            mine = images[i * len(CAMERAS):(i + 1) * len(CAMERAS)]
+            pixels.append(pixel_values(mine, self.config.image_means, self.config.image_stds))
             proprio = np.asarray(obs.proprio, np.float64)
             proprios.append(normalize_proprio(proprio, self.stats["proprio"]) if self.stats else proprio)
         pixel_tensor = torch.from_numpy(np.stack(pixels)).to(self.device)
         proprio_tensor = torch.from_numpy(np.stack(proprios).astype(np.float32)).to(self.device)
         return pixel_tensor, proprio_tensor, [self.prompt_ids(o.instruction) for o in observations]
+
+    def _image_threads(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="images")
+        return self._threads
 
     def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
         start = time.perf_counter()

@@ -117,3 +117,14 @@ def test_an_unknown_speedup_is_an_error_naming_it(tiny_checkpoint):
 def test_each_query_reports_its_preprocessing_and_model_time_apart(policy):
     stats = policy.act([fake_observation(seed=4)])[0].stats
     assert stats["preprocess_ms"] > 0 and stats["model_ms"] > 0
+
+
+def test_a_batch_prepares_each_observation_as_alone(policy):
+    # the batch's camera images are preprocessed in threads: each must land in its own sample
+    observations = [fake_observation(seed=s) for s in (6, 7, 8)]
+    pixels, proprio, _ = policy.prepare(observations)
+    for i, obs in enumerate(observations):
+        alone, alone_proprio, _ = policy.prepare([obs])
+        assert np.array_equal(pixels[i:i + 1].numpy(), alone.numpy())
+        assert np.array_equal(proprio[i:i + 1].numpy(), alone_proprio.numpy())
+    assert not np.array_equal(pixels[0].numpy(), pixels[1].numpy())
