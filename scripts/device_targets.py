@@ -31,6 +31,11 @@ def _lightvla(rows: list[dict]) -> dict | None:
 def target_lines(directory: Path) -> list[str]:
     lines = []
     oft = _load(directory, "oft.json")
+    if oft:
+        where = f"size {oft['size']}, {oft['device_name']}, {oft['dtype']}, batch {oft['batch']}"
+        if oft["size"] != "full" or not oft["device"].startswith("cuda"):
+            where += " (the targets are for the full size on a GPU: verdicts here only test the script)"
+        lines.append(where)
     if oft and oft.get("latency_ms"):
         p50 = oft["latency_ms"]["p50"]
         lines.append(f"OFT one query p50 {p50:.2f} ms (target <= {OFT_TARGET_MS:.0f}): {_verdict(p50 <= OFT_TARGET_MS)}")
