@@ -91,7 +91,7 @@ class RMSNorm(nn.Module):
 # Below this many rows (tokens over the whole batch) the q, k, v products are bound by reading
 # their weights, and one product over the three weights reads them faster (H100: about 300
 # flops per weight byte balance its compute and memory; measured in docs/performance.md).
-# The same holds for the gate and up products of the MLP.
+# The MLP's gate and up products fuse below the same count where the fuse_gate_up speedup is on.
 FUSED_BELOW_TOKENS = 300
 
 
