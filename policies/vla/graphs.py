@@ -10,7 +10,10 @@ what a caller holds. Functions with data-dependent shapes or host reads (token s
 counts) stay outside, eager.
 
 On a device without graphs (the CPU) the same bookkeeping runs, with the function called on
-the static inputs instead of a replay, so the plumbing is tested everywhere.
+the static inputs instead of a replay, so the plumbing is tested everywhere. With
+``check_host_reads`` the CPU path also fails a function that reads a tensor's values on the
+host (a count, ``.item()``, ``nonzero``, a boolean mask index): on a GPU such a function
+cannot be captured and would quietly run eagerly.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Graphs:
         self.replays = 0
         self.eager_calls = 0  # calls over the limit, run without a graph
         self.failures: list[str] = []  # captures that failed (that shape then runs eagerly)
+        self.check_host_reads = False  # on the CPU: fail a function a GPU could not capture
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,6 +69,9 @@ class Graphs:
         if entry.graph is not None:
             with torch.cuda.device(entry.device):  # the capture's device, also on cuda:1 and beyond
                 entry.graph.replay()
+        elif self.check_host_reads:
+            with _NoHostReads(name):
+                entry.outputs = fn(*entry.inputs)
         else:
             entry.outputs = fn(*entry.inputs)
         self.replays += 1
@@ -129,3 +136,43 @@ def _attention_backends_but_cudnn():
     from torch.nn.attention import SDPBackend
 
     return (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+class HostReadError(RuntimeError):
+    """A graphed function read tensor values on the host: a GPU capture of it would fail."""
+
+
+class _NoHostReads:
+    """Raises ``HostReadError`` at any operator that needs a tensor's values on the host."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        name = self.name
+        aten = torch.ops.aten
+        reads = {aten._local_scalar_dense, aten.nonzero, aten.equal, aten.masked_select, aten.unique_dim,
+                 aten._unique2, aten.unique_consecutive}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                boolean_index = func is aten.index.Tensor and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+                if func.overloadpacket in reads or boolean_index:
+                    raise HostReadError(f"graph {name!r}: {func} needs tensor values on the host")
+                return func(*args, **(kwargs or {}))
+
+        def tolist(tensor):
+            raise HostReadError(f"graph {name!r}: Tensor.tolist needs tensor values on the host")
+
+        self._mode = Mode()
+        self._tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = tolist
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return self._mode.__exit__(*exc)

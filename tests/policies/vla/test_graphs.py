@@ -52,6 +52,24 @@ def test_shapes_over_the_limit_run_without_a_graph():
     assert graphs.stats()["graphs"] == 2 and graphs.stats()["eager_calls"] == 2
 
 
+@pytest.mark.parametrize("reads", [
+    lambda x: x[x > 0],  # a boolean mask: a data-dependent count
+    lambda x: x * int(x.sum()),
+    lambda x: torch.tensor(x.tolist()),
+    lambda x: x.nonzero(),
+    lambda x: x if bool((x > 0).all()) else -x,
+])
+def test_a_function_that_reads_values_on_the_host_is_refused_when_checking(reads):
+    from policies.vla.graphs import HostReadError
+
+    graphs = Graphs()
+    graphs.check_host_reads = True
+    assert torch.equal(graphs.run("fine", lambda x: x * 2, torch.ones(3)), torch.full((3,), 2.0))
+    with pytest.raises(HostReadError, match="graph 'reads'"):
+        graphs.run("reads", reads, torch.ones(3))
+    assert torch.ones(2).tolist() == [1.0, 1.0]  # restored
+
+
 @pytest.fixture(scope="module")
 def model8():
     torch.manual_seed(0)
@@ -87,6 +105,8 @@ def test_graphed_queries_equal_eager_ones(model8, name):
     results = {}
     for graphed in (False, True):
         model8.use_cuda_graphs(graphed)
+        if graphed:  # every graphed function must be capturable on a GPU: no host reads inside
+            model8.graphs.check_host_reads = True
         hooks = make()
         outputs, traces = [], []
         for seed in (0, 1, 0):  # a different observation in between: nothing stale is replayed

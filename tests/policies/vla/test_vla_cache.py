@@ -105,6 +105,8 @@ def test_graphed_steps_equal_eager_ones_and_fill_the_same_cache(model8):
     runs = {}
     for graphed in (False, True):
         model8.use_cuda_graphs(graphed)
+        if graphed:
+            model8.graphs.check_host_reads = True
         cache = VLACache(similarity=0.99, max_reuse=100, first_layer=2, ramp=3)
         steps = []
         for frame in (pixels, pixels, moved):
