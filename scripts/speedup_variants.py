@@ -31,6 +31,7 @@ VARIANTS = {
     "compiled LLM chains": "compile_kernels",
     "compiled towers": "compile_towers",
     "fused gate/up": "fuse_gate_up",
+    "both uncompiled": "parallel_towers,fuse_gate_up",  # no compilation at start-up
     "all": "all",
 }
 POLICIES = (("oft", None), ("lightvla", 78))
