@@ -147,3 +147,21 @@ def test_changing_speedups_drops_the_graphs_captured_with_the_old_kernels(model8
     assert len(model8.graphs) == 0 and model8.vision_backbone.parallel_towers
     model8.use_speedups(Speedups())
     model8.use_cuda_graphs(False)
+
+
+@pytest.mark.parametrize("name", list(HOOKS))
+def test_graphed_batches_with_unequal_prompts_equal_eager_ones(model8, name):
+    # two samples, left-padded to the longer prompt: padding masks go into the graphs as inputs
+    make = HOOKS[name][0]
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 13), seed=3)
+    results = {}
+    for graphed in (False, True):
+        model8.use_cuda_graphs(graphed)
+        if graphed:
+            model8.graphs.check_host_reads = True
+        traces = [QueryTrace(), QueryTrace()]
+        with torch.inference_mode():
+            results[graphed] = model8(pixels, proprio, prompts, 2, hooks=make(), traces=traces), traces
+    model8.use_cuda_graphs(False)
+    assert torch.allclose(results[False][0], results[True][0], atol=1e-5)
+    assert results[False][1] == results[True][1]
