@@ -11,6 +11,7 @@ run; for a plug-in, its own work between projector and layer 0.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import resource
 import statistics
@@ -18,6 +19,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Prompt length (BOS and the final empty piece included) assumed for cost figures: the mean
 # over the 40 instructions of libero_spatial/object/goal/10 with the Llama-2 tokenizer is
@@ -42,6 +44,24 @@ class ProfileSettings:
     count: bool = True
     cuda_graphs: bool = True  # on a GPU, replay fixed-shape parts as CUDA graphs (eager also timed)
     speedups: str = ""  # policies.vla.model.Speedups by name: comma-separated, or all
+
+
+def measurement_parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentParser:
+    """The arguments the measurement scripts share (scripts/*.py): model size, device, dtype,
+    timed and warm-up calls, and a file for the JSON result."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> ProfileSettings:
+    return ProfileSettings(size=args.size, device=args.device, dtype=args.dtype, repeats=args.repeats,
+                           warmup=args.warmup)
 
 
 def percentiles(samples_ms: list[float]) -> dict:
@@ -144,7 +164,8 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
-    model.use_speedups(Speedups.parse(settings.speedups))
+    speedups = Speedups.parse(settings.speedups)
+    model.use_speedups(speedups)
     hooks = build_hooks(settings, model.config)
     if isinstance(hooks, torch.nn.Module):  # learnable plug-in parameters live with the model
         hooks.to(device=device, dtype=dtype)
@@ -182,7 +203,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "device_name": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "batch": settings.batch,
-        "speedups": Speedups.parse(settings.speedups).enabled(),
+        "speedups": speedups.enabled(),
         "params": sum(p.numel() for p in model.parameters()),
         "params_computed": _params_computed(model),
         "prompt_tokens": settings.prompt_tokens,

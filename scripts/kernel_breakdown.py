@@ -9,7 +9,6 @@ number of kernels launched, and the kernels that take the most time, for OFT and
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.profile import (ProfileSettings, build_hooks, build_model, device_name, example_inputs,  # noqa: E402
-                           percentiles, time_calls)
+                           measurement_parser, percentiles, settings_from, time_calls)
 from policies.vla.model import Speedups  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -102,18 +101,11 @@ def report(r: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser = measurement_parser(__doc__.splitlines()[0], repeats=20, warmup=3)
     parser.add_argument("--queries", type=int, default=5, help="queries under the profiler")
-    parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
     args = parser.parse_args()
 
-    base = ProfileSettings(size=args.size, device=args.device, dtype=args.dtype, repeats=args.repeats,
-                           warmup=args.warmup)
+    base = settings_from(args)
     model, device, dtype = build_model(base)
     results = []
     for policy, keep in (("oft", None), ("lightvla", 78)):

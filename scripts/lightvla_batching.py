@@ -8,7 +8,6 @@ their outputs (equal in fp32; in bf16 the batch's rounding can change a selectio
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.profile import ProfileSettings, build_model, device_name, percentiles, time_calls  # noqa: E402
+from bench.profile import build_model, device_name, measurement_parser, percentiles, settings_from, time_calls  # noqa: E402
 from policies.pruning.lightvla import LightVLAPruner  # noqa: E402
 from policies.vla.hooks import QueryTrace  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
@@ -35,17 +34,11 @@ def observations(model, batch: int, seed: int, device: str):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
+    parser = measurement_parser(__doc__.splitlines()[0], repeats=20, warmup=3)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
     args = parser.parse_args()
 
-    settings = ProfileSettings(size=args.size, device=args.device, dtype=args.dtype)
+    settings = settings_from(args)
     model, device, dtype = build_model(settings)
     pixels, proprio, prompts = observations(model, args.batch, settings.seed, device)
     pixels, proprio = pixels.to(dtype), proprio.to(dtype)

@@ -11,7 +11,6 @@ change anything).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.profile import (ProfileSettings, build_hooks, build_model, device_name, example_inputs,  # noqa: E402
-                           percentiles, time_calls)
+                           measurement_parser, percentiles, settings_from, time_calls)
 from policies.vla.model import Speedups  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -76,18 +75,11 @@ def report(rows: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser = measurement_parser(__doc__.splitlines()[0], repeats=30, warmup=5)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--save", type=Path, help="also write the JSON result to this file")
     args = parser.parse_args()
 
-    base = ProfileSettings(size=args.size, device=args.device, dtype=args.dtype, repeats=args.repeats,
-                           warmup=args.warmup)
+    base = settings_from(args)
     model, device, dtype = build_model(base)
     rows, reference = {}, None
     for name in args.variants:

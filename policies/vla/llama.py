@@ -104,6 +104,14 @@ def fuse_weights(*linears: nn.Linear) -> torch.Tensor:
     return fused
 
 
+def fused_or_none(current: torch.Tensor | None, enabled: bool, *linears: nn.Linear) -> torch.Tensor | None:
+    """The fused weight a module should hold: none when disabled (the projections keep viewing
+    the fused storage), the one it has, or a new one."""
+    if not enabled:
+        return None
+    return current if current is not None else fuse_weights(*linears)
+
+
 class Attention(nn.Module):
     def __init__(self, sizes: LlamaSizes):
         super().__init__()
@@ -117,10 +125,7 @@ class Attention(nn.Module):
         self.kernels = EAGER
 
     def fuse_projections(self, enabled: bool = True) -> None:
-        if not enabled:
-            self.qkv_weight = None  # the projections keep viewing the fused storage
-        elif self.qkv_weight is None:
-            self.qkv_weight = fuse_weights(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = fused_or_none(self.qkv_weight, enabled, self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, cos, sin, attn_mask, causal: bool, extra: ExtraKeys | None = None):
         b, t, _ = x.shape
@@ -168,10 +173,7 @@ class MLP(nn.Module):
         self.kernels = EAGER
 
     def fuse_projections(self, enabled: bool = True) -> None:
-        if not enabled:
-            self.gate_up_weight = None  # the projections keep viewing the fused storage
-        elif self.gate_up_weight is None:
-            self.gate_up_weight = fuse_weights(self.gate_proj, self.up_proj)
+        self.gate_up_weight = fused_or_none(self.gate_up_weight, enabled, self.gate_proj, self.up_proj)
 
     def forward(self, x):
         if self.gate_up_weight is not None and x.shape[:-1].numel() < FUSED_BELOW_TOKENS:
