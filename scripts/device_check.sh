@@ -19,7 +19,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/summary.txt"
 failed=0
 step() {  # a failed step is reported and the next one still runs: device time is scarce
+  local start=$SECONDS
   "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
+  echo "step took $((SECONDS - start)) s: $*" | tee -a "$DEST/summary.txt"
 }
 # Every plug-in's code path on the device first, on the tiny model (seconds).
 step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2
