@@ -60,6 +60,9 @@ def target_lines(directory: Path) -> list[str]:
     variants = _load(directory, "variants.json")
     if variants:
         for name, row in variants["variants"].items():
+            if "error" in row:
+                lines.append(f"variant {name}: failed: {row['error']}")
+                continue
             oft_ms, light_ms = row["latency_ms"]["oft"]["p50"], row["latency_ms"]["lightvla"]["p50"]
             lines.append(f"variant {name}: OFT {oft_ms:.2f} ms, LightVLA {light_ms:.2f} ms ({light_ms / oft_ms:.3f}x), "
                          f"towers {row['vision_ms']['p50']:.2f} ms, largest action difference "

@@ -24,13 +24,15 @@ from bench.profile import (ProfileSettings, build_hooks, build_model, device_nam
 from policies.vla.model import Speedups  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
 
+# Uncompiled variants first: compiling takes minutes and needs a working Triton, and a run cut
+# short or a failed compilation should still leave them measured.
 VARIANTS = {
     "plain": "",
     "parallel towers": "parallel_towers",
+    "fused gate/up": "fuse_gate_up",
+    "both uncompiled": "parallel_towers,fuse_gate_up",
     "compiled LLM chains": "compile_kernels",
     "compiled towers": "compile_towers",
-    "fused gate/up": "fuse_gate_up",
-    "both uncompiled": "parallel_towers,fuse_gate_up",  # no compilation at start-up
     "all": "all",
 }
 POLICIES = (("oft", None), ("lightvla", 78))
@@ -66,6 +68,9 @@ def report(rows: dict) -> str:
              "| largest action difference from plain (OFT, LightVLA) |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | |")
+            continue
         oft, light = r["latency_ms"]["oft"]["p50"], r["latency_ms"]["lightvla"]["p50"]
         diffs = ", ".join(f"{d:.2e}" for d in r["max_abs_diff"].values())
         lines.append(f"| {name} | {oft:.2f} | {light:.2f} | {light / oft:.3f} | {r['vision_ms']['p50']:.2f} | {diffs} |")
@@ -82,21 +87,29 @@ def main() -> int:
     base = settings_from(args)
     model, device, dtype = build_model(base)
     rows, reference = {}, None
+    failed = False
     for name in args.variants:
-        row = measure(model, device, dtype, base, Speedups.parse(VARIANTS[name]))
-        actions = row.pop("actions")
-        reference = reference or actions  # the first variant (plain, by default) is the reference
-        row["max_abs_diff"] = {p: float((actions[p] - reference[p]).abs().max()) for p in actions}
-        rows[name] = row
-        print(f"{name}: OFT {row['latency_ms']['oft']['p50']:.2f} ms, LightVLA {row['latency_ms']['lightvla']['p50']:.2f} ms, "
-              f"towers {row['vision_ms']['p50']:.2f} ms", flush=True)
+        try:
+            row = measure(model, device, dtype, base, Speedups.parse(VARIANTS[name]))
+        except Exception as error:  # one variant's failure (e.g. compilation) must not lose the others
+            rows[name] = {"speedups": Speedups.parse(VARIANTS[name]).enabled(),
+                          "error": f"{type(error).__name__}: {str(error)[:300]}"}
+            failed = True
+            print(f"{name}: failed: {rows[name]['error']}", flush=True)
+        else:
+            actions = row.pop("actions")
+            reference = reference or actions  # the first variant (plain, by default) is the reference
+            row["max_abs_diff"] = {p: float((actions[p] - reference[p]).abs().max()) for p in actions}
+            rows[name] = row
+            print(f"{name}: OFT {row['latency_ms']['oft']['p50']:.2f} ms, LightVLA "
+                  f"{row['latency_ms']['lightvla']['p50']:.2f} ms, towers {row['vision_ms']['p50']:.2f} ms", flush=True)
+        if args.save:  # after every variant, so that a run cut short keeps what it measured
+            args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype),
+                                             "variants": rows}, indent=1))
     text = report(rows)
     print(f"size {args.size}  device {device_name(device)}  dtype {str(dtype).removeprefix('torch.')}  "
           f"batch 1, CUDA graphs where the device has them\n{text}")
-    if args.save:
-        args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype), "variants": rows},
-                                        indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
