@@ -107,16 +107,22 @@ def main() -> int:
 
     base = settings_from(args)
     model, device, dtype = build_model(base)
-    results = []
+    results, failed = [], False
     for policy, keep in (("oft", None), ("lightvla", 78)):
         for speedups in ("", "all"):
             settings = ProfileSettings(**{**base.__dict__, "policy": policy, "keep": keep, "speedups": speedups})
-            results.append(breakdown(model, device, dtype, settings, args.queries))
-            print(report(results[-1]), flush=True)
-    if args.save:
-        args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype), "results": results},
-                                        indent=1))
-    return 0
+            try:
+                results.append(breakdown(model, device, dtype, settings, args.queries))
+                print(report(results[-1]), flush=True)
+            except Exception as error:  # a compilation failure must not lose the other breakdowns
+                failed = True
+                results.append({"policy": policy, "speedups": Speedups.parse(speedups).enabled(),
+                                "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                print(f"{policy} speedups={speedups or 'none'}: failed: {results[-1]['error']}", flush=True)
+            if args.save:  # after each, so that a run cut short keeps what it measured
+                args.save.write_text(json.dumps({"device_name": device_name(device), "dtype": str(dtype),
+                                                 "results": results}, indent=1))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
