@@ -273,7 +273,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     if hooks is None:  # the unpruned LLM, the yardstick's counterpart (a plug-in run would repeat OFT's)
         result["llm_latency_ms"] = timed_on_the_sequence(llm(model.graphs))
-        result["vision_latency_ms"] = _time_vision(model, pixels.to(dtype), device, settings)
+        result["vision_latency_ms"] = time_vision(model, pixels.to(dtype), device, settings)
         if graphed:
             result["llm_eager_latency_ms"] = timed_on_the_sequence(llm(None))
     if hooks is not None and type(hooks).before_llm is not Hooks.before_llm:
@@ -289,17 +289,14 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     return result
 
 
-def _time_vision(model, pixels, device: str, settings: ProfileSettings) -> dict:
+def time_vision(model, pixels, device: str, settings: ProfileSettings) -> dict:
     """The towers with projector alone, as a query runs them (one graph where graphs are on):
     the part of a query every method shares, before any plug-in acts."""
     import torch
 
     def call():
         with torch.inference_mode():
-            if model.graphs is None:
-                model.encode_images(pixels)
-            else:
-                model.graphs.run("vision and projector", model.encode_images, pixels)
+            model.replay_encode_images(pixels, model.graphs)
     return percentiles(time_calls(call, device, settings.repeats, settings.warmup))
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.profile import (ProfileSettings, build_hooks, build_model, device_name, example_inputs,  # noqa: E402
-                           measurement_parser, percentiles, settings_from, time_calls)
+                           measurement_parser, percentiles, settings_from, time_calls, time_vision)
 from policies.vla.model import Speedups  # noqa: E402
 from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -52,13 +52,7 @@ def measure(model, device, dtype, base: ProfileSettings, speedups: Speedups) -> 
 
         row["latency_ms"][policy] = percentiles(time_calls(query, device, base.repeats, base.warmup))
         row["actions"][policy] = query().cpu()
-    vision_input = pixels.to(dtype)
-
-    def vision():
-        with torch.inference_mode():
-            model.graphs.run("vision and projector", model.encode_images, vision_input)
-
-    row["vision_ms"] = percentiles(time_calls(vision, device, base.repeats, base.warmup))
+    row["vision_ms"] = time_vision(model, pixels.to(dtype), device, base)
     row["graph_failures"] = list(model.graphs.failures)
     return row
 

@@ -49,6 +49,11 @@ class Graphs:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        """Drop every captured graph (and its memory); the next calls capture anew."""
+        self._entries.clear()
+        self._pool = None
+
     def run(self, name: str, fn: Callable, *args: torch.Tensor | None):
         """``fn(*args)`` through the graph of (``name``, argument shapes, dtypes, devices).
 

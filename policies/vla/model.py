@@ -75,7 +75,7 @@ class OFTModel(nn.Module):
         self.vision_backbone.parallel_towers = speedups.parallel_towers
         self.language_model.fuse_gate_up(speedups.fuse_gate_up)
         if self.graphs is not None and speedups != self.speedups:
-            self.graphs = Graphs(self.graphs.limit)  # graphs captured before would replay the old kernels
+            self.graphs.clear()  # graphs captured before would replay the old kernels
         self.speedups = speedups
 
     def use_cuda_graphs(self, enabled: bool = True, limit: int = 64) -> None:
@@ -90,6 +90,13 @@ class OFTModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected visual tokens (B, V, D) of unpruned towers: a pure function (graphable)."""
         return self.projector(self.vision_backbone(pixel_values).features)
+
+    def replay_encode_images(self, pixel_values: torch.Tensor, graphs: Graphs | None) -> torch.Tensor:
+        """``encode_images`` through the one graph a query without vision hooks replays (called
+        directly where ``graphs`` is None)."""
+        if graphs is None:
+            return self.encode_images(pixel_values)
+        return graphs.run("vision and projector", self.encode_images, pixel_values)
 
     @property
     def visual_tokens(self) -> int:
@@ -169,7 +176,7 @@ class OFTModel(nn.Module):
         if graphs is not None and hooks.plain_vision():
             pixels = pixel_values.to(dtype)
             self.vision_backbone.check_channels(pixels)
-            visual = graphs.run("vision and projector", self.encode_images, pixels)
+            visual = self.replay_encode_images(pixels, graphs)
             tokens = self.vision_backbone.unpruned_layout(b, visual.device, traces)
         else:
             tokens = self.vision_backbone(pixel_values.to(dtype), hooks, traces)
