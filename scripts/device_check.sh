@@ -18,23 +18,29 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/summary.txt"
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/summary.txt"
 failed=0
-step() {  # a failed step is reported and the next one still runs: device time is scarce
-  local start=$SECONDS
-  "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
+step() {  # step LIMIT_S COMMAND...: a failed or overlong step is reported and the next one still
+  local limit=$1 start=$SECONDS; shift  # runs (device time is scarce); 0 means no limit
+  timeout "$limit" "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
   echo "step took $((SECONDS - start)) s: $*" | tee -a "$DEST/summary.txt"
 }
-# Every plug-in's code path on the device first, on the tiny model (seconds).
-step $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2
+# Most telling first, so that a run cut short keeps it. OFT and LightVLA at 78 under each
+# speedup alone and all together (each variant saved as it finishes; compiling ones last).
+step "${LIMIT_VARIANTS:-300}" $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --repeats 20 --save "$DEST/variants.json"
+# The fastest of them whose actions stay within bf16 rounding of plain ones, for the rest.
+BEST=$($PY scripts/best_speedups.py "$DEST/variants.json" 2>>"$DEST/summary.txt")
+echo "speedups for the steps below: ${BEST:-none}" | tee -a "$DEST/summary.txt"
 # OFT with the transformers yardstick, then every method relative to OFT in one run.
-step $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 50 --warmup 5 --save "$DEST/oft.json"
-step $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep.json"
-# OFT and LightVLA at 78 under each speedup alone and all together.
-step $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 20 --save "$DEST/variants.json"
-# The sweep again with every speedup.
-step $PY -m bench profile --sweep --speedups all --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --repeats 30 \
-  --warmup 5 --save "$DEST/sweep_speedups.json"
-# Wall time against the device's kernel time, and the costliest kernels, for OFT and LightVLA at 78.
-step $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --save "$DEST/kernels.json"
+step "${LIMIT_OFT:-150}" $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --speedups "$BEST" \
+  --repeats 50 --warmup 5 --save "$DEST/oft.json"
+step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --speedups "$BEST" --size "$SIZE" --device "$DEVICE" \
+  --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_speedups.json"
+# Without speedups, then wall time against kernel time, then every plug-in's path on the tiny model.
+step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --repeats 30 --warmup 5 --save "$DEST/sweep.json"
+step "${LIMIT_KERNELS:-200}" $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --save "$DEST/kernels.json"
+step 120 $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2
 # Each target, met or not, from the files above.
 $PY scripts/device_targets.py "$DEST" | tee -a "$DEST/summary.txt"
 exit $failed

@@ -45,11 +45,12 @@ def target_lines(directory: Path) -> list[str]:
             ours = oft["llm_latency_ms"]["p50"]
             theirs = min(oft["yardstick"]["bidirectional_ms"]["p50"], oft["yardstick"]["causal_ms"]["p50"])
             lines.append(f"our LLM p50 {ours:.2f} ms against transformers' {theirs:.2f} ms: {_verdict(ours <= theirs)}")
-    for name, label in (("sweep.json", "plain"), ("sweep_speedups.json", "every speedup")):
+    for name in ("sweep.json", "sweep_speedups.json"):
         rows = _load(directory, name)
         light = _lightvla(rows) if rows else None
         if not light or light.get("latency_vs_oft") is None:
             continue
+        label = "speedups " + ",".join(rows[0]["speedups"]) if rows[0].get("speedups") else "no speedups"
         ratio, base = light["latency_vs_oft"], rows[0]["latency_ms"]["p50"]
         lines.append(f"{label}: OFT p50 {base:.2f} ms, LightVLA keep=78 {light['latency_ms']['p50']:.2f} ms = "
                      f"{ratio:.3f}x (target <= {LIGHTVLA_RATIO_TARGET}): {_verdict(ratio <= LIGHTVLA_RATIO_TARGET)}")
