@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
     prof.add_argument("--no-cuda-graphs", action="store_true",
                       help="time eager queries only (by default a GPU replays CUDA graphs and eager is timed too)")
-    prof.add_argument("--speedups", default="", metavar="NAMES",
-                      help="comma-separated, or all: compile_kernels (the LLM's element-wise chains compiled by "
+    prof.add_argument("--speedups", default="auto", metavar="NAMES",
+                      help="auto (default: every one a GPU can use, none on a CPU), none, all, or comma-separated: "
+                           "compile_kernels (the LLM's element-wise chains compiled by "
                            "torch.compile), compile_towers (every vision block compiled), parallel_towers (the two "
                            "towers on two CUDA streams), fuse_gate_up (the MLP's gate and up as one product below "
                            "300 tokens)")

@@ -43,7 +43,7 @@ class ProfileSettings:
     yardstick: bool = True
     count: bool = True
     cuda_graphs: bool = True  # on a GPU, replay fixed-shape parts as CUDA graphs (eager also timed)
-    speedups: str = ""  # policies.vla.model.Speedups by name: comma-separated, or all
+    speedups: str = "auto"  # policies.vla.model.Speedups: auto, none, all, or names, comma-separated
 
 
 def measurement_parser(description: str, repeats: int, warmup: int) -> argparse.ArgumentParser:
@@ -164,7 +164,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     if settings.prompt_tokens < 2:
         raise ValueError("--prompt-tokens must be at least 2 (BOS and the final empty piece)")
     model, device, dtype = shared or build_model(settings)
-    speedups = Speedups.parse(settings.speedups)
+    speedups = Speedups.parse(settings.speedups, device)
     model.use_speedups(speedups)
     hooks = build_hooks(settings, model.config)
     if isinstance(hooks, torch.nn.Module):  # learnable plug-in parameters live with the model

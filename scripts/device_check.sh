@@ -27,17 +27,15 @@ step() {  # step LIMIT_S COMMAND...: a failed or overlong step is reported and t
 # speedup alone and all together (each variant saved as it finishes; compiling ones last).
 step "${LIMIT_VARIANTS:-300}" $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --repeats 20 --save "$DEST/variants.json"
-# The fastest of them whose actions stay within bf16 rounding of plain ones, for the rest.
-BEST=$($PY scripts/best_speedups.py "$DEST/variants.json" 2>>"$DEST/summary.txt")
-echo "speedups for the steps below: ${BEST:-none}" | tee -a "$DEST/summary.txt"
-# OFT with the transformers yardstick, then every method relative to OFT in one run.
-step "${LIMIT_OFT:-150}" $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --speedups "$BEST" \
+# OFT with the transformers yardstick, then every method relative to OFT in one run, with the
+# default speedups (on a GPU, every one it can use) and with none.
+step "${LIMIT_OFT:-150}" $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --repeats 50 --warmup 5 --save "$DEST/oft.json"
-step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --speedups "$BEST" --size "$SIZE" --device "$DEVICE" \
-  --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_speedups.json"
-# Without speedups, then wall time against kernel time, then every plug-in's path on the tiny model.
 step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --repeats 30 --warmup 5 --save "$DEST/sweep.json"
+step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --speedups none --size "$SIZE" --device "$DEVICE" \
+  --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_plain.json"
+# Wall time against kernel time, the LLM's products alone, every plug-in's path on the tiny model.
 step "${LIMIT_KERNELS:-200}" $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --save "$DEST/kernels.json"
 step 120 $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2

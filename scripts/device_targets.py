@@ -45,7 +45,7 @@ def target_lines(directory: Path) -> list[str]:
             ours = oft["llm_latency_ms"]["p50"]
             theirs = min(oft["yardstick"]["bidirectional_ms"]["p50"], oft["yardstick"]["causal_ms"]["p50"])
             lines.append(f"our LLM p50 {ours:.2f} ms against transformers' {theirs:.2f} ms: {_verdict(ours <= theirs)}")
-    for name in ("sweep.json", "sweep_speedups.json"):
+    for name in ("sweep.json", "sweep_plain.json"):
         rows = _load(directory, name)
         light = _lightvla(rows) if rows else None
         if not light or light.get("latency_vs_oft") is None:

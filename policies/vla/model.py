@@ -29,9 +29,11 @@ ACTION_SLICES = ("train", "release")
 
 @dataclass(frozen=True)
 class Speedups:
-    """Optional ways to run the same computation in fewer or overlapping GPU kernels, each off
-    by default until measured to pay (docs/performance.md). Compiled kernels and fused products
-    may round bf16 intermediates differently; parallel towers compute exactly the same."""
+    """Ways to run the same computation in fewer or overlapping GPU kernels. Compiled kernels and
+    fused products may round bf16 intermediates differently (on an H100, OFT's actions moved by
+    at most 3.5e-2, the size of the change between a padded batch and one query at a time);
+    parallel towers compute exactly the same. By default ("auto") a CUDA device uses every one
+    it can, a CPU none (docs/performance.md has the measurements behind both)."""
 
     compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
     compile_towers: bool = False  # every vision block compiled by torch.compile
@@ -39,17 +41,41 @@ class Speedups:
     fuse_gate_up: bool = False  # the MLP's gate and up products as one below 300 tokens
 
     @classmethod
-    def parse(cls, text: str) -> "Speedups":
-        """'' (none), 'all', or names separated by commas: 'compile_kernels,parallel_towers'."""
+    def parse(cls, text: str, device: str = "cpu") -> "Speedups":
+        """'auto' (what ``device`` can use), 'none' or '' (none), 'all', or names separated by
+        commas: 'compile_kernels,parallel_towers'."""
+        text = text.strip()
+        if text == "auto":
+            return cls.auto(device)
         known = [f.name for f in fields(cls)]
-        names = known if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+        names = known if text == "all" else [] if text == "none" else [n.strip() for n in text.split(",") if n.strip()]
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ValueError(f"unknown speedup {', '.join(map(repr, unknown))}; known: {', '.join(known)}, or all")
+            raise ValueError(f"unknown speedup {', '.join(map(repr, unknown))}; known: {', '.join(known)}, "
+                             "or all, none, auto")
         return cls(**{n: True for n in names})
+
+    @classmethod
+    def auto(cls, device: str) -> "Speedups":
+        """Every speedup on a CUDA device, less compilation where Triton or a C compiler is
+        missing; none elsewhere (on a CPU, compiled tiny models measured slower)."""
+        if not str(device).startswith("cuda"):
+            return cls()
+        compiles = can_compile()
+        return cls(compile_kernels=compiles, compile_towers=compiles, parallel_towers=True, fuse_gate_up=True)
 
     def enabled(self) -> list[str]:
         return [name for name, on in asdict(self).items() if on]
+
+
+def can_compile() -> bool:
+    """Whether torch.compile can build GPU kernels here: Triton, and a C compiler for its launchers."""
+    import importlib.util
+    import os
+    import shutil
+
+    compilers = (os.environ.get("CC", ""), "cc", "gcc", "clang")
+    return importlib.util.find_spec("triton") is not None and any(shutil.which(c) for c in compilers if c)
 
 
 class OFTModel(nn.Module):

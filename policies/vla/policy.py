@@ -94,7 +94,9 @@ class OFTPolicy(Policy):
         action_slice: str = "train"  # train: hidden[T-58:T-2] (OFT); release: hidden[-56:] (LightVLA code)
         center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
         cuda_graphs: bool = True  # on a GPU, replay the fixed-shape parts of a query as CUDA graphs
-        speedups: str = ""  # comma-separated, or all: compile_kernels, compile_towers, parallel_towers, fuse_gate_up
+        # auto (all on a GPU, none on a CPU), none, all, or comma-separated: compile_kernels,
+        # compile_towers, parallel_towers, fuse_gate_up
+        speedups: str = "auto"
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
@@ -107,7 +109,7 @@ class OFTPolicy(Policy):
         self.dtype = resolve_dtype(options.dtype, self.device)
         self._load()
         try:
-            speedups = Speedups.parse(options.speedups)
+            speedups = Speedups.parse(options.speedups, self.device)
         except ValueError as error:
             raise PolicyOptionError(str(error)) from None
         self.model.use_speedups(speedups)

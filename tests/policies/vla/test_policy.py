@@ -128,3 +128,20 @@ def test_a_batch_prepares_each_observation_as_alone(policy):
         assert np.array_equal(pixels[i:i + 1].numpy(), alone.numpy())
         assert np.array_equal(proprio[i:i + 1].numpy(), alone_proprio.numpy())
     assert not np.array_equal(pixels[0].numpy(), pixels[1].numpy())
+
+
+def test_speedups_by_default_are_every_one_a_gpu_can_use_and_none_on_a_cpu(monkeypatch):
+    from policies.vla import model
+    from policies.vla.model import Speedups
+    from policies.vla.policy import OFTPolicy
+
+    assert Speedups.parse("auto", "cpu") == Speedups() == Speedups.parse("none", "cuda") == Speedups.parse("", "cuda")
+    monkeypatch.setattr(model, "can_compile", lambda: True)
+    assert Speedups.parse("auto", "cuda:0") == Speedups.parse("all")
+    monkeypatch.setattr(model, "can_compile", lambda: False)  # no Triton or no C compiler: nothing compiled
+    assert Speedups.parse("auto", "cuda").enabled() == ["parallel_towers", "fuse_gate_up"]
+    assert OFTPolicy.Options().speedups == "auto"
+
+
+def test_a_cpu_policy_runs_without_speedups_by_default(policy):
+    assert policy.model.speedups.enabled() == []
