@@ -99,3 +99,24 @@ def test_a_failing_method_is_recorded_and_the_sweep_goes_on(capsys, monkeypatch)
     assert rows[1].startswith("| fastv k=99 | failed: PolicyOptionError: fastv: k must be in 1..1")
     assert rows[2].startswith("| lightvla keep=8 | 8 x2 |")
     assert "Traceback" in out.err
+
+
+def test_flops_are_counted_without_compiled_code_and_the_speedups_come_back(monkeypatch):
+    from bench import profile as profiling
+    from policies.vla import flops
+
+    seen = []
+    count = flops.counted_flops
+
+    def recording(fn):
+        seen.append(model.speedups.enabled())
+        return count(fn)
+
+    monkeypatch.setattr(flops, "counted_flops", recording)
+    settings = profiling.ProfileSettings(size="tiny", device="cpu", speedups="parallel_towers,fuse_gate_up",
+                                         repeats=1, warmup=0, yardstick=False)
+    model, device, dtype = shared = profiling.build_model(settings)
+    result = profiling.profile(settings, shared)
+    assert seen == [[]]  # on a GPU, compiled code that ran under the counter stayed eager afterwards
+    assert model.speedups.enabled() == ["parallel_towers", "fuse_gate_up"] == result["speedups"]
+    assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-12)
