@@ -192,14 +192,9 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     counted = None
     if settings.count:
-        # Counted without compiled code: on a GPU, compiled functions that once ran under the
-        # counter ran eagerly from then on (OFT 19.8 instead of 17.7 ms on an H100). Compiled
-        # kernels fuse element-wise work, which the counter does not count: the same FLOPs.
-        model.use_speedups(Speedups())
-        try:
-            _, by_op = flops.counted_flops(forward)
-        finally:
-            model.use_speedups(speedups)
+        # Eager, so no compiled code runs under the counter: on a GPU, compiled functions that
+        # once ran under it ran eagerly from then on (OFT 19.8 instead of 17.7 ms on an H100).
+        _, by_op = flops.counted_flops(forward)
         counted = by_op["total"] / settings.batch
 
     result = {

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policies.vla.config import LlamaSizes
+from policies.vla.graphs import is_recording
 from policies.vla.hooks import ExtraKeys, Hooks, QueryTrace, TokenStream
 
 
@@ -60,12 +61,21 @@ class Kernels:
     chains may round bf16 intermediates differently from eager."""
 
     def __init__(self, compiled: bool = False):
-        wrap = (lambda fn: torch.compile(fn, dynamic=True)) if compiled else (lambda fn: fn)
+        wrap = _compiled_in_graphs if compiled else (lambda fn: fn)
         self.compiled = compiled
         self.rms_norm = wrap(weighted_rms_norm)
         self.add_rms_norm = wrap(add_rms_norm)
         self.rope = wrap(apply_rope)
         self.silu_mul = wrap(silu_mul)
+
+
+def _compiled_in_graphs(fn):
+    """``fn`` compiled where a CUDA graph is being recorded, eager elsewhere (``graphs.recording``)."""
+    compiled = torch.compile(fn, dynamic=True)
+
+    def run(*args):
+        return compiled(*args) if is_recording() else fn(*args)
+    return run
 
 
 EAGER = Kernels()

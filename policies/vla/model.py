@@ -32,8 +32,9 @@ class Speedups:
     """Ways to run the same computation in fewer or overlapping GPU kernels. Compiled kernels and
     fused products may round bf16 intermediates differently (on an H100, OFT's actions moved by
     at most 3.5e-2, the size of the change between a padded batch and one query at a time);
-    parallel towers compute exactly the same. By default ("auto") a CUDA device uses every one
-    it can, a CPU none (docs/performance.md has the measurements behind both)."""
+    parallel towers compute exactly the same. Compiled code serves the calls that record a CUDA
+    graph only (``graphs.recording``). By default ("auto") a CUDA device uses every speedup it
+    can, a CPU none (docs/performance.md has the measurements behind both)."""
 
     compile_kernels: bool = False  # the LLM's element-wise chains compiled by torch.compile
     compile_towers: bool = False  # every vision block compiled by torch.compile

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from policies.vla.config import VLAConfig
+from policies.vla.graphs import is_recording
 from policies.vla.hooks import Hooks, QueryTrace, VisionSlots
 
 
@@ -64,15 +65,16 @@ class VisionBackbone(nn.Module):
         # list, so they are not registered as submodules and checkpoint keys stay the same)
 
     def compile_blocks(self, enabled: bool = True) -> None:
-        """Run every tower block compiled by torch.compile: its LayerNorms, LayerScales, residual
-        adds, bias and GELU fuse into fewer kernels. Compilation happens at the first query."""
+        """Run every tower block compiled by torch.compile where a CUDA graph is recorded: its
+        LayerNorms, LayerScales, residual adds, bias and GELU fuse into fewer kernels.
+        Compilation happens at the first recording."""
         if not enabled:
             self._compiled_blocks = None
         elif self._compiled_blocks is None:
             self._compiled_blocks = [[torch.compile(block) for block in tower.blocks] for tower in self.towers]
 
     def _block(self, tower: int, index: int) -> nn.Module:
-        if self._compiled_blocks is None:
+        if self._compiled_blocks is None or not is_recording():  # compiled where a graph records
             return self.towers[tower].blocks[index]
         return self._compiled_blocks[tower][index]
 

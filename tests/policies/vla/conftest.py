@@ -71,3 +71,12 @@ def fake_observation(seed: int = 0, instruction: str = INSTRUCTIONS[0], size: in
     images = {c: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for c in ("agentview", "wrist")}
     proprio = np.array([-0.05, 0.0, 1.0, 3.1, 0.1, -0.1, 0.02, -0.02]) + rng.normal(0, 0.01, 8)
     return Observation(proprio=proprio, instruction=instruction, episode_id=f"ep{seed}", images=images)
+
+
+def compiled_calls(fn) -> tuple[object, int]:
+    """``fn()``'s result and how many calls of torch.compile'd code it made (profiler events)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum("CompiledFxGraph" in event.name for event in prof.events())

@@ -165,3 +165,17 @@ def test_graphed_batches_with_unequal_prompts_equal_eager_ones(model8, name):
     model8.use_cuda_graphs(False)
     assert torch.allclose(results[False][0], results[True][0], atol=1e-5)
     assert results[False][1] == results[True][1]
+
+
+def test_calls_that_record_a_graph_are_marked_and_eager_calls_are_not():
+    from policies.vla.graphs import Graphs, is_recording
+
+    graphs, seen = Graphs(limit=1), []
+
+    def fn(x):
+        seen.append(is_recording())
+        return x + 1
+
+    graphs.run("f", fn, torch.zeros(2))  # recorded (on the CPU, the call stands in for a replay)
+    graphs.run("f", fn, torch.zeros(3))  # a shape past the limit runs eagerly
+    assert seen == [True, False] and not is_recording()

@@ -138,8 +138,10 @@ def test_fused_projections_compute_the_same_and_keep_the_checkpoint_weights():
     assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
 
 
-def test_compiled_element_wise_chains_compute_the_same(llm):
+def test_compiled_element_wise_chains_compute_the_same_where_graphs_record(llm):
+    from policies.vla.graphs import recording
     from policies.vla.llama import EAGER, compiled_kernels
+    from tests.policies.vla.conftest import compiled_calls
 
     x = torch.randn(1, 12, llm.sizes.hidden_size)
     padding = torch.zeros(1, 12, dtype=torch.bool)
@@ -148,12 +150,16 @@ def test_compiled_element_wise_chains_compute_the_same(llm):
         with torch.no_grad():
             eager = llm(stream(x, padding=padding))
             llm.use_kernels(compiled_kernels())
-            compiled = llm(stream(x, padding=padding))
-            compiled_other_length = llm(stream(x[:, :7]))  # dynamic shapes: no recompilation needed
+            outside, calls_outside = compiled_calls(lambda: llm(stream(x, padding=padding)))
+            with recording():
+                compiled, calls = compiled_calls(lambda: llm(stream(x, padding=padding)))
+                compiled_other_length = llm(stream(x[:, :7]))  # dynamic shapes: no recompilation needed
             llm.use_kernels(EAGER)
             eager_other_length = llm(stream(x[:, :7]))
     finally:
         llm.use_kernels(EAGER)
     assert all(layer.mlp.kernels is EAGER for layer in llm.model.layers)
+    assert calls > 0 and calls_outside == 0  # called one by one, eager operators cost less on the host
+    assert torch.equal(outside, eager)
     assert torch.allclose(eager[:, 3:], compiled[:, 3:], atol=1e-5)
     assert torch.allclose(eager_other_length, compiled_other_length, atol=1e-5)

@@ -58,18 +58,24 @@ def test_full_size_towers_have_the_published_shapes():
     assert full.embed_dim == 2176 and full.patches_per_image == 256
 
 
-def test_compiled_blocks_give_the_same_features_and_keep_the_checkpoint_keys(backbone):
+def test_compiled_blocks_give_the_same_features_where_graphs_record_and_keep_the_checkpoint_keys(backbone):
+    from policies.vla.graphs import recording
+    from tests.policies.vla.conftest import compiled_calls
+
     keys = list(backbone.state_dict())
     pixels = torch.randn(2, 12, 224, 224)
     with torch.inference_mode():
         eager = backbone(pixels).features
         backbone.compile_blocks()
         try:
-            compiled = backbone(pixels).features
-            compiled_one = backbone(pixels[:1]).features  # another batch size
+            outside, calls_outside = compiled_calls(lambda: backbone(pixels).features)
+            with recording():
+                compiled, calls = compiled_calls(lambda: backbone(pixels).features)
+                compiled_one = backbone(pixels[:1]).features  # another batch size
         finally:
             backbone.compile_blocks(False)
     assert list(backbone.state_dict()) == keys
+    assert calls > 0 and calls_outside == 0 and torch.equal(outside, eager)
     assert torch.allclose(compiled, eager, atol=1e-5) and not torch.equal(compiled, torch.zeros_like(compiled))
     assert torch.allclose(compiled_one, eager[:1], atol=1e-5)
     assert backbone._block(0, 0) is backbone.towers[0].blocks[0]
