@@ -13,8 +13,8 @@ DEST=${OUT:-results/device}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# At most seven result files, so that a remote run returns all of them (the batching comparison,
-# scripts/lightvla_batching.py, was measured and is not repeated here).
+# Few result files, so that a remote run returns all of them (the batching comparison,
+# scripts/lightvla_batching.py, and the product timing, scripts/llm_gemm_timing.py, run on their own).
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/summary.txt"
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/summary.txt"
 failed=0
@@ -35,7 +35,7 @@ step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --size "$SIZE" --device 
   --repeats 30 --warmup 5 --save "$DEST/sweep.json"
 step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --speedups none --size "$SIZE" --device "$DEVICE" \
   --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_plain.json"
-# Wall time against kernel time, the LLM's products alone, every plug-in's path on the tiny model.
+# Wall time against kernel time, then every plug-in's path on the tiny model.
 step "${LIMIT_KERNELS:-200}" $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --save "$DEST/kernels.json"
 step 120 $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2

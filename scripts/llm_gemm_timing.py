@@ -20,19 +20,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (name, in features, out features) of one layer's products below 300 tokens, where q/k/v and
-# gate/up run fused (policies/vla/llama.py); the separate gate is listed for comparison.
-DIMS = {
-    "full": (("q/k/v fused", 4096, 3 * 4096), ("o", 4096, 4096), ("gate/up fused", 4096, 2 * 11008),
-             ("gate alone", 4096, 11008), ("down", 11008, 4096)),
-    "tiny": (("q/k/v fused", 64, 192), ("o", 64, 64), ("gate/up fused", 64, 344), ("gate alone", 64, 172),
-             ("down", 172, 64)),
-}
-LAYER = ("q/k/v fused", "o", "gate/up fused", "down")  # one layer's products at 165 tokens
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from policies.vla.config import preset  # noqa: E402
+
+LAYER = ("q/k/v fused", "o", "gate/up fused", "down")  # one layer's products as run below 300 tokens
 ROTATE_BYTES = 256 * 2**20  # larger than any GPU's L2
+
+
+def products(size: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, in features, out features) of one LLM layer's products in the ``size`` preset, with
+    q/k/v and gate/up fused as below 300 tokens (policies/vla/llama.py), and the gate alone."""
+    llm = preset(size).llm
+    d, ff, hd = llm.hidden_size, llm.intermediate_size, llm.head_dim
+    return (("q/k/v fused", d, (llm.num_heads + 2 * llm.num_kv_heads) * hd), ("o", llm.num_heads * hd, d),
+            ("gate/up fused", d, 2 * ff), ("gate alone", d, ff), ("down", ff, d))
 
 
 def time_product(fn, x, weights, device: str, repeats: int) -> float:
@@ -62,14 +67,14 @@ def linear(x, w):
 
 
 def autotuned():
-    """A Triton GEMM chosen by autotuning for each shape (None where compilation fails)."""
+    """A GEMM chosen by autotuning for each shape, among Triton templates and cuBLAS."""
     return torch.compile(linear, mode="max-autotune-no-cudagraphs", dynamic=False)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dims", choices=list(DIMS), default="full")
+    parser.add_argument("--dims", choices=["full", "tiny"], default="full", help="the model preset's sizes")
     parser.add_argument("--tokens", type=int, nargs="+", default=[165, 176, 192, 256, 599])
     parser.add_argument("--autotune-tokens", type=int, nargs="*", default=[165],
                         help="token counts also timed with autotuned Triton GEMMs (minutes of compiling each)")
@@ -80,7 +85,7 @@ def main() -> int:
     dtype = torch.bfloat16
     rows = []
     tuned = autotuned() if args.autotune_tokens else None
-    for name, k, n in DIMS[args.dims]:
+    for name, k, n in products(args.dims):
         weight_bytes = k * n * 2
         copies = max(1, math.ceil(ROTATE_BYTES / weight_bytes)) if args.device.startswith("cuda") else 2
         weights = [torch.randn(n, k, device=args.device, dtype=dtype) * 0.02 for _ in range(copies)]
@@ -103,13 +108,14 @@ def main() -> int:
                 if args.save:
                     args.save.write_text(json.dumps({"device": args.device, "rows": rows}, indent=1))
         del weights
-    for tokens in args.tokens:  # a whole layer's products, and 32 layers
+    depth = preset(args.dims).llm.num_layers
+    for tokens in args.tokens:  # a whole layer's products, and every layer's
         for kind in ("default", "autotuned"):
             layer = [r for r in rows if r["tokens"] == tokens and r["gemm"] == kind and r["product"] in LAYER
                      and "ms" in r]
             if len(layer) == len(LAYER):
                 ms = sum(r["ms"] for r in layer)
-                print(f"one layer's products at {tokens} tokens, {kind}: {ms:.4f} ms; 32 layers {32 * ms:.2f} ms")
+                print(f"one layer's products at {tokens} tokens, {kind}: {ms:.4f} ms; {depth} layers {depth * ms:.2f} ms")
     return 0
 
 

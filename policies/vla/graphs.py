@@ -18,7 +18,7 @@ cannot be captured and would quietly run eagerly.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -96,11 +96,8 @@ class Graphs:
         if entry.graph is not None:
             with torch.cuda.device(entry.device):  # the capture's device, also on cuda:1 and beyond
                 entry.graph.replay()
-        elif self.check_host_reads:
-            with _NoHostReads(name), recording():
-                entry.outputs = fn(*entry.inputs)
         else:
-            with recording():
+            with _NoHostReads(name) if self.check_host_reads else nullcontext(), recording():
                 entry.outputs = fn(*entry.inputs)
         self.replays += 1
         return _clone(entry.outputs)
@@ -123,8 +120,6 @@ class Graphs:
         return _Entry(inputs, None)
 
     def _record(self, fn: Callable, inputs: tuple, without_cudnn: bool):
-        from contextlib import nullcontext
-
         from torch.nn.attention import sdpa_kernel
 
         backends = sdpa_kernel(list(_attention_backends_but_cudnn())) if without_cudnn else nullcontext()
