@@ -64,7 +64,10 @@ def _running(pid: int) -> bool:
 def test_ctrl_c_during_a_pool_run_leaves_a_resumable_run_and_no_orphans(tmp_path):
     run, pids = tmp_path / "run", tmp_path / "pids"
     env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_ENV_PID_FILE": str(pids)}
-    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN, str(run)], cwd=REPO, env=env)
+    # A shell's background jobs inherit an ignored SIGINT, and Python then never raises
+    # KeyboardInterrupt: give the run the default disposition, as a terminal would.
+    proc = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_RUN, str(run)], cwd=REPO, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while len(read_episodes(run)) < 2 and time.time() < deadline:
         time.sleep(0.05)
