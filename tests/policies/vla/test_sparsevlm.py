@@ -9,7 +9,8 @@ import torch
 from policies.base import PolicyOptionError, parse_options
 from policies.pruning.adapters import SparseVLMPolicy
 from policies.pruning.base import rows_attention
-from policies.pruning.sparsevlm import SparseVLMPruner, cluster_means, nearest_centre, rate_visual, scaled_layers
+from policies.pruning.sparsevlm import (SparseVLMPruner, cluster_means, nearest_centre, numerical_rank, rank_flops,
+                                        rate_visual, scaled_layers)
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace, TokenStream
@@ -94,9 +95,21 @@ def test_raters_are_the_task_tokens_looking_at_the_image():
                          [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
                          [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
                          [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
-    importance, redundancy = rate_visual(rows, torch.tensor([False, True, True, True]), torch.tensor([1, 2, 3]))
+    importance, redundancy, raters = rate_visual(rows, torch.tensor([False, True, True, True]), torch.tensor([1, 2, 3]))
     assert torch.equal(importance, torch.tensor([0.3, 0.2, 0.2]))  # raters: rows 1 and 2 (mass 0.7 >= 0.5)
-    assert redundancy == 0.5  # two raters, rank one
+    assert (redundancy, raters) == (0.5, 2)  # two raters, rank one
+
+
+@pytest.mark.parametrize("rows, columns", [(40, 512), (87, 512), (512, 40), (6, 6)])
+def test_the_rank_from_the_gram_matrix_equals_torchs_matrix_rank(rows, columns):
+    gen = torch.Generator().manual_seed(rows + columns)
+    for rank in sorted({1, 2, min(rows, columns) // 2, min(rows, columns) - 1, min(rows, columns)}):
+        # Rows mixing ``rank`` attention rows, as raters that see the image alike give.
+        base = (3 * torch.randn(rank, columns, generator=gen)).softmax(dim=-1)
+        matrix = torch.rand(rows, rank, generator=gen).softmax(dim=-1) @ base
+        assert numerical_rank(matrix) == int(torch.linalg.matrix_rank(matrix))
+        if rank <= min(rows, columns) // 2:  # near full rank, random mixtures can be singular
+            assert numerical_rank(matrix) == rank
 
 
 def test_the_cluster_takes_its_centres_slot():
@@ -113,7 +126,7 @@ def test_the_cluster_takes_its_centres_slot():
     out = pruner.after_layer(0, stream, q, k)
 
     columns = torch.arange(1, 1 + visual)
-    importance, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0], stream.task[0, -6:], columns)
+    importance, _, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0], stream.task[0, -6:], columns)
     ranked = columns[importance.argsort(descending=True)]
     kept, centre, recycled = ranked[:4], ranked[4], ranked[4:12]
     assert out.position_ids[0][out.visual[0]].tolist() == sorted(ranked[:5].tolist())
@@ -131,17 +144,21 @@ def test_removal_plan_counts_aggregates_towards_the_target():
         assert recycled == -(-3 * removed // 10) and clusters <= target
 
 
-def scoring_flops(model, pruner, trace) -> float:
-    """The plug-in's own matrix products: task rows over all keys, recycled members against centres."""
+def scoring_flops(model, pruner, trace) -> tuple[float, float]:
+    """The plug-in's own matrix products: task rows over all keys, recycled members against
+    centres, and the rater matrices' Gram products, whose size depends on the number of raters
+    (between one and every task token): (least, most)."""
     dims = flops.model_dims(model)
-    total = 0.0
+    total, gram = 0.0, [0.0, 0.0]
     for stage in pruner.layers:
         tokens, visual = trace.llm_tokens[stage - 1], trace.llm_visual_tokens[stage - 1]
         task = tokens - 1 - visual  # all but BOS and the visual block
         total += 2 * task * tokens * dims.q_dim
         _, recycled, clusters = pruner.removal_plan(visual, trace.llm_visual_tokens[stage])
         total += 2 * recycled * clusters * dims.hidden
-    return total
+        gram[0] += rank_flops(1, visual)
+        gram[1] += rank_flops(task, visual)
+    return total + gram[0], total + gram[1]
 
 
 @pytest.mark.parametrize("recycle", [0.0, 0.3])
@@ -152,7 +169,8 @@ def test_analytic_flops_with_the_plugins_own_products_equal_the_flop_counter(mod
     _, counted = flops.counted_flops(model, pixels, proprio, prompts, 2, hooks=pruner, traces=traces)
     analytic = flops.query_flops(flops.model_dims(model), traces[0])["total"]
     assert traces[0].llm_visual_tokens == [512, 64]
-    assert traces[0].plugin_flops == scoring_flops(model, pruner, traces[0])
+    least, most = scoring_flops(model, pruner, traces[0])
+    assert least <= traces[0].plugin_flops <= most
     assert counted["total"] == analytic
 
 
