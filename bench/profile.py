@@ -157,6 +157,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     import torch
 
     from policies.vla import flops
+    from policies.vla.graphs import HostReads
     from policies.vla.hooks import Hooks, QueryTrace, TokenStream
     from policies.vla.model import Speedups
     from policies.vla.tokenizer import ByteTokenizer
@@ -227,6 +228,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "latency_eager_ms": None,
         "llm_eager_latency_ms": None,
         "plugin_eager_ms": None,
+        "host_reads_per_query": None,
     }
     if device == "meta":
         return result
@@ -250,6 +252,10 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Values the timed query read on the host: on a GPU each one waits for every queued kernel.
+    with HostReads() as reads:
+        query()
+    result["host_reads_per_query"] = reads.count
 
     # The LLM alone on the assembled sequence, ours and transformers', same weights.
     with torch.inference_mode():
@@ -393,6 +399,9 @@ def format_profile(result: dict) -> str:
             lines.append(f"CUDA graphs: {graphs['graphs']} captured; largest action difference from eager "
                          f"{graphs['max_abs_diff_actions']:.2e}")
         lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB")
+        if result.get("host_reads_per_query") is not None:
+            lines.append(f"values read on the host per query: {result['host_reads_per_query']} "
+                         "(on a GPU each waits for the queued kernels)")
         llm = result["llm_latency_ms"]
         if llm:
             lines.append(f"LLM alone (ours):                 mean {llm['mean']:.2f} ms  p50 {llm['p50']:.2f}")
@@ -494,12 +503,12 @@ def format_sweep(results: list[dict]) -> str:
     lines = [f"size {r0['size']}  device {r0['device_name']}  dtype {r0['dtype']}  batch {r0['batch']}  "
              f"prompt {r0['prompt_tokens']} tokens" + _speedups_note(r0),
              "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT (p50) "
-             "| eager p50 / p90 ms | vs OFT (p50) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| eager p50 / p90 ms | vs OFT (p50) | host reads |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         args = " ".join(f"{k}={v}" for k, v in r["policy_args"].items())
         if "error" in r:
-            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - | - | - |")
+            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - | - | - | - |")
             continue
 
         def cells(latency, ratio):
@@ -507,6 +516,8 @@ def format_sweep(results: list[dict]) -> str:
                     f"{ratio:.3f}" if ratio else "-")
         latency, rel = cells(r["latency_ms"], r.get("latency_vs_oft"))
         eager, eager_rel = cells(r.get("latency_eager_ms"), r.get("latency_eager_vs_oft"))
+        reads = r.get("host_reads_per_query")
         lines.append(f"| {r['policy']} {args} | {summarize_layers(r['visual_tokens_per_layer'])} | "
-                     f"{r['tflops_per_query']:.4f} | {r['tflops_vs_oft']:.3f} | {latency} | {rel} | {eager} | {eager_rel} |")
+                     f"{r['tflops_per_query']:.4f} | {r['tflops_vs_oft']:.3f} | {latency} | {rel} | {eager} | {eager_rel} "
+                     f"| {'-' if reads is None else reads} |")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ class VLACache(Hooks):
         self.episodes: dict[str, EpisodeCache] = {}
         self.current: str | None = None
         self.reuse_order: torch.Tensor | None = None  # visual indices to reuse, most static first
+        self._slots: tuple | None = None  # the last stream's visual columns (see _visual_slots)
 
     # --- per-episode state -------------------------------------------------------------
     def reset(self) -> None:
@@ -66,6 +67,7 @@ class VLACache(Hooks):
     def begin(self, episode_id: str, pixels: torch.Tensor) -> None:
         """Called before each single-sample query with that sample's model input (6 * images, H, W)."""
         self.current = episode_id
+        self._slots = None
         patches = patch_vectors(pixels, self.images)
         cache = self.episodes.get(episode_id)
         self.reuse_order = None if cache is None else self._choose(cache, patches)
@@ -125,14 +127,25 @@ class VLACache(Hooks):
     def on_kv(self, layer: int, stream: TokenStream, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the recomputed visual tokens' keys and values (copies) for the next query."""
         cache = self.episodes[self.current]
-        columns = stream.visual[0].nonzero().flatten().to(k.device)
-        index = stream.position_ids[0].to(k.device)[columns] - VISUAL_START
+        columns, index = self._visual_slots(stream, k.device)
         if layer not in cache.keys:
             visual = cache.patches.shape[0]  # every visual token of the episode's frames
             cache.keys[layer] = k.new_zeros(k.shape[1], visual, k.shape[3])
             cache.values[layer] = v.new_zeros(v.shape[1], visual, v.shape[3])
         cache.keys[layer][:, index] = k[0][:, columns]
         cache.values[layer][:, index] = v[0][:, columns]
+
+    def _visual_slots(self, stream: TokenStream, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream's visual columns and their patch indices. Finding the columns reads the
+        mask on the host, which on a GPU waits for the layer to finish; the tokens change only
+        where some leave, so the answer is kept for the same mask and positions (32 reads per
+        full-size query otherwise, one per layer)."""
+        slots = self._slots
+        if slots is None or slots[0] is not stream.visual or slots[1] is not stream.position_ids:
+            columns = stream.visual[0].nonzero().flatten().to(device)
+            index = stream.position_ids[0].to(device)[columns] - VISUAL_START
+            slots = self._slots = (stream.visual, stream.position_ids, columns, index)
+        return slots[2], slots[3]
 
     def _store_relevance(self, stream: TokenStream, q, k) -> None:
         task_rows = stream.task[0].nonzero().flatten().to(q.device)

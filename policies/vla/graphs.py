@@ -97,7 +97,7 @@ class Graphs:
             with torch.cuda.device(entry.device):  # the capture's device, also on cuda:1 and beyond
                 entry.graph.replay()
         else:
-            with _NoHostReads(name) if self.check_host_reads else nullcontext(), recording():
+            with HostReads(refuse=name) if self.check_host_reads else nullcontext(), recording():
                 entry.outputs = fn(*entry.inputs)
         self.replays += 1
         return _clone(entry.outputs)
@@ -165,33 +165,49 @@ class HostReadError(RuntimeError):
     """A graphed function read tensor values on the host: a GPU capture of it would fail."""
 
 
-class _NoHostReads:
-    """Raises ``HostReadError`` at any operator that needs a tensor's values on the host."""
+class HostReads:
+    """Counts the operators that need a tensor's values on the host (a count, ``.item()``,
+    ``.tolist()``, ``nonzero``, a boolean mask index, a copy from a GPU to the host). On a GPU
+    each one waits for every queued kernel, so the host cannot run ahead of the GPU, and none can
+    be captured in a graph. With ``refuse`` (a graph's name) the first one raises
+    ``HostReadError`` instead."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, refuse: str | None = None):
+        self.refuse = refuse
+        self.count = 0
+
+    def _read(self, what: str) -> None:
+        if self.refuse is not None:
+            raise HostReadError(f"graph {self.refuse!r}: {what} needs tensor values on the host")
+        self.count += 1
 
     def __enter__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        name = self.name
         aten = torch.ops.aten
-        reads = {aten._local_scalar_dense, aten.nonzero, aten.equal, aten.masked_select, aten.unique_dim,
-                 aten._unique2, aten.unique_consecutive}
+        reads = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.equal,
+                 aten.masked_select, aten.unique_dim, aten._unique2, aten.unique_consecutive}
+        counter = self
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
                 boolean_index = func is aten.index.Tensor and any(
                     isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-                if func.overloadpacket in reads or boolean_index:
-                    raise HostReadError(f"graph {name!r}: {func} needs tensor values on the host")
-                return func(*args, **(kwargs or {}))
+                to_host = func is aten._to_copy.default and args[0].device.type not in ("cpu", "meta") and (
+                    torch.device(kwargs.get("device", args[0].device)).type == "cpu")
+                if func.overloadpacket in reads or boolean_index or to_host:
+                    counter._read(str(func))
+                return func(*args, **kwargs)
+
+        original = self._tolist = torch.Tensor.tolist
 
         def tolist(tensor):
-            raise HostReadError(f"graph {name!r}: Tensor.tolist needs tensor values on the host")
+            counter._read("Tensor.tolist")
+            with torch.utils._python_dispatch._disable_current_modes():  # one read, not its copy too
+                return original(tensor)
 
         self._mode = Mode()
-        self._tolist = torch.Tensor.tolist
         torch.Tensor.tolist = tolist
         self._mode.__enter__()
         return self

@@ -58,6 +58,7 @@ def test_shapes_over_the_limit_run_without_a_graph():
     lambda x: torch.tensor(x.tolist()),
     lambda x: x.nonzero(),
     lambda x: x if bool((x > 0).all()) else -x,
+    lambda x: x * x.max().item(),
 ])
 def test_a_function_that_reads_values_on_the_host_is_refused_when_checking(reads):
     from policies.vla.graphs import HostReadError
@@ -68,6 +69,18 @@ def test_a_function_that_reads_values_on_the_host_is_refused_when_checking(reads
     with pytest.raises(HostReadError, match="graph 'reads'"):
         graphs.run("reads", reads, torch.ones(3))
     assert torch.ones(2).tolist() == [1.0, 1.0]  # restored
+
+
+def test_host_reads_are_counted_once_each():
+    from policies.vla.graphs import HostReads
+
+    x = torch.arange(-2.0, 3.0)
+    with HostReads() as reads:
+        x * 2 + x.sum()  # no values on the host
+        assert reads.count == 0
+        x[x > 0], int(x.sum()), x.max().item(), x.tolist(), x.nonzero(), bool((x > 0).any())
+    assert reads.count == 6
+    assert x.tolist() == [-2.0, -1.0, 0.0, 1.0, 2.0]  # restored
 
 
 @pytest.fixture(scope="module")

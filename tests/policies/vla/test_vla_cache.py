@@ -126,3 +126,24 @@ def test_graphed_steps_equal_eager_ones_and_fill_the_same_cache(model8):
     for layer, keys in runs[False][1].keys.items():
         assert torch.allclose(keys, runs[True][1].keys[layer], atol=1e-5)
         assert torch.allclose(runs[False][1].values[layer], runs[True][1].values[layer], atol=1e-5)
+
+
+def test_host_reads_per_step_do_not_grow_with_the_depth():
+    # On a GPU each value read on the host waits for the layer before it; storing keys once per
+    # layer must not read the visual mask once per layer.
+    from policies.vla.graphs import HostReads
+
+    pixels, proprio, prompts = inputs()
+    reads = []
+    for layers in (8, 16):
+        torch.manual_seed(0)
+        model = OFTModel(replace_llm(tiny_config(), num_layers=layers)).eval()
+        model.use_cuda_graphs()
+        cache = VLACache(similarity=0.99, max_reuse=100, first_layer=2, ramp=3)
+        for step in range(2):
+            cache.begin("ep", pixels[0])
+            with torch.inference_mode(), HostReads() as counter:
+                model(pixels, proprio, prompts, 2, hooks=cache)
+        assert cache.reused_tokens == 100
+        reads.append(counter.count)
+    assert reads[0] == reads[1]
