@@ -253,7 +253,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
     else:
         result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Values the timed query read on the host: on a GPU each one waits for every queued kernel.
-    with HostReads() as reads:
+    with HostReads(torch.device(device).type) as reads:
         query()
     result["host_reads_per_query"] = reads.count
 

@@ -28,10 +28,9 @@ layer l-1's own queries and keys:
 
 On the meta device (cost counting) nothing has values: every importance is equal and M has
 full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
-the scoring's own matrix products (task rows over all keys, the rater matrix's Gram product,
-recycled tokens against centres;
-about 0.03% of a full-size query) are seen by FlopCounterMode but are not in the analytic
-count of policies/vla/flops.py.
+the scoring's own matrix products (task rows over all keys, the Gram product of the task
+rows' attention to the visual tokens, recycled tokens against centres; about 0.03% of a
+full-size query) are reported as the plug-in's FLOPs, which the query's total includes.
 """
 
 from __future__ import annotations
@@ -39,11 +38,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from policies.pruning.base import keep_tokens, on_meta, rows_attention
-from policies.vla.hooks import Hooks, TokenStream
+from policies.vla.hooks import Hooks, TokenStream, right_aligned
 
 REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
 
@@ -72,42 +72,51 @@ def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
     return sorted({min(max(layer, 1), num_layers - 1) for layer in scaled})
 
 
-def task_rows(q: torch.Tensor, k: torch.Tensor, stream: TokenStream, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head-averaged attention (B, n, T) of the last n tokens, n covering every sample's task
-    tokens (they end the sequence), and the (B, n) mask of which rows are task tokens."""
-    return rows_attention(q[:, :, -n:], k, stream.padding), stream.task[:, -n:]
-
-
-def rate_visual(rows: torch.Tensor, is_task: torch.Tensor, visual_columns: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+def rate_visual(attention: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """One sample's visual importances (V,), the relative rank deficiency of its rater matrix,
-    and its number of raters.
+    and its number of raters; ``attention`` (task tokens, V) is the task tokens' attention to
+    the visual tokens.
 
-    rows (n, T) are attention rows over all keys; is_task (n,) marks the task tokens among them.
+    Raters are chosen and averaged with a mask, not picked out, so that the only value read
+    on the host is one copy of the rater matrix's Gram matrix and the rater count.
     """
-    attention = rows[is_task.to(rows.device)][:, visual_columns.to(rows.device)]  # (task tokens, V)
     mass = attention.sum(dim=1)
     # The maximum is >= the mean in exact arithmetic; naming it keeps one rater under rounding.
     raters = (mass >= mass.mean()) | (mass == mass.max())
-    matrix = attention[raters]
-    return matrix.mean(dim=0), 1.0 - numerical_rank(matrix) / min(matrix.shape), matrix.shape[0]
+    rated = attention * raters[:, None]  # non-raters' rows zeroed: the raters' rank
+    count = raters.sum()
+    gram = gram_matrix(rated)
+    host = torch.cat([gram.flatten(), count[None].double()]).cpu().numpy()
+    raters_read, visual = int(host[-1]), attention.shape[1]
+    shape = (raters_read, visual)
+    rank = gram_rank(host[:-1].reshape(gram.shape), shape, torch.finfo(attention.dtype).eps)
+    return rated.sum(dim=0) / count, 1.0 - rank / min(shape), raters_read
+
+
+def gram_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    """The smaller of M M^T and M^T M, in float64: the same nonzero eigenvalues, the squares of
+    M's singular values."""
+    m = matrix.double()
+    return m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+
+
+def gram_rank(gram: np.ndarray, shape: tuple[int, int], eps: float) -> int:
+    """The rank ``torch.linalg.matrix_rank`` gives a float matrix of ``shape`` (singular values
+    above max(rows, columns) * eps * the largest), from its Gram matrix on the host. In float64
+    the squared singular values keep about 13 digits, far more than that threshold needs. An SVD
+    of a 40 x 512 rater matrix took 2.2 ms on a CPU core, this 0.3 ms."""
+    singular = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+    return int((singular > singular.max() * max(shape) * eps).sum())
 
 
 def numerical_rank(matrix: torch.Tensor) -> int:
-    """The rank ``torch.linalg.matrix_rank`` gives a float matrix (singular values above
-    max(rows, columns) * eps * the largest), from the eigenvalues of its smaller Gram matrix in
-    float64. In float64 the squared singular values keep about 13 digits, far more than that
-    threshold needs. The rank is read on the host either way: an SVD there of a 40 x 512 rater
-    matrix took 2.2 ms on a CPU core, this 0.3 ms, and on a GPU the product stays on the device."""
-    m = matrix.double()
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    singular = torch.linalg.eigvalsh(gram.cpu()).clamp(min=0).sqrt()
-    threshold = singular.max() * max(matrix.shape) * torch.finfo(matrix.dtype).eps
-    return int((singular > threshold).sum())
+    """``torch.linalg.matrix_rank(matrix)`` by way of ``gram_rank``."""
+    return gram_rank(gram_matrix(matrix).cpu().numpy(), tuple(matrix.shape), torch.finfo(matrix.dtype).eps)
 
 
-def rank_flops(raters: int, visual: int) -> float:
-    """The Gram product of ``numerical_rank`` for a raters x visual matrix."""
-    small, large = sorted((raters, visual))
+def rank_flops(rows: int, columns: int) -> float:
+    """The product of ``gram_matrix`` for a rows x columns matrix."""
+    small, large = sorted((rows, columns))
     return 2.0 * small * small * large
 
 
@@ -179,21 +188,26 @@ class SparseVLMPruner(Hooks):
             return stream
         stages_left = len(self.layers) - self.layers.index(layer + 1)
         meta = on_meta(q)
-        rows, is_task = (None, None) if meta else task_rows(q, k, stream, max(task))
+        # The task tokens end every sample: the last n rows cover them all (sample b's are its
+        # last task[b]), and each sample's visual columns are the last of a right-aligned order.
+        n, longest = max(task), max(counts)
+        rows = None if meta else rows_attention(q[:, :, -n:], k, stream.padding)  # (B, n, T)
         width = q.shape[1] * q.shape[3]
-        cost = [0.0 if meta else 2.0 * is_task.shape[1] * n * width for n in tokens]  # the rater rows
+        cost = [0.0 if meta else 2.0 * n * t * width for t in tokens]  # the rater rows
+        visual_order = right_aligned(stream.visual, longest)
         keep = ~stream.visual
         slots, aggregates = [], []
         for b, visual in enumerate(counts):
-            columns = stream.visual[b].nonzero().flatten()
+            columns = visual_order[b, longest - visual:]
             if visual <= self.budget:
                 keep[b, columns] = True
                 continue
             if meta:  # equal importances, full rank
                 importance, redundancy = torch.zeros(visual), 0.0
             else:
-                importance, redundancy, raters = rate_visual(rows[b], is_task[b], columns)
-                cost[b] += rank_flops(raters, visual)
+                attention = rows[b, n - task[b]:][:, columns.to(rows.device)]  # (task tokens, V)
+                importance, redundancy, _ = rate_visual(attention)
+                cost[b] += rank_flops(task[b], visual)
             target = stage_target(visual, self.budget, stages_left, redundancy)
             kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)
             if not meta:

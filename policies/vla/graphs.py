@@ -167,22 +167,26 @@ class HostReadError(RuntimeError):
 
 class HostReads:
     """Counts the operators that need a tensor's values on the host (a count, ``.item()``,
-    ``.tolist()``, ``nonzero``, a boolean mask index, a copy from a GPU to the host). On a GPU
-    each one waits for every queued kernel, so the host cannot run ahead of the GPU, and none can
-    be captured in a graph. With ``refuse`` (a graph's name) the first one raises
-    ``HostReadError`` instead."""
+    ``.tolist()``, ``.numpy()``, ``nonzero``, a boolean mask index, a copy from a GPU to the
+    host). On a GPU each one waits for every queued kernel, so the host cannot run ahead of the
+    GPU, and none can be captured in a graph.
 
-    def __init__(self, refuse: str | None = None):
-        self.refuse = refuse
+    ``device`` (a device type) counts only reads of values that live there: on a GPU a value
+    copied to the host once is then free to read. With ``refuse`` (a graph's name) the first
+    read of any device raises ``HostReadError`` instead."""
+
+    def __init__(self, device: str | None = None, refuse: str | None = None):
+        self.device, self.refuse = device, refuse
         self.count = 0
 
-    def _read(self, what: str) -> None:
+    def _read(self, tensor: torch.Tensor, what) -> None:
         if self.refuse is not None:
             raise HostReadError(f"graph {self.refuse!r}: {what} needs tensor values on the host")
-        self.count += 1
+        if self.device is None or tensor.device.type == self.device:
+            self.count += 1
 
     def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
         aten = torch.ops.aten
         reads = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.equal,
@@ -197,21 +201,25 @@ class HostReads:
                 to_host = func is aten._to_copy.default and args[0].device.type not in ("cpu", "meta") and (
                     torch.device(kwargs.get("device", args[0].device)).type == "cpu")
                 if func.overloadpacket in reads or boolean_index or to_host:
-                    counter._read(str(func))
+                    counter._read(args[0], func)
                 return func(*args, **kwargs)
 
-        original = self._tolist = torch.Tensor.tolist
+        self._originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
-        def tolist(tensor):
-            counter._read("Tensor.tolist")
-            with torch.utils._python_dispatch._disable_current_modes():  # one read, not its copy too
-                return original(tensor)
+        def reader(name, original):
+            def read(tensor, *args, **kwargs):
+                counter._read(tensor, f"Tensor.{name}")
+                with _disable_current_modes():  # one read, not its copy too
+                    return original(tensor, *args, **kwargs)
+            return read
 
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, reader(name, original))
         self._mode = Mode()
-        torch.Tensor.tolist = tolist
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
         return self._mode.__exit__(*exc)

@@ -36,12 +36,19 @@ class TokenStream:
 def left_compact(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gather order (B, L) that moves each row's valid entries to the end, in their order,
     where L is the most valid entries in a row; and the padding mask of the result (None if
-    every row is full). A stable sort of the flags puts invalid entries first."""
-    t = valid.shape[1]
+    every row is full)."""
     counts = valid.sum(dim=1).tolist()  # the one synchronisation a data-dependent length needs
     longest = max(counts)
-    order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices[:, t - longest:]
+    order = right_aligned(valid, longest)
     return order, (None if min(counts) == longest else ~valid.gather(1, order))
+
+
+def right_aligned(flags: torch.Tensor, longest: int) -> torch.Tensor:
+    """(B, longest) column indices: each row's flagged columns in order, at the end of the row
+    (a row with c flags has them in its last c places), given the most flags in a row. A stable
+    sort of the flags puts the others first; nothing is read on the host."""
+    t = flags.shape[1]
+    return torch.sort(flags.to(torch.int8), dim=1, stable=True).indices[:, t - longest:]
 
 
 @dataclass

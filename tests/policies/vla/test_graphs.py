@@ -78,9 +78,12 @@ def test_host_reads_are_counted_once_each():
     with HostReads() as reads:
         x * 2 + x.sum()  # no values on the host
         assert reads.count == 0
-        x[x > 0], int(x.sum()), x.max().item(), x.tolist(), x.nonzero(), bool((x > 0).any())
-    assert reads.count == 6
-    assert x.tolist() == [-2.0, -1.0, 0.0, 1.0, 2.0]  # restored
+        x[x > 0], int(x.sum()), x.max().item(), x.tolist(), x.nonzero(), bool((x > 0).any()), x.numpy()
+    assert reads.count == 7
+    with HostReads("cuda") as on_a_gpu:
+        int(x.sum())  # a value already on the host
+    assert on_a_gpu.count == 0
+    assert x.tolist() == [-2.0, -1.0, 0.0, 1.0, 2.0] and x.numpy().shape == (5,)  # restored
 
 
 @pytest.fixture(scope="module")
