@@ -123,11 +123,19 @@ class LightVLAStarPruner(Hooks, nn.Module):
         return queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])
 
     def _choose_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(images, P) bool: per image, the union of the queries' argmax (or ``keep`` split over images)."""
+        """(images, P) bool: per image, the union of the queries' argmax, or ``keep`` split over
+        a sample's images (the first ``keep % images`` of them keep one more)."""
         n, q, d = patches.shape[0], self.queries.shape[0], patches.shape[-1]
         images = self._images_per_sample(n)
         self.add_cost([2 * q * patches.shape[1] * d * images] * (n // images))
-        return choose(self.scores(patches), self.keep // 2, "LightVLA*")
+        scores = self.scores(patches)  # rows: sample 0's images, then sample 1's, ...
+        if not self.keep:
+            return choose(scores, 0, "LightVLA*")
+        if self.keep < images:
+            raise ValueError(f"keep={self.keep} cannot be split over {images} images: each keeps at least one patch")
+        shares = [self.keep // images + (image < self.keep % images) for image in range(images)]
+        per_image = [choose(scores[image::images], share, "LightVLA*") for image, share in enumerate(shares)]
+        return torch.stack(per_image, dim=1).reshape(n, -1)
 
     def select(self, stream: TokenStream) -> TokenStream:
         visual, columns = visual_block(stream)

@@ -108,6 +108,18 @@ def test_vision_placement_batches_match_single_queries():
     assert torch.allclose(batched, single, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("keep", [78, 79])
+def test_vision_placement_forces_keep_tokens_over_the_images(keep):
+    model = tiny_model()
+    pruner = vision_pruner(keep=keep)
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 11))
+    traces = [QueryTrace(), QueryTrace()]
+    with torch.no_grad():
+        model(pixels, proprio, prompts, 2, hooks=pruner, traces=traces)
+    assert [t.llm_visual_tokens[0] for t in traces] == [keep, keep]
+    assert pruner._patch_keep.sum(dim=1).tolist() == [keep - keep // 2, keep // 2] * 2  # per image
+
+
 def test_vision_placement_from_the_policy_options(tiny_checkpoint):
     policy = make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true",
                                            "placement": "vision:1", "queries": "8"})
