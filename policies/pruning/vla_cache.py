@@ -60,6 +60,7 @@ class VLACache(Hooks):
     # --- per-episode state -------------------------------------------------------------
     def reset(self) -> None:
         self.episodes.clear()
+        self.current, self.reuse_order, self._slots = None, None, None
 
     def forget(self, episode_id: str) -> None:
         self.episodes.pop(episode_id, None)
@@ -106,7 +107,7 @@ class VLACache(Hooks):
         return keep_tokens(stream, ~drop[None])
 
     def wants_qk(self, layer: int) -> bool:
-        return layer == self.relevance_layer
+        return layer == self.relevance_layer and self.current is not None
 
     @property
     def reused_tokens(self) -> int:

@@ -296,7 +296,7 @@ class LanguageModel(nn.Module):
                 if stream.position_ids is not positions or stream.padding is not padding:
                     # Recomputed only when a hook changed the tokens: fewer small kernels per layer.
                     positions, padding = stream.position_ids, stream.padding
-                    cos, sin, mask = self.position_terms(stream.hidden, positions, padding)
+                    cos, sin, mask = self.position_terms(stream.hidden, positions, padding, causal)
                 stream.hidden, q, k, v = layers[index](stream.hidden, cos, sin, mask, causal, extra)
             if wants_kv:
                 hooks.on_kv(index, stream, k, v)
@@ -306,17 +306,18 @@ class LanguageModel(nn.Module):
             recorder.write(traces)
         return self.model.norm(stream.hidden)
 
-    def position_terms(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None):
-        """RoPE cos and signed sin for the tokens' positions, and the key mask of the padding."""
+    def position_terms(self, hidden: torch.Tensor, position_ids: torch.Tensor, padding: torch.Tensor | None,
+                       causal: bool = False):
+        """RoPE cos and signed sin for the tokens' positions, and the attention mask of the padding."""
         cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
-        return cos, sin, key_mask(padding, hidden.device)
+        return cos, sin, key_mask(padding, hidden.device, causal)
 
     def one_layer(self, index: int, causal: bool, outputs: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
                   padding: torch.Tensor | None, extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,
                   extra_valid: torch.Tensor | None):
         """Layer ``index`` as a pure function of its tensors (graphable): its hidden states, and
         with ``outputs`` its q, k, v for the hooks."""
-        cos, sin, mask = self.position_terms(hidden, position_ids, padding)
+        cos, sin, mask = self.position_terms(hidden, position_ids, padding, causal)
         extra = None if extra_k is None else ExtraKeys(extra_k, extra_v, extra_valid)
         result = self.model.layers[index](hidden, cos, sin, mask, causal, extra)
         return result if outputs else result[0]
@@ -324,17 +325,26 @@ class LanguageModel(nn.Module):
     def plain_layers(self, start: int, end: int, causal: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
                      padding: torch.Tensor | None) -> torch.Tensor:
         """Layers ``start`` to ``end - 1`` with no hook: a pure function of its tensors (graphable)."""
-        cos, sin, mask = self.position_terms(hidden, position_ids, padding)
+        cos, sin, mask = self.position_terms(hidden, position_ids, padding, causal)
         for layer in self.model.layers[start:end]:
             hidden = layer(hidden, cos, sin, mask, causal)[0]
         return hidden
 
 
-def key_mask(padding: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """SDPA boolean mask (B, 1, 1, T): True where a key may be attended to."""
+def key_mask(padding: torch.Tensor | None, device: torch.device, causal: bool = False) -> torch.Tensor | None:
+    """SDPA boolean mask, True where a key may be attended to: (B, 1, 1, T) for the padding, or
+    (B, 1, T, T) when attention is also causal (SDPA's is_causal cannot be combined with a
+    mask). A padding query attends to itself, so that no row is empty: an empty row is NaN,
+    and NaN times a masked key's zero weight is NaN again."""
     if padding is None:
         return None
-    return (~padding)[:, None, None, :].to(device)
+    keys = (~padding)[:, None, None, :].to(device)
+    if not causal:
+        return keys
+    t = padding.shape[1]
+    earlier = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    itself = torch.eye(t, dtype=torch.bool, device=device)
+    return (keys & earlier) | itself
 
 
 class _LayerCounts:

@@ -106,6 +106,23 @@ def test_left_padding_is_masked_out(llm):
     assert torch.allclose(with_pad[:, 5:], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_left_padded_batch_equals_its_samples_alone(llm, causal):
+    d = llm.sizes.hidden_size
+    short, long = torch.randn(1, 20, d), torch.randn(1, 25, d)
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, d), short], dim=1), long])
+    positions = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.arange(20)[None]], dim=1),
+                           torch.arange(25)[None]])
+    padding = torch.zeros(2, 25, dtype=torch.bool)
+    padding[0, :5] = True
+    with torch.no_grad():
+        together = llm(stream(batch, positions, padding), causal=causal)
+        alone = [llm(stream(short), causal=causal), llm(stream(long), causal=causal)]
+    assert torch.isfinite(together).all()
+    assert torch.allclose(together[0, 5:], alone[0][0], atol=1e-5, rtol=0)
+    assert torch.allclose(together[1], alone[1][0], atol=1e-5, rtol=0)
+
+
 def test_bf16_forward_runs_and_stays_finite(llm):
     model = LanguageModel(llm.sizes).eval()
     model.load_state_dict(llm.state_dict())

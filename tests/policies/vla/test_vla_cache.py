@@ -147,3 +147,15 @@ def test_host_reads_per_step_do_not_grow_with_the_depth():
         assert cache.reused_tokens == 100
         reads.append(counter.count)
     assert reads[0] == reads[1]
+
+
+def test_after_a_reset_a_query_without_begin_uses_no_cache(model8):
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, max_reuse=100)
+    for _ in range(2):
+        query(model8, cache, "ep", pixels, proprio, prompts)
+    assert cache.reused_tokens == 100
+    cache.reset()
+    with torch.no_grad():
+        assert torch.equal(model8(pixels, proprio, prompts, 2, hooks=cache), model8(pixels, proprio, prompts, 2))
+    assert cache.reused_tokens == 0 and not cache.episodes
