@@ -267,7 +267,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         """Latency of ``fn`` on a fresh copy of the assembled stream (layers replace its hidden states)."""
         def call():
             with torch.inference_mode():
-                fn(TokenStream(embeds, positions, stream.visual, stream.task))
+                fn(TokenStream(embeds, positions, stream.visual, stream.task, sizes=stream.sizes))
         return percentiles(time_calls(call, device, settings.repeats, settings.warmup))
 
     def llm(graphs):

@@ -12,14 +12,18 @@ import math
 
 import torch
 
-from policies.vla.hooks import TokenStream, left_compact
+from policies.vla.hooks import TokenStream, read_sizes, right_aligned
 
 
 def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:
-    """The stream restricted to tokens where ``keep`` (B, T) is true, left-padded to the longest sample."""
+    """The stream restricted to tokens where ``keep`` (B, T) is true, left-padded to the longest
+    sample. Its new length is read on the host, together with the new stream's counts."""
     if stream.padding is not None:
         keep = keep & ~stream.padding
-    order, padding = left_compact(keep)
+    sizes = read_sizes(keep, stream.visual, stream.task)
+    longest = max(sizes.tokens)
+    order = right_aligned(keep, longest)
+    padding = None if min(sizes.tokens) == longest else ~keep.gather(1, order)
     device = stream.hidden.device
     hidden = stream.hidden.gather(1, order.to(device)[..., None].expand(-1, -1, stream.hidden.shape[2]))
     kept = keep.gather(1, order)
@@ -29,22 +33,26 @@ def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:
         visual=stream.visual.gather(1, order) & kept,
         task=stream.task.gather(1, order) & kept,
         padding=padding,
+        sizes=sizes,
     )
 
 
 def visual_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V, D) visual tokens and their (B, V) column indices, for a stream whose samples
     all hold the same number V of visual tokens (before any pruning)."""
-    b = stream.hidden.shape[0]
-    columns = stream.visual.nonzero()[:, 1].view(b, -1)
+    counts = set(stream.host_sizes().visual)
+    if len(counts) != 1:
+        raise ValueError(f"the samples hold different numbers of visual tokens {sorted(counts)}: "
+                         "this selection needs the whole visual block of each")
+    columns = right_aligned(stream.visual, counts.pop())
     index = columns.to(stream.hidden.device)
     return stream.hidden.gather(1, index[..., None].expand(-1, -1, stream.hidden.shape[2])), columns
 
 
 def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """(B, n, D) last-n tokens covering every sample's task tokens, the (B, n) mask of which are
-    task tokens (None when all are), and each sample's task-token count: one read-back for all three."""
-    counts = stream.task.sum(dim=1).tolist()
+    task tokens (None when all are), and each sample's task-token count."""
+    counts = list(stream.host_sizes().task)
     n = max(counts)
     return stream.hidden[:, -n:], (None if min(counts) == n else stream.task[:, -n:]), counts
 

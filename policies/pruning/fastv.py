@@ -49,5 +49,5 @@ class FastVPruner(Hooks):
             scores = torch.zeros(visual.shape, device=visual.device)
         else:
             scores = attention.to(visual.device)
-        self.add_cost([2 * n * q.shape[1] * q.shape[3] for n in stream.counts()[0].tolist()])  # one attention row
+        self.add_cost([2 * n * q.shape[1] * q.shape[3] for n in stream.host_sizes().tokens])  # one attention row
         return keep_tokens(stream, ~lowest_visual(scores, visual, drop.to(visual.device)))

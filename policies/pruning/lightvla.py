@@ -66,7 +66,7 @@ def replace_visual(stream: TokenStream, columns: torch.Tensor, slots: torch.Tens
     hidden = stream.hidden.scatter(1, index[..., None].expand(-1, -1, slots.shape[-1]), slots.to(stream.hidden.dtype))
     position_ids = stream.position_ids.scatter(1, columns.to(stream.position_ids.device),
                                               positions.to(stream.position_ids.device))
-    return TokenStream(hidden, position_ids, stream.visual, stream.task, stream.padding)
+    return TokenStream(hidden, position_ids, stream.visual, stream.task, stream.padding, stream.sizes)
 
 
 def selected_positions(stream: TokenStream, columns: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -182,8 +182,8 @@ class SparseVLMPruner(Hooks):
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
         if layer + 1 not in self.layers:
             return stream
-        # Visual tokens, real tokens and task tokens per sample: one read-back for the three.
-        counts, tokens, task = torch.cat([stream.counts()[[1, 0]], stream.task.sum(dim=1)[None]]).tolist()
+        sizes = stream.host_sizes()
+        counts, tokens, task = sizes.visual, sizes.tokens, sizes.task
         if max(counts) <= self.budget:
             return stream
         stages_left = len(self.layers) - self.layers.index(layer + 1)
@@ -223,7 +223,8 @@ class SparseVLMPruner(Hooks):
         if aggregates:  # out of place: the layer's output may be referenced elsewhere
             rows_cols = torch.cat(slots, dim=1).to(hidden.device)
             hidden = hidden.index_put((rows_cols[0], rows_cols[1]), torch.cat(aggregates))
-        return keep_tokens(TokenStream(hidden, stream.position_ids, stream.visual, stream.task, stream.padding), keep)
+        return keep_tokens(TokenStream(hidden, stream.position_ids, stream.visual, stream.task, stream.padding,
+                                       stream.sizes), keep)
 
     def select(self, hidden: torch.Tensor, columns: torch.Tensor, importance: torch.Tensor, target: int,
                meta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

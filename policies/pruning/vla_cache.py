@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from policies.pruning.base import keep_tokens, rows_attention
-from policies.vla.hooks import ExtraKeys, Hooks, TokenStream
+from policies.vla.hooks import ExtraKeys, Hooks, TokenStream, right_aligned
 
 PATCH = 14
 VISUAL_START = 1  # RoPE position of visual token 0 (BOS is position 0)
@@ -137,20 +137,19 @@ class VLACache(Hooks):
         cache.values[layer][:, index] = v[0][:, columns]
 
     def _visual_slots(self, stream: TokenStream, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stream's visual columns and their patch indices. Finding the columns reads the
-        mask on the host, which on a GPU waits for the layer to finish; the tokens change only
-        where some leave, so the answer is kept for the same mask and positions (32 reads per
-        full-size query otherwise, one per layer)."""
+        """The stream's visual columns and their patch indices, kept while the stream's mask
+        and positions are the same: the tokens change only where some leave."""
         slots = self._slots
         if slots is None or slots[0] is not stream.visual or slots[1] is not stream.position_ids:
-            columns = stream.visual[0].nonzero().flatten().to(device)
+            columns = right_aligned(stream.visual, stream.host_sizes().visual[0])[0].to(device)
             index = stream.position_ids[0].to(device)[columns] - VISUAL_START
             slots = self._slots = (stream.visual, stream.position_ids, columns, index)
         return slots[2], slots[3]
 
     def _store_relevance(self, stream: TokenStream, q, k) -> None:
-        task_rows = stream.task[0].nonzero().flatten().to(q.device)
-        visual_cols = stream.visual[0].nonzero().flatten().to(q.device)
-        attention = rows_attention(q[:, :, task_rows], k, stream.padding)  # (1, R, T)
-        self.add_cost([2 * task_rows.numel() * k.shape[2] * q.shape[1] * q.shape[3]])
+        sizes = stream.host_sizes()
+        task = sizes.task[0]  # the task tokens end the sequence
+        visual_cols = right_aligned(stream.visual, sizes.visual[0])[0].to(q.device)
+        attention = rows_attention(q[:, :, -task:], k, stream.padding)  # (1, R, T)
+        self.add_cost([2 * task * k.shape[2] * q.shape[1] * q.shape[3]])
         self.episodes[self.current].relevance = attention[0][:, visual_cols].mean(dim=0)

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True)
+class StreamSizes:
+    """A stream's per-sample counts, on the host."""
+
+    tokens: tuple[int, ...]  # real (not padding) tokens
+    visual: tuple[int, ...]
+    task: tuple[int, ...]
+
+
 @dataclass
 class TokenStream:
     hidden: torch.Tensor  # (B, T, D)
@@ -23,6 +32,9 @@ class TokenStream:
     visual: torch.Tensor  # (B, T) bool: a visual patch token
     task: torch.Tensor  # (B, T) bool: a token after the visual block (proprio, prompt, action slots, stop)
     padding: torch.Tensor | None = None  # (B, T) bool: an empty slot, masked out as a key
+    # The counts of the masks above, where whoever made the stream knew them (the assembly and
+    # keep_tokens do); the masks must not change in place once they are set.
+    sizes: StreamSizes | None = None
 
     def counts(self) -> torch.Tensor:
         """(2, B) on the masks' device: real tokens and real visual tokens per sample.
@@ -32,15 +44,20 @@ class TokenStream:
         real = ~self.padding if self.padding is not None else torch.ones_like(self.visual)
         return torch.stack([real.sum(dim=1), (self.visual & real).sum(dim=1)])
 
+    def host_sizes(self) -> StreamSizes:
+        """The per-sample counts on the host: known, or read back once (on a GPU, reading waits
+        for every queued kernel, so plug-ins ask here rather than reading the masks)."""
+        if self.sizes is None:
+            real = ~self.padding if self.padding is not None else torch.ones_like(self.visual)
+            self.sizes = read_sizes(real, self.visual, self.task)
+        return self.sizes
 
-def left_compact(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gather order (B, L) that moves each row's valid entries to the end, in their order,
-    where L is the most valid entries in a row; and the padding mask of the result (None if
-    every row is full)."""
-    counts = valid.sum(dim=1).tolist()  # the one synchronisation a data-dependent length needs
-    longest = max(counts)
-    order = right_aligned(valid, longest)
-    return order, (None if min(counts) == longest else ~valid.gather(1, order))
+
+def read_sizes(real: torch.Tensor, visual: torch.Tensor, task: torch.Tensor) -> StreamSizes:
+    """The counts of the (B, T) masks of real tokens and of the visual and task tokens among
+    them, in one read-back."""
+    tokens, visual, task = torch.stack([real.sum(dim=1), (visual & real).sum(dim=1), (task & real).sum(dim=1)]).tolist()
+    return StreamSizes(tuple(tokens), tuple(visual), tuple(task))
 
 
 def right_aligned(flags: torch.Tensor, longest: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from policies.vla.config import VLAConfig
 from policies.vla.graphs import Graphs, graphable
 from policies.vla.heads import FusedProjector, L1ActionHead, ProprioProjector
-from policies.vla.hooks import Hooks, QueryTrace, TokenStream
+from policies.vla.hooks import Hooks, QueryTrace, StreamSizes, TokenStream
 from policies.vla.llama import LanguageModel
 
 ACTION_SLICES = ("train", "release")
@@ -183,7 +183,8 @@ class OFTModel(nn.Module):
             is_visual[i, pad + 1:pad + 1 + n] = True
             is_task[i, pad + 1 + n:] = True
             padding[i, :pad] = True
-        return TokenStream(hidden, position_ids, is_visual, is_task, padding if len(set(lengths)) > 1 else None)
+        sizes = StreamSizes(tuple(lengths), tuple(real), tuple(length - 1 - n for length, n in zip(lengths, real)))
+        return TokenStream(hidden, position_ids, is_visual, is_task, padding if len(set(lengths)) > 1 else None, sizes)
 
     def forward(self, pixel_values: torch.Tensor, proprio: torch.Tensor, prompts: Sequence[Sequence[int]],
                 stop_id: int, hooks: Hooks | None = None, action_slice: str = "train",

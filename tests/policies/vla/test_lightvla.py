@@ -70,6 +70,31 @@ def test_batches_with_different_keep_counts_match_single_queries():
     assert len(set(counts)) > 1 and max(counts) < 512
 
 
+def test_the_streams_carry_their_counts_and_a_query_reads_the_host_once():
+    # On a GPU each read waits for the queued kernels: the assembled stream and every stream
+    # keep_tokens makes carry their counts, so LightVLA reads only its kept counts.
+    from policies.vla.graphs import HostReads
+    from policies.vla.hooks import read_sizes
+
+    class Capture(LightVLAPruner):
+        def before_llm(self, stream):
+            self.given, self.kept = stream, super().before_llm(stream)
+            return self.kept
+
+    model, pruner = tiny_model(), Capture()
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 14))
+    model.use_cuda_graphs()  # on a CPU the graphed parts run as stand-ins, as a GPU query runs them
+    with torch.inference_mode(), HostReads() as reads:
+        model(pixels, proprio, prompts, 2, hooks=pruner)
+    model.use_cuda_graphs(False)
+    assert reads.count == 1
+    for stream in (pruner.given, pruner.kept):
+        real = ~stream.padding if stream.padding is not None else torch.ones_like(stream.visual)
+        assert stream.sizes == read_sizes(real, stream.visual, stream.task)
+    assert pruner.given.sizes.task == (1 + 8 + 56 + 1, 1 + 13 + 56 + 1)
+    assert pruner.kept.sizes.visual != pruner.given.sizes.visual
+
+
 def test_keep_everything_reproduces_the_unpruned_model_exactly():
     model = tiny_model()
     pixels, proprio, prompts = inputs()

@@ -70,16 +70,16 @@ def test_deeper_models_prune_progressively(deep_model):
         assert visual[5:] == [64] * 3  # from the last stage on
 
 
-def test_each_stage_reads_the_host_three_times(deep_model):
-    # On a GPU each read waits for the queued layers: a stage reads its counts, the rank of its
-    # rater matrix with the rater count (one copy), and the kept count.
+def test_each_stage_reads_the_host_twice(deep_model):
+    # On a GPU each read waits for the queued layers: a stage reads the rank of its rater matrix
+    # with the rater count (one copy), then the kept counts; the stream carries its counts.
     from policies.vla.graphs import HostReads
 
     pruner = pruner_for(deep_model, budget=64)
     pixels, proprio, prompts = inputs()
     with torch.no_grad(), HostReads() as reads:
         deep_model(pixels, proprio, prompts, 2, hooks=pruner)  # no trace: its counts are one more read
-    assert len(pruner.layers) == 4 and reads.count == 3 * 4
+    assert len(pruner.layers) == 4 and reads.count == 2 * 4
 
 
 def test_recycling_changes_the_output(model):
