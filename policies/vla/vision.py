@@ -17,7 +17,7 @@ from torch import nn
 
 from policies.vla.config import VLAConfig
 from policies.vla.graphs import is_recording
-from policies.vla.hooks import Hooks, QueryTrace, VisionSlots
+from policies.vla.hooks import Hooks, QueryTrace, VisionSlots, right_aligned
 
 
 def create_tower(model_id: str, image_size: int, overrides: dict) -> nn.Module:
@@ -148,9 +148,13 @@ class VisionBackbone(nn.Module):
         """Per image, the kept tokens and the kept patch indices."""
         if x.device.type != "meta":
             keep = keep.to(x.device)
-        if not bool(keep[:, :prefix].all()):
+        # One read on the host for the kept counts and the prefix check (on a GPU, a wait).
+        counts = torch.cat([keep.sum(dim=1), keep[:, :prefix].all(dim=1).long()]).tolist()
+        counts, prefixes_kept = counts[:x.shape[0]], counts[x.shape[0]:]
+        if not all(prefixes_kept):
             raise ValueError("a vision hook must keep the tower's prefix tokens")
-        rows = [keep[i].nonzero().flatten() for i in range(x.shape[0])]
+        order = right_aligned(keep, max(counts))
+        rows = [order[i, order.shape[1] - n:] for i, n in enumerate(counts)]
         return [x[i].index_select(0, r.to(x.device)) for i, r in enumerate(rows)], [r[prefix:] - prefix for r in rows]
 
     def forward(self, pixel_values: torch.Tensor, hooks: Hooks | None = None,
@@ -220,21 +224,29 @@ class VisionBackbone(nn.Module):
 
     def _fuse_pruned(self, outs: list[TowerOutput], b: int) -> VisualTokens:
         images, per = self.num_images, self.patches_per_image
-        if outs[0].patches is None or outs[1].patches is None or any(
-                not torch.equal(p, q) for p, q in zip(outs[0].patches, outs[1].patches)):
+        if not _same_patches(outs[0].patches, outs[1].patches):
             raise ValueError("vision hooks must keep the same patches in both towers")
+        device = outs[0].features[0].device
+        mask_device = torch.device("cpu") if device.type == "meta" else device
         samples, indices = [], []
         for s in range(b):
             rows = range(s * images, (s + 1) * images)
             samples.append(torch.cat([torch.cat([outs[0].features[r], outs[1].features[r]], dim=1) for r in rows]))
-            indices.append(torch.cat([outs[0].patches[r].cpu() + (r - s * images) * per for r in rows]))
+            indices.append(torch.cat([outs[0].patches[r].to(mask_device) + (r - s * images) * per for r in rows]))
         longest = max(x.shape[0] for x in samples)
         features = samples[0].new_zeros(b, longest, samples[0].shape[1])
-        mask_device = torch.device("cpu") if features.device.type == "meta" else features.device
         index = torch.zeros(b, longest, dtype=torch.long, device=mask_device)
         padding = torch.ones(b, longest, dtype=torch.bool, device=mask_device)
         for s, (x, ix) in enumerate(zip(samples, indices)):
             features[s, longest - x.shape[0]:] = x
-            index[s, longest - x.shape[0]:] = ix.to(mask_device)
+            index[s, longest - x.shape[0]:] = ix
             padding[s, longest - x.shape[0]:] = False
-        return VisualTokens(features, index, padding if bool(padding.any()) else None, images * per)
+        uneven = any(x.shape[0] < longest for x in samples)
+        return VisualTokens(features, index, padding if uneven else None, images * per)
+
+
+def _same_patches(a: list[torch.Tensor] | None, b: list[torch.Tensor] | None) -> bool:
+    """Whether two towers kept the same patches of every image (one read on the host)."""
+    if a is None or b is None or [len(p) for p in a] != [len(p) for p in b]:
+        return False
+    return torch.equal(torch.cat(list(a)), torch.cat(list(b)))
