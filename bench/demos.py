@@ -58,6 +58,15 @@ class RecordingEnv:
         self.steps = []
         self._t = 0
 
+    @property
+    def resets(self) -> int:
+        return getattr(self.env, "resets", 0)
+
+    def skip_resets(self, count: int) -> None:
+        """As the wrapped env (demonstrations start from the evaluation's scenes)."""
+        if hasattr(self.env, "skip_resets"):
+            self.env.skip_resets(count)
+
     def step(self, action, render: bool) -> bool:
         recorded = self._t >= self.settle_steps
         if recorded:

@@ -82,7 +82,7 @@ def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tu
             if job is None:
                 break
             try:
-                env = envs.get(job.task)
+                env = envs.get(job.task, job.episode.init_state_index)
                 result = run_episode(env, policy, job.episode, job.init_state, settings)
             except Exception as exc:  # noqa: BLE001 - env construction failed
                 result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")

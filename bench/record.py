@@ -66,7 +66,7 @@ def record_demos(
             episode = episode_info(planned, task, seed)
             init_state = task.init_states()[planned.init_state_index]
             try:
-                env = envs.get(task)
+                env = envs.get(task, planned.init_state_index)
                 result = run_episode(env, policy, episode, init_state, settings)
             except Exception as exc:  # noqa: BLE001 - env construction failed: not a demonstration
                 not_recorded[planned.key] = f"error: {type(exc).__name__}: {exc}"

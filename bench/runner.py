@@ -134,6 +134,12 @@ class TaskEnv:
     """The one live env, for the task being run: built when the task changes, rebuilt after an error.
 
     One at a time, because each holds a GL context and the simulator's memory.
+
+    In the protocol one env runs a task's init states 0, 1, 2, ... in order, and LIBERO's
+    scene at a reset depends on how many resets the env has had. So an env that counts its
+    resets (``resets``, ``skip_resets``) is brought to exactly i resets before init state i,
+    built anew where it is past that: resumed runs, runs of some init states only, episodes after
+    an error and a task shared by pool workers then see the scenes of the reference loop.
     """
 
     def __init__(self, factory: Callable[[TaskSpec], object]):
@@ -141,11 +147,14 @@ class TaskEnv:
         self.key: str | None = None
         self.env = None
 
-    def get(self, task: TaskSpec):
-        if self.key != task.key:
+    def get(self, task: TaskSpec, init_state_index: int | None = None):
+        """The env of ``task``, ready for ``init_state_index`` (None: as it is)."""
+        if self.key != task.key or (init_state_index is not None and getattr(self.env, "resets", 0) > init_state_index):
             self.discard()
             self.env = self.factory(task)
             self.key = task.key
+        if init_state_index is not None and hasattr(self.env, "skip_resets"):
+            self.env.skip_resets(init_state_index - self.env.resets)
         return self.env
 
     def discard(self) -> None:
@@ -169,7 +178,7 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
     episode = episode_info(planned, task, config.seed)
     video = None
     try:
-        env = envs.get(task)
+        env = envs.get(task, planned.init_state_index)
         init_state = task.init_states()[planned.init_state_index]
         if config.video:
             from bench.video import EpisodeVideo

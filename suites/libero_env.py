@@ -91,14 +91,30 @@ class LiberoEnv:
         self._set_cameras(False)
         self._raw: dict | None = None
         self._scene_index = None  # built on demand, again after a hard reset (it rebuilds the MuJoCo model)
+        # Every reset draws fixture placements, which set_init_state does not restore, from the
+        # global numpy RNG seeded above, so an episode's scene depends on how many resets came
+        # before it (libero_10 task 9, init state 1: the microwave 1.18 cm apart as first or
+        # second episode). Steps draw nothing. The protocol runs init state i after i resets.
+        # The RNG is the process's: envs that reset in turn in one process disturb each other.
+        self.resets = 0
 
     def reset(self, init_state: np.ndarray) -> None:
+        self._bare_reset()
+        self._raw = self._env.set_init_state(np.asarray(init_state))
+
+    def skip_resets(self, count: int) -> None:
+        """``count`` resets without an episode: the scene the next reset draws is then the one it
+        draws after ``count`` episodes (bit for bit, tests/suites/test_libero_env.py)."""
+        for _ in range(count):
+            self._bare_reset()
+
+    def _bare_reset(self) -> None:
         self._set_cameras(False)
         self._use_own_gl_context()  # a hard reset frees this env's render context
         self._env.reset()
+        self.resets += 1
         if not self._soft_reset:
             self._scene_index = None
-        self._raw = self._env.set_init_state(np.asarray(init_state))
 
     def step(self, action: np.ndarray, render: bool) -> bool:
         """Advance one control step; ``render`` says whether its observation needs images."""

@@ -25,16 +25,21 @@ class FakeEnv:
         self.actions: list[np.ndarray] = []
         self.render_flags: list[bool] = []
         self.resets = 0
+        self.reset_counts: list[int] = []
         self.closed = False
         self._rendered_last = False
         self._t = 0
 
     def reset(self, init_state) -> None:
         self.resets += 1
+        self.reset_counts.append(self.resets - 1)  # resets before this episode's
         self.actions.clear()
         self.render_flags.clear()
         self._t = 0
         self._rendered_last = False
+
+    def skip_resets(self, count: int) -> None:
+        self.resets += count
 
     def step(self, action, render: bool) -> bool:
         if self.fail_on_step is not None and len(self.actions) == self.fail_on_step:
@@ -110,6 +115,21 @@ def slow_fake_env(task: TaskSpec) -> FakeEnv:
         with open(path, "a") as f:
             f.write(f"{os.getpid()}\n")
     return FakeEnv(task, step_seconds=0.01)
+
+
+class _ResetLoggingEnv(FakeEnv):
+    def reset(self, init_state) -> None:
+        import os
+
+        super().reset(init_state)
+        with open(os.environ["FAKE_ENV_RESET_LOG"], "a") as f:
+            f.write(f"{self.task.key} {self.reset_counts[-1]}\n")
+
+
+def reset_logging_env(task: TaskSpec) -> FakeEnv:
+    """Writes, at every episode's reset, its task and the resets before it to $FAKE_ENV_RESET_LOG
+    (from whichever worker process runs it)."""
+    return _ResetLoggingEnv(task, step_seconds=0.002)
 
 
 class _SelfKillingEnv(FakeEnv):

@@ -8,7 +8,7 @@ from pathlib import Path
 from bench.config import RunConfig
 from bench.records import read_episodes
 from bench.runner import execute
-from tests.fakes import fake_env, self_killing_env
+from tests.fakes import fake_env, reset_logging_env, self_killing_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +32,16 @@ def test_pool_gives_the_serial_outcomes_and_batches_queries(tmp_path):
     assert all(1 <= r["policy_stats"]["batch_size"] <= 2 for r in records)
     assert all(len(r["query_latency_ms"]) + len(r["warmup_latency_ms"]) == r["queries"] for r in records)
     assert summary.worker_peak_rss_mb > 0
+
+
+def test_workers_sharing_a_task_run_each_init_state_after_as_many_resets_as_its_index(tmp_path, monkeypatch):
+    # LIBERO's scene at a reset depends on the resets before it (bench.runner.TaskEnv).
+    log = tmp_path / "resets"
+    monkeypatch.setenv("FAKE_ENV_RESET_LOG", str(log))
+    execute(config(workers=2, tasks=[0], episodes_per_task=6), tmp_path / "run", env_factory=reset_logging_env,
+            progress=False)
+    resets = sorted(int(line.split()[1]) for line in log.read_text().splitlines())
+    assert resets == list(range(6))
 
 
 def test_a_worker_killed_mid_episode_is_one_error_and_the_run_completes(tmp_path, monkeypatch):

@@ -70,6 +70,25 @@ def test_errors_are_recorded_env_rebuilt_and_run_goes_on(tmp_path):
     assert summary.outcomes["error"] == 4
 
 
+def test_every_init_state_runs_after_as_many_resets_as_in_one_ordered_loop(tmp_path):
+    # LIBERO's scene at a reset depends on the resets before it: init state i must come after i.
+    factory = EnvFactory()
+    execute(config(tasks=[0], episodes_per_task=None, init_states=[2, 5, 6]), tmp_path / "subset", env_factory=factory, progress=False)
+    assert [env.reset_counts for env in factory.built] == [[2, 5, 6]]
+
+    factory = EnvFactory(fail_on_step=15)  # every episode fails, so each finds a rebuilt env
+    execute(config(tasks=[0], episodes_per_task=3), tmp_path / "errors", env_factory=factory, progress=False)
+    assert [env.reset_counts for env in factory.built] == [[0], [1], [2]]
+
+    run = tmp_path / "resumed"
+    execute(config(tasks=[0], episodes_per_task=4), run, env_factory=EnvFactory(), progress=False)
+    lines = (run / EPISODES).read_text().splitlines(keepends=True)
+    (run / EPISODES).write_text("".join(lines[:2]))  # as if stopped after two episodes
+    factory = EnvFactory()
+    execute(config(tasks=[0], episodes_per_task=4), run, resume=True, env_factory=factory, progress=False)
+    assert [env.reset_counts for env in factory.built] == [[2, 3]]
+
+
 def test_env_construction_failure_is_an_error(tmp_path):
     def factory(task):
         raise OSError("no GL context")

@@ -137,3 +137,29 @@ def test_a_model_can_be_loaded_after_an_env_rendered_in_the_same_process(task):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0 and "alive" in done.stdout, done.stderr[-2000:]
+
+
+def test_init_state_one_after_a_skipped_reset_has_the_scene_of_the_ordered_loop():
+    """LIBERO draws fixture poses at every reset (set_init_state keeps them), so the second
+    episode's scene is not the first's; a skipped reset gives it bit for bit, steps or not."""
+    task = get_suite("libero_10").task(9)  # the microwave moves with the draw
+    inits = task.init_states()
+
+    def scene(env):
+        return np.concatenate([env.sim_state(), np.asarray(env._robosuite_env.sim.model.body_pos).ravel()])
+
+    # One env at a time: the draws come from numpy's global RNG, which every env seeds when built.
+    scenes = {}
+    for name, skip, episodes in (("ordered", 0, [0, 1]), ("skipped", 1, [1]), ("first", 0, [1])):
+        env = LiberoEnv(task)
+        env.skip_resets(skip)
+        for episode in episodes:
+            env.reset(inits[episode])
+            if episode == 0:
+                for action in _actions():
+                    env.step(action, render=False)
+        scenes[name] = (scene(env), env.resets)
+        env.close()
+    assert scenes["ordered"][1] == scenes["skipped"][1] == 2
+    assert np.array_equal(scenes["ordered"][0], scenes["skipped"][0])
+    assert not np.allclose(scenes["ordered"][0], scenes["first"][0], atol=1e-3)
