@@ -106,11 +106,12 @@ class SparseVLMPolicy(OFTPolicy):
     @classmethod
     def build_hooks(cls, options, config):
         from policies.pruning.sparsevlm import SparseVLMPruner, parse_layers, scaled_layers
+        from policies.vla.model import prompt_margins
 
         try:
             layers = scaled_layers(parse_layers(options.layers), config.llm.num_layers)
             return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
-                                   cluster_size=options.cluster_size)
+                                   cluster_size=options.cluster_size, text_margins=prompt_margins(config))
         except ValueError as exc:
             raise PolicyOptionError(f"sparsevlm: {exc}") from None
 
@@ -133,6 +134,7 @@ class VLACachePolicy(OFTPolicy):
     @classmethod
     def build_hooks(cls, options, config):
         from policies.pruning.vla_cache import VLACache
+        from policies.vla.model import prompt_margins
 
         layers = config.llm.num_layers
         first = options.first_layer if options.first_layer >= 0 else max(1, round(2 * layers / 32))
@@ -143,7 +145,7 @@ class VLACachePolicy(OFTPolicy):
                 f"relevance_layer={relevance}, first_layer={first}"
             )
         return VLACache(options.similarity, options.max_reuse, options.relevant, first,
-                        max(1, options.ramp), relevance, config.num_images)
+                        max(1, options.ramp), relevance, config.num_images, prompt_margins(config))
 
     def reset(self, episode) -> None:
         self._hooks.forget(episode.episode_id)

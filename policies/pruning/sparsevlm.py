@@ -4,9 +4,11 @@ Pruning happens at a few stage layers (reference placement 2, 6, 15, 19 of a 32-
 scaled to the model's depth). The input of stage layer l is pruned after layer l-1, from
 layer l-1's own queries and keys:
 
-- Raters: the task tokens (everything after the visual block) whose attention mass on the
-  visual tokens is at least the mean over task tokens (always at least one). Only the task
-  tokens' attention rows are computed, so the layers themselves keep using fused SDPA.
+- Raters: the text tokens (the prompt; in OFT's layout the tokens after the visual block less
+  the proprio token before the prompt and the 56 action slots and the stop token after it,
+  ``text_margins``) whose attention mass on the visual tokens is at least the mean over text
+  tokens (always at least one). Only the text tokens' attention rows are computed, so the
+  layers themselves keep using fused SDPA.
 - Importance of a visual token: the raters' attention to it, averaged over raters and heads.
 - How many go: the paper removes N = lambda * (L_v - rank(M)), M the raters x visual
   attention matrix: the more linearly dependent the raters' views of the image, the more
@@ -28,7 +30,7 @@ layer l-1's own queries and keys:
 
 On the meta device (cost counting) nothing has values: every importance is equal and M has
 full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
-the scoring's own matrix products (task rows over all keys, the Gram product of the task
+the scoring's own matrix products (text rows over all keys, the Gram product of the text
 rows' attention to the visual tokens, recycled tokens against centres; about 0.03% of a
 full-size query) are reported as the plug-in's FLOPs, which the query's total includes.
 """
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policies.pruning.base import keep_tokens, on_meta, rows_attention
+from policies.pruning.base import keep_tokens, on_meta, rows_attention, text_rows
 from policies.vla.hooks import Hooks, TokenStream, right_aligned
 
 REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
@@ -74,7 +76,7 @@ def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
 
 def rate_visual(attention: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """One sample's visual importances (V,), the relative rank deficiency of its rater matrix,
-    and its number of raters; ``attention`` (task tokens, V) is the task tokens' attention to
+    and its number of raters; ``attention`` (text tokens, V) is the text tokens' attention to
     the visual tokens.
 
     Raters are chosen and averaged with a mask, not picked out, so that the only value read
@@ -147,7 +149,7 @@ def cluster_means(members: torch.Tensor, assign: torch.Tensor, clusters: int) ->
 
 class SparseVLMPruner(Hooks):
     def __init__(self, budget: int = 192, layers: Sequence[int] = (2, 6, 15, 19), recycle: float = 0.3,
-                 cluster_size: int = 4):
+                 cluster_size: int = 4, text_margins: tuple[int, int] = (0, 0)):
         if budget < 1:
             raise ValueError(f"budget must be at least 1 visual token, got {budget}")
         if not layers or min(layers) < 1:
@@ -159,6 +161,7 @@ class SparseVLMPruner(Hooks):
             raise ValueError(f"cluster_size must be at least 1, got {cluster_size}")
         self.budget, self.recycle, self.cluster_size = budget, recycle, cluster_size
         self.layers = sorted(set(layers))
+        self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
 
     def wants_qk(self, layer: int) -> bool:
         return layer + 1 in self.layers
@@ -183,17 +186,18 @@ class SparseVLMPruner(Hooks):
         if layer + 1 not in self.layers:
             return stream
         sizes = stream.host_sizes()
-        counts, tokens, task = sizes.visual, sizes.tokens, sizes.task
+        counts, tokens = sizes.visual, sizes.tokens
         if max(counts) <= self.budget:
             return stream
         stages_left = len(self.layers) - self.layers.index(layer + 1)
         meta = on_meta(q)
-        # The task tokens end every sample: the last n rows cover them all (sample b's are its
-        # last task[b]), and each sample's visual columns are the last of a right-aligned order.
-        n, longest = max(task), max(counts)
-        rows = None if meta else rows_attention(q[:, :, -n:], k, stream.padding)  # (B, n, T)
+        # The text rows: sample b's are the last text[b] of the m; its visual columns are the
+        # last of a right-aligned order.
+        q_text, text = text_rows(q, stream, self.text_margins)
+        m, longest = q_text.shape[2], max(counts)
+        rows = None if meta else rows_attention(q_text, k, stream.padding)  # (B, m, T)
         width = q.shape[1] * q.shape[3]
-        cost = [0.0 if meta else 2.0 * n * t * width for t in tokens]  # the rater rows
+        cost = [0.0 if meta else 2.0 * m * t * width for t in tokens]  # the rater rows
         visual_order = right_aligned(stream.visual, longest)
         keep = ~stream.visual
         slots, aggregates = [], []
@@ -205,9 +209,9 @@ class SparseVLMPruner(Hooks):
             if meta:  # equal importances, full rank
                 importance, redundancy = torch.zeros(visual), 0.0
             else:
-                attention = rows[b, n - task[b]:][:, columns.to(rows.device)]  # (task tokens, V)
+                attention = rows[b, m - text[b]:][:, columns.to(rows.device)]  # (text tokens, V)
                 importance, redundancy, _ = rate_visual(attention)
-                cost[b] += rank_flops(task[b], visual)
+                cost[b] += rank_flops(text[b], visual)
             target = stage_target(visual, self.budget, stages_left, redundancy)
             kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)
             if not meta:

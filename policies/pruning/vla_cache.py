@@ -2,10 +2,10 @@
 
 Per episode, the cache keeps the previous query's image patches (copies, never views of
 the current frame), every layer's keys and values of the 512 visual tokens, and how much
-the task tokens attended to each visual token. At the next query a visual token is reused
-when its 14x14 pixel patch is nearly unchanged (cosine similarity >= ``similarity``, at most
-``max_reuse`` tokens, most similar first) and it is not among the ``relevant`` fraction the
-task tokens attended to most. A reused token leaves the sequence from layer ``first_layer``
+the text tokens (the prompt, ``text_margins``) attended to each visual token. At the next
+query a visual token is reused when its 14x14 pixel patch is nearly unchanged (cosine
+similarity >= ``similarity``, at most ``max_reuse`` tokens, most similar first) and it is not
+among the ``relevant`` fraction the text tokens attended to most. A reused token leaves the sequence from layer ``first_layer``
 on; later layers attend to its cached keys and values instead (so it costs neither
 projections nor MLP there). The reuse is layer-adaptive: the number of reused tokens grows
 linearly over ``ramp`` layers from ``first_layer`` (the published method sets per-layer
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from policies.pruning.base import keep_tokens, rows_attention
+from policies.pruning.base import keep_tokens, rows_attention, text_rows
 from policies.vla.hooks import ExtraKeys, Hooks, TokenStream, right_aligned
 
 PATCH = 14
@@ -47,11 +47,13 @@ class EpisodeCache:
 
 class VLACache(Hooks):
     def __init__(self, similarity: float = 0.996, max_reuse: int = 128, relevant: float = 0.25,
-                 first_layer: int = 2, ramp: int = 4, relevance_layer: int = 1, images: int = 2):
+                 first_layer: int = 2, ramp: int = 4, relevance_layer: int = 1, images: int = 2,
+                 text_margins: tuple[int, int] = (0, 0)):
         if not relevance_layer < first_layer:
             raise ValueError("relevance_layer must come before first_layer (all visual tokens are active there)")
         self.similarity, self.max_reuse, self.relevant = similarity, max_reuse, relevant
         self.first_layer, self.ramp, self.relevance_layer, self.images = first_layer, ramp, relevance_layer, images
+        self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
         self.episodes: dict[str, EpisodeCache] = {}
         self.current: str | None = None
         self.reuse_order: torch.Tensor | None = None  # visual indices to reuse, most static first
@@ -147,9 +149,8 @@ class VLACache(Hooks):
         return slots[2], slots[3]
 
     def _store_relevance(self, stream: TokenStream, q, k) -> None:
-        sizes = stream.host_sizes()
-        task = sizes.task[0]  # the task tokens end the sequence
-        visual_cols = right_aligned(stream.visual, sizes.visual[0])[0].to(q.device)
-        attention = rows_attention(q[:, :, -task:], k, stream.padding)  # (1, R, T)
-        self.add_cost([2 * task * k.shape[2] * q.shape[1] * q.shape[3]])
+        q_text, (text,) = text_rows(q, stream, self.text_margins)
+        visual_cols = right_aligned(stream.visual, stream.host_sizes().visual[0])[0].to(q.device)
+        attention = rows_attention(q_text, k, stream.padding)  # (1, text tokens, T)
+        self.add_cost([2 * text * k.shape[2] * q.shape[1] * q.shape[3]])
         self.episodes[self.current].relevance = attention[0][:, visual_cols].mean(dim=0)

@@ -79,6 +79,12 @@ def can_compile() -> bool:
     return importlib.util.find_spec("triton") is not None and any(shutil.which(c) for c in compilers if c)
 
 
+def prompt_margins(config: VLAConfig) -> tuple[int, int]:
+    """Tokens after the visual block that come before the prompt's text (the proprio token) and
+    after it (the action slots and the stop token), in the layout ``OFTModel.assemble`` builds."""
+    return 1, config.action_tokens + 1
+
+
 class OFTModel(nn.Module):
     def __init__(self, config: VLAConfig):
         super().__init__()

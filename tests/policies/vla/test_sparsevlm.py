@@ -82,6 +82,18 @@ def test_each_stage_reads_the_host_twice(deep_model):
     assert len(pruner.layers) == 4 and reads.count == 2 * 4
 
 
+def test_the_raters_are_chosen_among_the_prompts_text_tokens(model, monkeypatch):
+    from policies.pruning import sparsevlm
+
+    seen = []
+    original = sparsevlm.rate_visual
+    monkeypatch.setattr(sparsevlm, "rate_visual", lambda attention: seen.append(attention) or original(attention))
+    run(model, pruner_for(model, budget=64), prompt_lengths=(9, 14))
+    # BOS and the prompt's last piece among 9 and 14 tokens: 8 and 13 text tokens after the visual
+    # block; the proprio token before them and the 56 action slots and stop token after them are not
+    assert [a.shape[0] for a in seen] == [8, 13]
+
+
 def test_recycling_changes_the_output(model):
     plain, _ = run(model, pruner_for(model, budget=64, recycle=0.0))
     recycled, traces = run(model, pruner_for(model, budget=64, recycle=0.3))
@@ -163,11 +175,11 @@ def scoring_flops(model, pruner, trace) -> float:
     total = 0.0
     for stage in pruner.layers:
         tokens, visual = trace.llm_tokens[stage - 1], trace.llm_visual_tokens[stage - 1]
-        task = tokens - 1 - visual  # all but BOS and the visual block
-        total += 2 * task * tokens * dims.q_dim
+        text = tokens - 1 - visual - 1 - 57  # all but BOS, the visual block, proprio, action slots and stop
+        total += 2 * text * tokens * dims.q_dim
         _, recycled, clusters = pruner.removal_plan(visual, trace.llm_visual_tokens[stage])
         total += 2 * recycled * clusters * dims.hidden
-        total += rank_flops(task, visual)
+        total += rank_flops(text, visual)
     return total
 
 
