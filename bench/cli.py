@@ -271,7 +271,7 @@ def cmd_report(args) -> int:
     frames = [f for f in (load_results(spec) for spec in args.runs) if not f.empty]
     if not frames:
         raise ValueError("the run directories hold no recorded episodes yet")
-    df = pd.concat(frames, ignore_index=True)
+    df = distinct_runs(pd.concat(frames, ignore_index=True))
     print(markdown_report(df))
     if args.csv:
         table = success_table(df)
@@ -280,6 +280,22 @@ def cmd_report(args) -> int:
         else:
             table.to_csv(args.csv, index=False)
     return 0
+
+
+def distinct_runs(df):
+    """Each run directory once (one named twice, or inside a directory also named, would count
+    its episodes twice), and a distinct run_id for each: directories of one name in different
+    places are told apart by their parent's name."""
+    from pathlib import Path
+
+    df = df.assign(run_dir=[str(Path(d).resolve()) for d in df["run_dir"]])
+    df = df.drop_duplicates(subset=["run_dir", "key"], ignore_index=True)
+    dirs = df.drop_duplicates("run_dir")[["run_dir", "run_id"]]
+    shared = set(dirs["run_id"][dirs["run_id"].duplicated()])
+    if shared:
+        rename = {d: f"{Path(d).parent.name}/{r}" for d, r in zip(dirs["run_dir"], dirs["run_id"]) if r in shared}
+        df["run_id"] = [rename.get(d, r) for d, r in zip(df["run_dir"], df["run_id"])]
+    return df
 
 
 def cmd_compare(args) -> int:

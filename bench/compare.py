@@ -17,7 +17,8 @@ class Verdict:
 
 def compare_runs(df: pd.DataFrame, baseline: str, candidate: str, max_drop: float, alpha: float = 0.05) -> Verdict:
     """Regressed if success drops by more than ``max_drop`` points on the paired episodes,
-    or if the paired drop is significant (exact McNemar, two-sided, at ``alpha``)."""
+    if the paired drop is significant (exact McNemar, two-sided, at ``alpha``), or if the
+    candidate has more errors than the baseline on the episodes both ran."""
     cmp = paired_comparison(df, baseline, candidate)
     if cmp.pairs == 0:
         return Verdict(True, [f"REGRESSION CHECK IMPOSSIBLE: {baseline} and {candidate} share no judged episode "
@@ -31,10 +32,20 @@ def compare_runs(df: pd.DataFrame, baseline: str, candidate: str, max_drop: floa
         f"discordant pairs: baseline-only {cmp.only_baseline}, candidate-only {cmp.only_candidate}; "
         f"exact McNemar p = {cmp.p_value:.4g}",
     ]
-    errors = df[(df["outcome"] == "error") & df["run_id"].isin([baseline, candidate])]
-    if not errors.empty:
-        lines.append(f"episodes left out for errors: {len(errors)}")
+    a, b = (df[df["run_id"] == run].set_index("key")["outcome"] for run in (baseline, candidate))
+    shared = a.index.intersection(b.index)
+    errors_a, errors_b = int((a[shared] == "error").sum()), int((b[shared] == "error").sum())
+    unpaired = len(a.index.symmetric_difference(b.index))
+    if errors_a or errors_b or unpaired:
+        lines.append(f"left out: episodes with an error in baseline {errors_a}, in candidate {errors_b}; "
+                     f"episodes in one run only {unpaired}")
     regressed = False
+    if errors_b > errors_a:
+        # Errors are not failures, but a gate blind to them would pass a candidate that errs
+        # wherever it would fail.
+        regressed = True
+        lines.append(f"REGRESSION: the candidate has more errors ({errors_b}) than the baseline ({errors_a}) "
+                     "on the episodes both ran")
     if cmp.drop_points > max_drop:
         regressed = True
         lines.append(f"REGRESSION: success dropped by {cmp.drop_points:.1f} points, more than the allowed {max_drop:g}")

@@ -63,7 +63,10 @@ def success_table(df: pd.DataFrame) -> pd.DataFrame:
         head = {"run": run_id, "policy": policy, "suite": suite, "task": ALL_TASKS}
         rows.append({**head, **_group_row(run_suite, stat_cols)})
     table = pd.DataFrame(rows)
-    empty_cols = [c for c in table.columns if table[c].isna().all()]
+    # Columns nothing filled (latencies of a policy that never queried, stats it does not
+    # report) are dropped; the rates stay, empty, when every episode was an error.
+    kept = {"success_rate", "ci95_low", "ci95_high", "mean_steps"}
+    empty_cols = [c for c in table.columns if c not in kept and table[c].isna().all()]
     return table.drop(columns=empty_cols)
 
 

@@ -79,6 +79,14 @@ def test_compare_verdicts(tmp_path):
     assert verdict.regressed and any("significant" in line for line in verdict.lines)
 
 
+def test_a_candidate_cannot_pass_the_gate_by_erring(tmp_path):
+    write_run(tmp_path / "base", {(0, i): "success" for i in range(10)})
+    write_run(tmp_path / "errs", {(0, i): ("error" if i < 8 else "success") for i in range(10)})
+    verdict = compare_runs(load_results(tmp_path), "base", "errs", max_drop=5)
+    assert verdict.regressed and any("more errors (8) than the baseline (0)" in line for line in verdict.lines)
+    assert "left out: episodes with an error in baseline 0, in candidate 8; episodes in one run only 0" in verdict.lines
+
+
 def test_cli_compare_exit_codes(tmp_path, capsys):
     write_run(tmp_path / "base", {(0, i): "success" for i in range(10)})
     write_run(tmp_path / "same", {(0, i): "success" for i in range(10)})
@@ -97,6 +105,24 @@ def test_cli_report_markdown_and_csv(tmp_path, capsys):
     assert "Errors (1; not counted as failures)" in out
     header = csv_path.read_text().splitlines()[0].split(",")
     assert {"success_rate", "ci95_low", "ci95_high", "errors", "latency_p99_ms"} <= set(header)
+
+
+def test_a_run_of_errors_only_is_reported_with_empty_rates(tmp_path, capsys):
+    write_run(tmp_path / "a", {(0, 0): "error", (0, 1): "error"})
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert "| a | noop | libero_goal | 0 | 2 |  |  | 2 |" in capsys.readouterr().out
+
+
+def test_a_run_named_twice_counts_once_and_runs_of_one_name_stay_apart(tmp_path, capsys):
+    write_run(tmp_path / "r" / "a", {(0, i): "success" for i in range(4)})
+    write_run(tmp_path / "x" / "run1", {(0, i): "success" for i in range(4)})
+    write_run(tmp_path / "y" / "run1", {(0, i): "failure" for i in range(4)}, policy="random")
+    assert main(["report", str(tmp_path / "r"), str(tmp_path / "r" / "a"), str(tmp_path / "x"),
+                 str(tmp_path / "y")]) == 0
+    out = capsys.readouterr().out
+    assert "| a | noop | libero_goal | all | 4 | 100.0 |" in out
+    assert "| x/run1 | noop | libero_goal | all | 4 | 100.0 |" in out
+    assert "| y/run1 | random | libero_goal | all | 4 | 0.0 |" in out
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
