@@ -124,6 +124,7 @@ class WorkerPool:
         self.start_failures = 0
         self.peak_rss_mb: dict[int, float] = {}
         self.rss_after_episode_mb: dict[int, list[float]] = {}  # per worker pid, for leak checks
+        self._answered = False  # whether the policy has answered a query yet
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -199,9 +200,13 @@ class WorkerPool:
             except Exception as exc:  # noqa: BLE001 - a policy failure is each waiting episode's error
                 outputs = [exc] * len(batch)
             latency_ms = (time.perf_counter() - t0) * 1000.0
+            # The run's first answer pays the policy's lazy initialisation; it is kept out of the
+            # latency summary of whichever episode it went to.
+            first = not self._answered and any(isinstance(o, PolicyOutput) for o in outputs)
+            self._answered = self._answered or first
             for (worker, _), output in zip(batch, outputs):
                 if isinstance(output, PolicyOutput):
-                    output.stats = {**output.stats, "batch_size": len(batch)}
+                    output.stats = {**output.stats, "batch_size": len(batch), **({"warmup": True} if first else {})}
                 worker.latencies.append(latency_ms)
                 self._send_answer(worker, output)
 

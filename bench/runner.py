@@ -116,12 +116,10 @@ def _run_pool(todo, suite, policy, settings, env_factory, config, log, bar) -> N
                         task.init_states()[planned.init_state_index]))
         planned_by_key[planned.key] = planned
 
-    warm = False
-
     def on_result(job, result):
-        nonlocal warm
-        record = make_record(planned_by_key[job.key], job.task, job.episode, result, warm, None)
-        warm = warm or record["queries"] > 0
+        # warm: the pool itself marks its first answer as warm-up, in the episode that got it
+        # (the first episode to finish is usually another one).
+        record = make_record(planned_by_key[job.key], job.task, job.episode, result, True, None)
         log.append(record)
         bar.update(record)
 

@@ -44,6 +44,41 @@ def test_workers_sharing_a_task_run_each_init_state_after_as_many_resets_as_its_
     assert resets == list(range(6))
 
 
+def test_the_pools_first_answer_is_warmup_in_the_episode_that_got_it(tmp_path, monkeypatch):
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
+    class SlowFirstCall(CountingPolicy):
+        def act(self, observations):
+            if not self.queries:
+                time.sleep(0.3)  # lazy initialisation
+            return super().act(observations)
+
+    monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: SlowFirstCall())
+    execute(config(workers=2), tmp_path / "run", env_factory=fake_env, progress=False)
+    records = read_episodes(tmp_path / "run")
+    kept = [ms for r in records for ms in r["query_latency_ms"]]
+    warmup = [ms for r in records for ms in r["warmup_latency_ms"]]
+    assert max(kept) < 250 and len(warmup) >= 1 and max(warmup) >= 300
+
+
+def test_only_the_pools_first_answer_is_marked_warmup():
+    # Whichever episode gets the first answer, it carries the mark (the first episode to finish
+    # is often another one, and taking its first query out would keep the slow one in).
+    from types import SimpleNamespace
+
+    from bench.episode import EpisodeSettings
+    from bench.pool import WorkerPool
+    from tests.fakes import CountingPolicy
+
+    pool = WorkerPool(2, fake_env, EpisodeSettings(max_steps=10, settle_steps=0, chunk_length=8), CountingPolicy())
+    sent = []
+    workers = [SimpleNamespace(latencies=[], conn=SimpleNamespace(send=sent.append)) for _ in range(2)]
+    pool._answer([(workers[1], {"t": 0})])
+    pool._answer([(workers[0], {"t": 0}), (workers[1], {"t": 1})])
+    assert [output.stats.get("warmup", False) for output in sent] == [True, False, False]
+
+
 def test_a_worker_killed_mid_episode_is_one_error_and_the_run_completes(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_ENV_KILLED_FLAG", str(tmp_path / "killed"))
     summary = execute(config(workers=2), tmp_path / "run", env_factory=self_killing_env, progress=False)
