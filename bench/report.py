@@ -138,11 +138,12 @@ def markdown_report(df: pd.DataFrame) -> str:
         rows = []
         for other in runs[1:]:
             cmp = paired_comparison(df, runs[0], other)
+            paired = cmp.pairs > 0  # runs of other suites or init states share no episode: nothing to compare
             rows.append({
                 "candidate": other, "pairs": cmp.pairs, "baseline_success": cmp.baseline_success,
                 "candidate_success": cmp.candidate_success, "only_baseline": cmp.only_baseline,
-                "only_candidate": cmp.only_candidate, "drop_points": round(cmp.drop_points, 2),
-                "mcnemar_p": cmp.p_value,
+                "only_candidate": cmp.only_candidate, "drop_points": round(cmp.drop_points, 2) if paired else "n/a",
+                "mcnemar_p": cmp.p_value if paired else "n/a",
             })
         parts.append(to_markdown(pd.DataFrame(rows)))
     errors = df[df["outcome"] == "error"]

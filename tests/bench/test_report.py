@@ -65,6 +65,8 @@ def test_paired_comparison_and_mcnemar(tmp_path):
     assert cmp.p_value == pytest.approx(2 / 2**7)
     report = markdown_report(df)
     assert "Paired episodes" in report and "| cand | 10 |" in report
+    write_run(tmp_path / "elsewhere", {(5, 0): "failure"})  # no episode in common with the baseline
+    assert "| elsewhere | 0 | 0 | 0 | 0 | 0 | n/a | n/a |" in markdown_report(load_results(tmp_path))
 
 
 def test_compare_verdicts(tmp_path):
