@@ -9,6 +9,23 @@ import pandas as pd
 from bench.report import paired_comparison
 
 
+# Settings that change what an episode is; the chunk length belongs to the policy compared.
+PROTOCOL_FIELDS = ("max_steps", "settle_steps", "env_seed", "camera_size")
+
+
+def protocol_differences(df: pd.DataFrame, baseline: str, candidate: str) -> list[str]:
+    """'max_steps 300 vs 520' for each protocol setting the two runs' manifests disagree on."""
+    differ = []
+    for name in PROTOCOL_FIELDS:
+        column = f"protocol.{name}"
+        if column not in df:
+            continue
+        a, b = (df.loc[df["run_id"] == run, column].dropna().unique() for run in (baseline, candidate))
+        if len(a) and len(b) and set(a) != set(b):
+            differ.append(f"{name} {', '.join(map(str, a))} vs {', '.join(map(str, b))}")
+    return differ
+
+
 @dataclass
 class Verdict:
     regressed: bool
@@ -19,6 +36,10 @@ def compare_runs(df: pd.DataFrame, baseline: str, candidate: str, max_drop: floa
     """Regressed if success drops by more than ``max_drop`` points on the paired episodes,
     if the paired drop is significant (exact McNemar, two-sided, at ``alpha``), or if the
     candidate has more errors than the baseline on the episodes both ran."""
+    differ = protocol_differences(df, baseline, candidate)
+    if differ:
+        return Verdict(True, [f"REGRESSION CHECK REFUSED: {baseline} and {candidate} ran under different protocols "
+                              f"({'; '.join(differ)}), so their episodes are not comparable"])
     cmp = paired_comparison(df, baseline, candidate)
     if cmp.pairs == 0:
         return Verdict(True, [f"REGRESSION CHECK IMPOSSIBLE: {baseline} and {candidate} share no judged episode "

@@ -8,12 +8,12 @@ from bench.records import EpisodeLog, write_json_atomic
 from bench.report import markdown_report, paired_comparison, success_table
 
 
-def write_run(run_dir, outcomes, policy="noop", latency=None, stats=None):
+def write_run(run_dir, outcomes, policy="noop", latency=None, stats=None, max_steps=300):
     """A run directory with the given outcome per (task, init) and made-up but valid records."""
     run_dir.mkdir(parents=True)
     cfg = RunConfig(suite="libero_goal", policy=policy)
     write_json_atomic(run_dir / "manifest.json", {
-        "format": 1, "run_id": run_dir.name, "config": cfg.to_dict(), "protocol": {"max_steps": 300},
+        "format": 1, "run_id": run_dir.name, "config": cfg.to_dict(), "protocol": {"max_steps": max_steps},
         "versions": {"mujoco": "3.3.3"}, "code": {"commit": "abc", "dirty": False}, "host": {"hostname": "h"},
         "started_at": "2026-01-01T00:00:00+00:00",
     })
@@ -87,6 +87,13 @@ def test_a_candidate_cannot_pass_the_gate_by_erring(tmp_path):
     verdict = compare_runs(load_results(tmp_path), "base", "errs", max_drop=5)
     assert verdict.regressed and any("more errors (8) than the baseline (0)" in line for line in verdict.lines)
     assert "left out: episodes with an error in baseline 0, in candidate 8; episodes in one run only 0" in verdict.lines
+
+
+def test_runs_under_different_protocols_are_not_compared(tmp_path):
+    write_run(tmp_path / "base", {(0, i): "success" for i in range(10)})
+    write_run(tmp_path / "short", {(0, i): "success" for i in range(10)}, max_steps=100)
+    verdict = compare_runs(load_results(tmp_path), "base", "short", max_drop=5)
+    assert verdict.regressed and "max_steps 300 vs 100" in verdict.lines[0]
 
 
 def test_cli_compare_exit_codes(tmp_path, capsys):
