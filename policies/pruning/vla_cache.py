@@ -150,7 +150,7 @@ class VLACache(Hooks):
 
     def _store_relevance(self, stream: TokenStream, q, k) -> None:
         q_text, (text,) = text_rows(q, stream, self.text_margins)
-        visual_cols = right_aligned(stream.visual, stream.host_sizes().visual[0])[0].to(q.device)
+        visual_cols, _ = self._visual_slots(stream, q.device)
         attention = rows_attention(q_text, k, stream.padding)  # (1, text tokens, T)
         self.add_cost([2 * text * k.shape[2] * q.shape[1] * q.shape[3]])
         self.episodes[self.current].relevance = attention[0][:, visual_cols].mean(dim=0)

@@ -41,15 +41,18 @@ class TokenStream:
 
         Left on the device so that recording counts layer by layer costs no synchronisation.
         """
-        real = ~self.padding if self.padding is not None else torch.ones_like(self.visual)
+        real = self.real()
         return torch.stack([real.sum(dim=1), (self.visual & real).sum(dim=1)])
+
+    def real(self) -> torch.Tensor:
+        """(B, T) bool: a token that is not padding."""
+        return ~self.padding if self.padding is not None else torch.ones_like(self.visual)
 
     def host_sizes(self) -> StreamSizes:
         """The per-sample counts on the host: known, or read back once (on a GPU, reading waits
         for every queued kernel, so plug-ins ask here rather than reading the masks)."""
         if self.sizes is None:
-            real = ~self.padding if self.padding is not None else torch.ones_like(self.visual)
-            self.sizes = read_sizes(real, self.visual, self.task)
+            self.sizes = read_sizes(self.real(), self.visual, self.task)
         return self.sizes
 
 
