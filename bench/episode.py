@@ -36,6 +36,10 @@ class BadActionError(ValueError):
     pass
 
 
+class DescribedError(RuntimeError):
+    """An error described where it happened (in another process): its message is the record's."""
+
+
 @dataclass
 class EpisodeResult:
     outcome: str
@@ -72,7 +76,7 @@ def run_episode(
             _loop(env, policy, episode, init_state, settings, on_frame, clock, start, result)
     except Exception as exc:  # noqa: BLE001 - every failure of env or policy is an error outcome
         result.outcome = ERROR
-        result.error = _describe(exc)
+        result.error = describe_error(exc)
     result.wall_s = clock() - start
     return result
 
@@ -143,6 +147,12 @@ def _check_deadline(limit_s: float | None, elapsed_s: float) -> None:
         raise EpisodeTimeout(f"episode exceeded the {limit_s:g} s watchdog ({elapsed_s:.1f} s)")
 
 
+class _Deferral:
+    """Whether the watchdog is held (``held_watchdog``), and the expiry it held back."""
+    depth = 0
+    expired: str | None = None
+
+
 @contextmanager
 def _watchdog(limit_s: float | None):
     """Interrupt a call that hangs in Python code (env or policy) once the episode's time is up.
@@ -156,9 +166,14 @@ def _watchdog(limit_s: float | None):
         return
 
     def _expired(signum, frame):
-        raise EpisodeTimeout(f"episode exceeded the {limit_s:g} s watchdog (interrupted)")
+        message = f"episode exceeded the {limit_s:g} s watchdog (interrupted)"
+        if _Deferral.depth:
+            _Deferral.expired = message
+        else:
+            raise EpisodeTimeout(message)
 
     previous = signal.signal(signal.SIGALRM, _expired)
+    _Deferral.expired = None
     signal.setitimer(signal.ITIMER_REAL, limit_s)
     try:
         yield
@@ -167,7 +182,24 @@ def _watchdog(limit_s: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _describe(exc: BaseException) -> str:
+@contextmanager
+def held_watchdog():
+    """Keep the watchdog from cutting a section in two (a query's round trip to another
+    process, whose answer would otherwise arrive later and be taken for the next message);
+    an expiry during the section raises at its end."""
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+    if not _Deferral.depth and _Deferral.expired:
+        message, _Deferral.expired = _Deferral.expired, None
+        raise EpisodeTimeout(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, DescribedError):
+        return str(exc)
     where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     location = f" (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
     return f"{type(exc).__name__}: {exc}{location}"

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from bench.episode import ERROR, EpisodeResult, EpisodeSettings, run_episode
+from bench.episode import (ERROR, DescribedError, EpisodeResult, EpisodeSettings, describe_error, held_watchdog,
+                           run_episode)
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from suites import TaskSpec
 
@@ -62,8 +63,9 @@ class RemotePolicy(Policy):
         self.needs_privileged = needs_privileged
 
     def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
-        self.conn.send(("query", observations[0]))
-        answer = self.conn.recv()
+        with held_watchdog():
+            self.conn.send(("query", observations[0]))
+            answer = self.conn.recv()
         if isinstance(answer, BaseException):  # the real policy failed on this observation
             raise answer
         return [answer]
@@ -211,6 +213,8 @@ class WorkerPool:
                 self._send_answer(worker, output)
 
     def _send_answer(self, worker: _Worker, output) -> None:
+        if isinstance(output, BaseException):  # sent as text: not every exception pickles
+            output = DescribedError(describe_error(output))
         try:
             worker.conn.send(output)
         except (BrokenPipeError, OSError):

@@ -141,3 +141,54 @@ def test_workers_that_cannot_start_stop_the_run_with_an_explanation(tmp_path):
     with pytest.raises(PoolStartError, match="exit before they start"):
         execute(config(workers=2), tmp_path / "run", env_factory=UnloadableEnvFactory(), progress=False)
     assert read_episodes(tmp_path / "run") == []  # nothing recorded: the episodes can run later
+
+
+def test_a_watchdog_expiring_while_a_worker_waits_for_its_answer_costs_only_that_episode(tmp_path, monkeypatch):
+    # The answer to the interrupted query must not be taken for the worker's next job.
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
+    class SlowOnce(CountingPolicy):
+        slept = False
+
+        def act(self, observations):
+            if self.queries == 1 and not self.slept:
+                self.slept = True
+                time.sleep(2.5)  # past the 1 s watchdog, while the worker waits
+            return super().act(observations)
+
+    monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: SlowOnce())
+    execute(config(workers=2, tasks=[0, 1], episodes_per_task=3, watchdog_s=1.0), tmp_path / "run",
+            env_factory=fake_env, progress=False)
+    records = {r["key"]: r for r in read_episodes(tmp_path / "run")}
+    assert len(records) == 6
+    errors = [key for key, r in records.items() if r["outcome"] == "error"]
+    assert len(errors) in (1, 2)  # the slow answer held up both workers' episodes
+    assert all("watchdog" in records[key]["error"] for key in errors)
+    assert all(r["outcome"] == "success" and r["steps"] == 12 + 3 * r["task_index"]
+               for key, r in records.items() if key not in errors)
+
+
+def test_a_policy_exception_that_cannot_be_pickled_is_the_waiting_episodes_error(tmp_path, monkeypatch):
+    import threading
+
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
+    class UnpicklableFailure(Exception):
+        def __init__(self):
+            super().__init__("no GPU memory left", threading.Lock())  # a lock cannot be pickled
+
+    class FailsOnce(CountingPolicy):
+        def act(self, observations):
+            if self.queries == 1:
+                self.queries += 1
+                raise UnpicklableFailure()
+            return super().act(observations)
+
+    monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: FailsOnce())
+    execute(config(workers=2, tasks=[0], episodes_per_task=3), tmp_path / "run", env_factory=fake_env, progress=False)
+    records = read_episodes(tmp_path / "run")
+    assert sorted(r["outcome"] for r in records) == ["error", "success", "success"]
+    (error,) = [r["error"] for r in records if r["outcome"] == "error"]
+    assert error.startswith("UnpicklableFailure: ('no GPU memory left'")
