@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -188,8 +190,19 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
         result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
     if result.outcome == ERROR:
         envs.discard()  # rebuilt for the next episode
-    video_path = video.finish(result.outcome).name if video else None
-    return make_record(planned, task, episode, result, warm, video_path)
+    return make_record(planned, task, episode, result, warm, _finish_video(video, result))
+
+
+def _finish_video(video, result: EpisodeResult) -> str | None:
+    """The video's file name; a video that cannot be written costs the video, not the record."""
+    if video is None:
+        return None
+    try:
+        path = video.finish(result.outcome)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: the video of this episode was not saved: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    return path.name if path else None
 
 
 def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video: str | None) -> dict:
@@ -253,8 +266,15 @@ def summarize_stats(per_query: list[dict], steady: list[dict] | None = None) -> 
         except (TypeError, ValueError):
             continue  # ragged: not summarised
         mean = arr.mean(axis=0)
-        summary[key] = mean.tolist() if mean.ndim else float(mean)
+        summary[key] = _finite_or_none(mean.tolist())
     return summary
+
+
+def _finite_or_none(value):
+    """A statistic that is not finite (or was None) is recorded as null: JSON has no NaN."""
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value if math.isfinite(value) else None
 
 
 def _prepare_run_dir(run_dir: Path, config: RunConfig, policy: Policy, plan, settings, resume: bool) -> None:

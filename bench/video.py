@@ -26,8 +26,12 @@ class EpisodeVideo:
         images = observation["images"]
         self._writer.append_data(np.concatenate([images["agentview"], images["wrist"]], axis=1))
 
-    def finish(self, outcome: str) -> Path:
+    def finish(self, outcome: str) -> Path | None:
+        """The video's final path; None where the episode ended before its first frame (the
+        writer creates its file at the first frame)."""
         self._writer.close()
+        if not self._tmp.exists():
+            return None
         path = self.directory / f"{self.stem}--{outcome}.mp4"
         os.replace(self._tmp, path)
         return path

@@ -220,3 +220,28 @@ def test_timings_in_the_policy_stats_average_the_queries_kept_in_the_latency_sum
     record = make_record(planned, task, SimpleNamespace(seed=1), result, False, None)
     assert record["policy_stats"]["model_ms"] == 22.0  # the first query and the capture left out
     assert record["policy_stats"]["tflops"] == 2.5  # other statistics: every query
+
+
+def test_statistics_that_are_not_finite_are_recorded_as_null(tmp_path, monkeypatch):
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
+    monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: CountingPolicy(
+        needs_images=False, stats={"tokens": float("nan"), "per_layer": [1.0, float("inf")], "score": None}))
+    execute(config(tasks=[0], episodes_per_task=2), tmp_path / "run", env_factory=EnvFactory(), progress=False)
+    records = read_episodes(tmp_path / "run")
+    assert len(records) == 2 and {r["outcome"] for r in records} == {"failure"}
+    assert records[0]["policy_stats"] == {"tokens": None, "per_layer": [1.0, None], "score": None}
+
+
+def test_an_episode_that_errs_before_its_first_video_frame_is_recorded(tmp_path):
+    def factory(task):
+        env = FakeEnv(task)
+        env.reset = lambda init_state: (_ for _ in ()).throw(RuntimeError("reset failed"))
+        return env
+
+    execute(config(tasks=[0], episodes_per_task=2, video=True), tmp_path / "run", env_factory=factory, progress=False)
+    records = read_episodes(tmp_path / "run")
+    assert [r["outcome"] for r in records] == ["error", "error"] and "reset failed" in records[0]["error"]
+    assert [r["video"] for r in records] == [None, None]
+    assert not list((tmp_path / "run" / "videos").glob("*.mp4"))
