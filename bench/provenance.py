@@ -60,9 +60,22 @@ def host_info() -> dict[str, object]:
         "hostname": platform.node(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "mujoco_gl": os.environ.get("MUJOCO_GL"),
     }
+
+
+def cpu_model() -> str | None:
+    """The processor's name (it decides the simulator's speed, and a CPU policy's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def now_iso() -> str:

@@ -296,7 +296,9 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, policy: Policy, plan, set
                 "them would make the results incomparable:\n  - " + "\n  - ".join(problems)
                 + "\nStart a new run directory instead."
             )
-        recorded.setdefault("resumed_at", []).append(now_iso())
+        # Each resumption's own code, machine and packages: episodes of several sessions mix.
+        recorded.setdefault("resumes", []).append(
+            {"at": now_iso(), "code": code_revision(), "host": host_info(), "versions": versions})
         recorded["config"] = config.to_dict()  # non-protocol settings may change
         write_json_atomic(manifest_path, recorded)
         return

@@ -256,9 +256,20 @@ class OFTPolicy(Policy):
             torch.cuda.synchronize()
 
     def identity(self) -> dict[str, Any]:
-        """Weights, tokenizer, dtype and options; not the device, so a run may resume on another one."""
+        """Weights, tokenizer, dtype, options and the device the model runs on: its latencies are
+        recorded, so a run does not resume on another kind of device (the option, ``auto`` or
+        ``cuda:1``, is left out: what it resolved to counts)."""
         ident = super().identity()
         ident["options"] = {k: v for k, v in ident["options"].items() if k != "device"}
         ident.update(weights=self.weights, tokenizer=self.tokenizer.identity,
-                     dtype=str(self.dtype).removeprefix("torch."))
+                     dtype=str(self.dtype).removeprefix("torch."), device=device_name(self.device))
         return ident
+
+
+def device_name(device: str) -> str:
+    """``cpu``, or ``cuda: <the GPU's name>``."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+    return device

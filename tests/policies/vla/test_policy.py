@@ -80,10 +80,12 @@ def test_bad_checkpoint_is_a_policy_option_error(tmp_path):
         make_policy("oft", {"checkpoint": str(tmp_path / "nowhere")})
 
 
-def test_identity_names_the_weights_and_not_the_device(policy, tiny_checkpoint):
+def test_identity_names_the_weights_and_the_device_they_ran_on(policy, tiny_checkpoint):
+    # The resolved device, not the option: "auto" on a CPU machine is the same run as "cpu".
     ident = policy.identity()
     assert ident["weights"]["path"] == str(tiny_checkpoint) and len(ident["weights"]["digest"]) == 16
     assert "device" not in ident["options"] and ident["tokenizer"]["kind"] == "sentencepiece"
+    assert ident["device"] == "cpu"
 
 
 def test_random_weights_without_checkpoint():
