@@ -51,7 +51,7 @@ def run_frame(run_dir: Path) -> pd.DataFrame:
     manifest = read_manifest(run_dir)
     rows = []
     run_fields = {
-        "run_id": manifest["run_id"],
+        "run_id": Path(run_dir).resolve().name,  # where the run is now: a copied or moved run is its own
         "run_dir": str(run_dir),
         "policy": manifest["config"]["policy"],
         "policy_label": policy_label(manifest["config"]),

@@ -285,16 +285,16 @@ def cmd_report(args) -> int:
 def distinct_runs(df):
     """Each run directory once (one named twice, or inside a directory also named, would count
     its episodes twice), and a distinct run_id for each: directories of one name in different
-    places are told apart by their parent's name."""
-    from pathlib import Path
-
+    places are told apart by their paths below the folder they share."""
     df = df.assign(run_dir=[str(Path(d).resolve()) for d in df["run_dir"]])
     df = df.drop_duplicates(subset=["run_dir", "key"], ignore_index=True)
     dirs = df.drop_duplicates("run_dir")[["run_dir", "run_id"]]
-    shared = set(dirs["run_id"][dirs["run_id"].duplicated()])
-    if shared:
-        rename = {d: f"{Path(d).parent.name}/{r}" for d, r in zip(dirs["run_dir"], dirs["run_id"]) if r in shared}
-        df["run_id"] = [rename.get(d, r) for d, r in zip(df["run_dir"], df["run_id"])]
+    rename = {}
+    for run_id, same in dirs.groupby("run_id"):
+        if len(same) > 1:
+            common = os.path.commonpath(list(same["run_dir"]))
+            rename.update({d: os.path.relpath(d, common) for d in same["run_dir"]})
+    df["run_id"] = [rename.get(d, r) for d, r in zip(df["run_dir"], df["run_id"])]
     return df
 
 
@@ -308,10 +308,15 @@ def cmd_compare(args) -> int:
     for spec, found in zip((args.baseline, args.candidate), dirs):
         if len(found) != 1:
             raise ValueError(f"{spec} must name exactly one run directory, found {len(found)}")
-    df = pd.concat([load_results(d[0]) for d in dirs], ignore_index=True)
     ids = [d[0].name for d in dirs]
     if ids[0] == ids[1]:
-        df.loc[df["run_dir"] == str(dirs[1][0]), "run_id"] = ids[1] = ids[1] + " (candidate)"
+        ids = [ids[0] + " (baseline)", ids[1] + " (candidate)"]
+    frames = [load_results(d[0]) for d in dirs]
+    for spec, frame in zip((args.baseline, args.candidate), frames):
+        if frame.empty:
+            raise ValueError(f"{spec} holds no recorded episodes yet")
+    # Labelled by side, not by name: a run compared with a copy of itself, or with itself, pairs up.
+    df = pd.concat([frame.assign(run_id=label) for frame, label in zip(frames, ids)], ignore_index=True)
     verdict = compare_runs(df, ids[0], ids[1], args.max_drop, args.alpha)
     print("\n".join(verdict.lines))
     return 1 if verdict.regressed else 0

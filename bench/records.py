@@ -2,11 +2,14 @@
 
 Each finished episode is one JSON line, written and fsynced before the next episode starts,
 so a run killed at any moment loses at most the episode in flight. A torn last line (the
-process died mid-write) is ignored on reading and cut off before appending.
+process died mid-write) is ignored on reading and cut off before appending; a damaged line
+with records after it is an error, so that no recorded episode is dropped unseen. One
+process at a time appends to a run (a lock on the file).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -34,7 +37,10 @@ def read_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a run directory: {MANIFEST} is missing")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{path} is not valid JSON: {exc}") from None
 
 
 def read_episodes(run_dir: Path) -> list[dict]:
@@ -44,19 +50,24 @@ def read_episodes(run_dir: Path) -> list[dict]:
 
 
 def _scan(path: Path) -> tuple[list[dict], int]:
-    """Records and the byte length of the valid prefix of the file."""
+    """Records and the byte length of the valid prefix of the file: all of it but a torn last line."""
     if not path.exists():
         return [], 0
     records, valid = [], 0
     with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            valid += len(line)
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.endswith(b"\n"):  # only the last line can be unfinished
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise RunDirError(
+                    f"{path}, line {number}, is damaged and {len(lines) - number} more line(s) follow it; "
+                    "repair or remove that line (nothing was changed)") from None
+            break
+        valid += len(line)
     return records, valid
 
 
@@ -65,13 +76,21 @@ class EpisodeLog:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EPISODES
-        records, valid = _scan(self.path)
+        self._file = open(self.path, "a")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise RunDirError(f"{run_dir} is in use: another process is running episodes into it") from None
+        try:
+            records, valid = _scan(self.path)
+        except RunDirError:
+            self._file.close()
+            raise
         self.records = records
         self.done_keys = {r["key"] for r in records}
-        if self.path.exists() and self.path.stat().st_size != valid:
-            with open(self.path, "r+b") as f:  # drop the torn tail of a killed run
-                f.truncate(valid)
-        self._file = open(self.path, "a")
+        if self.path.stat().st_size != valid:
+            self._file.truncate(valid)  # drop the torn tail of a killed run
 
     def append(self, record: dict) -> None:
         if record["key"] in self.done_keys:

@@ -72,10 +72,12 @@ def execute(
         watchdog_s=config.watchdog_s,
     )
     run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, config, policy, plan, settings, resume)
+    manifest = _manifest_for(run_dir, config, policy, plan, settings, resume)
     env_factory = env_factory or default_env_factory(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
-    with EpisodeLog(run_dir) as log:
+    with EpisodeLog(run_dir) as log:  # refuses a run directory another process is writing to
+        write_json_atomic(run_dir / MANIFEST, manifest)
         todo = [ep for ep in plan if ep.key not in log.done_keys]
         bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)
         pool = None
@@ -277,7 +279,8 @@ def _finite_or_none(value):
     return value if math.isfinite(value) else None
 
 
-def _prepare_run_dir(run_dir: Path, config: RunConfig, policy: Policy, plan, settings, resume: bool) -> None:
+def _manifest_for(run_dir: Path, config: RunConfig, policy: Policy, plan, settings, resume: bool) -> dict:
+    """The manifest to write: a new run's, or a resumed run's after checking that it may go on."""
     manifest_path = run_dir / MANIFEST
     versions = package_versions()
     if resume:
@@ -300,12 +303,12 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, policy: Policy, plan, set
         recorded.setdefault("resumes", []).append(
             {"at": now_iso(), "code": code_revision(), "host": host_info(), "versions": versions})
         recorded["config"] = config.to_dict()  # non-protocol settings may change
-        write_json_atomic(manifest_path, recorded)
-        return
+        return recorded
     if manifest_path.exists():
         raise RunDirError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = {
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is a file, not a run directory")
+    return {
         "format": MANIFEST_FORMAT,
         "run_id": run_dir.name,
         "config": config.to_dict(),
@@ -325,7 +328,6 @@ def _prepare_run_dir(run_dir: Path, config: RunConfig, policy: Policy, plan, set
         "host": host_info(),
         "started_at": now_iso(),
     }
-    write_json_atomic(manifest_path, manifest)
 
 
 def _close_quietly(env) -> None:

@@ -4,7 +4,7 @@ from bench.analysis import load_results
 from bench.cli import main
 from bench.compare import compare_runs
 from bench.config import RunConfig
-from bench.records import EpisodeLog, write_json_atomic
+from bench.records import EpisodeLog, RunDirError, write_json_atomic
 from bench.report import markdown_report, paired_comparison, success_table
 
 
@@ -152,3 +152,59 @@ def test_policy_label_shows_the_options_but_not_the_device_or_the_checkpoint_pat
                                                   "checkpoint": "/data/ckpts/openvla-7b-oft-libero-10"}}
     assert policy_label(config) == "fastv checkpoint=openvla-7b-oft-libero-10 k=2 r=0.5"
     assert policy_label({"policy": "noop", "policy_args": {}}) == "noop"
+
+
+def test_a_moved_run_and_a_new_run_of_its_old_name_stay_apart(tmp_path, capsys):
+    import shutil
+
+    write_run(tmp_path / "smoke", {(0, i): "success" for i in range(4)})
+    shutil.move(tmp_path / "smoke", tmp_path / "smoke_old")  # its manifest still says "smoke"
+    write_run(tmp_path / "smoke", {(0, i): "failure" for i in range(4)})
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| smoke_old | noop | libero_goal | all | 4 | 100.0 |" in out
+    assert "| smoke | noop | libero_goal | all | 4 | 0.0 |" in out
+    write_run(tmp_path / "a" / "x" / "run1", {(0, 0): "success"})
+    write_run(tmp_path / "b" / "x" / "run1", {(0, 0): "failure"})
+    import pandas as pd
+
+    from bench.cli import distinct_runs
+
+    df = pd.concat([load_results(tmp_path / side / "x") for side in "ab"], ignore_index=True)
+    assert sorted(distinct_runs(df)["run_id"]) == ["a/x/run1", "b/x/run1"]
+
+
+def test_a_run_compared_with_its_copy_or_itself_pairs_every_episode(tmp_path, capsys):
+    import shutil
+
+    write_run(tmp_path / "candidate", {(0, i): "success" for i in range(10)})
+    shutil.copytree(tmp_path / "candidate", tmp_path / "baseline")
+    for pair in (("baseline", "candidate"), ("candidate", "candidate")):
+        assert main(["compare", *(str(tmp_path / name) for name in pair), "--max-drop", "5"]) == 0
+        assert "OK" in capsys.readouterr().out
+    write_run(tmp_path / "empty", {})
+    assert main(["compare", str(tmp_path / "baseline"), str(tmp_path / "empty"), "--max-drop", "5"]) == 2
+    assert "holds no recorded episodes" in capsys.readouterr().err
+
+
+def test_a_damaged_line_before_other_records_is_an_error_and_nothing_is_cut(tmp_path, capsys):
+    run = write_run(tmp_path / "a", {(0, i): "success" for i in range(5)})
+    path = run / "episodes.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:20] + "\n"
+    path.write_text("".join(lines))
+    before = path.read_bytes()
+    assert main(["report", str(run)]) == 2
+    assert "line 2, is damaged and 3 more line(s) follow it" in capsys.readouterr().err
+    with pytest.raises(RunDirError, match="line 2"):
+        EpisodeLog(run)
+    assert path.read_bytes() == before
+
+
+def test_one_process_at_a_time_writes_a_run(tmp_path):
+    run = write_run(tmp_path / "a", {(0, 0): "success"})
+    with EpisodeLog(run):
+        with pytest.raises(RunDirError, match="in use"):
+            EpisodeLog(run)
+    with EpisodeLog(run) as log:  # free again
+        assert log.done_keys == {"libero_goal/0/0"}
