@@ -18,6 +18,29 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _at_least(minimum: int, kind=int):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
+
+
+def _positive_seconds(text: str) -> float:
+    value = _at_least(0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="LIBERO benchmark harness for VLA policies")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,17 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", help="model device: auto, cpu, cuda (policy option device)")
     run.add_argument("--tasks", help="task indices, e.g. 0,3 or 0-4 (default: all)")
     sel = run.add_mutually_exclusive_group()
-    sel.add_argument("--episodes-per-task", type=int, help="use the first N init states of each task (default 50)")
+    sel.add_argument("--episodes-per-task", type=POSITIVE, help="use the first N init states of each task (default 50)")
     sel.add_argument("--init-states", help="init state indices, e.g. 0,7,12")
     run.add_argument("--seed", type=int, help="policy seed (default 0); the env seed is fixed by the protocol")
-    run.add_argument("--chunk-length", type=int,
+    run.add_argument("--chunk-length", type=POSITIVE,
                      help="execute the first K actions of each chunk (default: the policy's)")
-    run.add_argument("--max-steps", type=int, help="override the suite's step budget (smoke tests only)")
-    run.add_argument("--watchdog", type=float, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
+    run.add_argument("--max-steps", type=POSITIVE, help="override the suite's step budget (smoke tests only)")
+    run.add_argument("--watchdog", type=_positive_seconds, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
     run.add_argument("--video", action="store_true", default=None,
                      help="write an MP4 per episode (runs episodes in this process)")
-    run.add_argument("--workers", type=int, help=f"env worker processes (default: the {os.cpu_count()} cores)")
-    run.add_argument("--max-batch", type=int, help="most observations per policy call (default: one per worker)")
+    run.add_argument("--workers", type=POSITIVE, help=f"env worker processes (default: the {os.cpu_count()} cores)")
+    run.add_argument("--max-batch", type=NON_NEGATIVE, help="most observations per policy call (default, or 0: one per worker)")
     run.add_argument("--out", type=Path, help="run directory (default results/<suite>_<policy>_<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     run.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
@@ -54,37 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE")
     rec.add_argument("--tasks")
     rsel = rec.add_mutually_exclusive_group()
-    rsel.add_argument("--episodes-per-task", type=int)
+    rsel.add_argument("--episodes-per-task", type=POSITIVE)
     rsel.add_argument("--init-states")
-    rec.add_argument("--image-size", type=int, default=128, help="camera images are rendered at this size")
+    rec.add_argument("--image-size", type=POSITIVE, default=128, help="camera images are rendered at this size")
     rec.add_argument("--seed", type=int, default=0)
-    rec.add_argument("--max-steps", type=int)
+    rec.add_argument("--max-steps", type=POSITIVE)
     rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     rec.add_argument("--no-progress", action="store_true")
 
     spd = sub.add_parser("speed", help="time the same episodes: reference loop, render on demand, worker pool")
     spd.add_argument("--suite", default="libero_spatial")
-    spd.add_argument("--tasks", type=int, default=2, help="the first T tasks")
-    spd.add_argument("--episodes-per-task", type=int, default=2)
-    spd.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    spd.add_argument("--chunk-length", type=int, default=8)
+    spd.add_argument("--tasks", type=POSITIVE, default=2, help="the first T tasks")
+    spd.add_argument("--episodes-per-task", type=POSITIVE, default=2)
+    spd.add_argument("--workers", type=POSITIVE, default=os.cpu_count() or 1)
+    spd.add_argument("--chunk-length", type=POSITIVE, default=8)
     spd.add_argument("--json", action="store_true")
 
     prof = sub.add_parser("profile", help="FLOPs, parameters, latency and memory of one policy query")
     prof.add_argument("--policy", default="oft")
     prof.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                       help="policy option, repeatable (e.g. k=2, r=0.5)")
-    prof.add_argument("--keep", type=int, help="force the visual tokens a pruning policy keeps (random weights "
+    prof.add_argument("--keep", type=POSITIVE, help="force the visual tokens a pruning policy keeps (random weights "
                       "cannot show a learned count)")
     prof.add_argument("--sweep", action="store_true", help="every method in one table, relative to OFT")
     prof.add_argument("--size", default="full", choices=["full", "tiny"])
     prof.add_argument("--device", default="meta", help="meta (FLOPs only, no memory), cpu, cuda")
     prof.add_argument("--dtype", default="auto", help="auto: bfloat16 on GPU and meta, float32 on CPU")
-    prof.add_argument("--batch", type=int, default=1)
-    prof.add_argument("--prompt-tokens", type=int, help="prompt length incl. BOS and the empty piece "
+    prof.add_argument("--batch", type=POSITIVE, default=1)
+    prof.add_argument("--prompt-tokens", type=POSITIVE, help="prompt length incl. BOS and the empty piece "
                       "(default: 29, the LIBERO mean)")
-    prof.add_argument("--repeats", type=int, default=20, help="timed queries")
-    prof.add_argument("--warmup", type=int, default=3, help="untimed queries first")
+    prof.add_argument("--repeats", type=POSITIVE, default=20, help="timed queries")
+    prof.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed queries first")
     prof.add_argument("--no-yardstick", action="store_true", help="skip timing transformers' LlamaModel")
     prof.add_argument("--no-cuda-graphs", action="store_true",
                       help="time eager queries only (by default a GPU replays CUDA graphs and eager is timed too)")
@@ -143,6 +166,8 @@ def _config_from_args(args):
         base = read_manifest(args.resume)["config"]
         if "episodes_per_task" in given or "init_states" in given:
             base = {**base, "episodes_per_task": None, "init_states": None}
+        if "policy_args" in given:  # options given again join the recorded ones
+            given["policy_args"] = {**(base.get("policy_args") or {}), **given["policy_args"]}
         return RunConfig.from_dict({**base, **given})
     if "suite" not in given:
         raise ValueError("--suite is required (or --resume DIR)")

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 # Settings that change nothing about what is measured; a resumed run may change them.
 NON_PROTOCOL_FIELDS = ("watchdog_s", "video", "workers", "max_batch")
+# Policy options compared by what they resolve to (the policy's identity), not as written:
+# device=auto and device=cpu are the same run on a machine without a GPU.
+RESOLVED_POLICY_ARGS = ("device",)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class RunConfig:
     def protocol_differences(self, other: "RunConfig") -> list[str]:
         """Human-readable list of the protocol settings in which two configs differ."""
         mine, theirs = self.to_dict(), other.to_dict()
+        for args in (mine, theirs):
+            args["policy_args"] = {k: v for k, v in (args["policy_args"] or {}).items() if k not in RESOLVED_POLICY_ARGS}
         return [
             f"{name}: recorded {theirs[name]!r}, now {mine[name]!r}"
             for name in mine

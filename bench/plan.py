@@ -30,15 +30,13 @@ def parse_index_list(text: str | None, what: str) -> list[int] | None:
         return None
     indices: list[int] = []
     for part in text.split(","):
-        part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                indices.extend(range(lo, hi + 1))
-            else:
-                indices.append(int(part))
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part.strip() else (int(part),) * 2
         except ValueError:
             raise ValueError(f"bad {what} list {text!r}: expected numbers like 0,3,5-7") from None
+        if lo > hi:
+            raise ValueError(f"{what} range {part.strip()!r} in {text!r} is empty: write it low-high")
+        indices.extend(range(lo, hi + 1))
     if len(set(indices)) != len(indices):
         raise ValueError(f"{what} list {text!r} names an index twice")
     return indices

@@ -208,3 +208,22 @@ def test_one_process_at_a_time_writes_a_run(tmp_path):
             EpisodeLog(run)
     with EpisodeLog(run) as log:  # free again
         assert log.done_keys == {"libero_goal/0/0"}
+
+
+def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, capsys):
+    for argv, message in (
+        (["run", "--suite", "libero_goal", "--max-steps", "-5"], "--max-steps: must be at least 1, got -5"),
+        (["run", "--suite", "libero_goal", "--max-batch", "-1"], "--max-batch: must be at least 0"),
+        (["run", "--suite", "libero_goal", "--watchdog", "0"], "--watchdog: must be more than 0 seconds"),
+        (["speed", "--tasks", "0"], "--tasks: must be at least 1"),
+        (["profile", "--batch", "0"], "--batch: must be at least 1"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["run", "--suite", "libero_goal", "--tasks", "3-1", "--out", str(out)]) == 2
+    assert "task range '3-1' in '3-1' is empty" in capsys.readouterr().err
+    assert main(["run", "--suite", "libero_goal", "--policy", "noop", "--chunk-length", "16", "--out", str(out)]) == 2
+    assert "noop answers with chunks of 8 actions" in capsys.readouterr().err
+    assert not out.exists()

@@ -246,3 +246,19 @@ def test_an_episode_that_errs_before_its_first_video_frame_is_recorded(tmp_path)
     assert [r["outcome"] for r in records] == ["error", "error"] and "reset failed" in records[0]["error"]
     assert [r["video"] for r in records] == [None, None]
     assert not list((tmp_path / "run" / "videos").glob("*.mp4"))
+
+
+def test_options_given_on_resume_join_the_recorded_ones_and_the_device_counts_as_resolved(tmp_path):
+    from bench.cli import _config_from_args, build_parser
+    from bench.records import write_json_atomic
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recorded = config(policy="oft", policy_args={"size": "tiny", "device": "cpu"})
+    write_json_atomic(run / "manifest.json", {"config": recorded.to_dict()})
+    args = build_parser().parse_args(["run", "--resume", str(run), "--device", "auto"])
+    resumed = _config_from_args(args)
+    assert resumed.policy_args == {"size": "tiny", "device": "auto"}
+    assert resumed.protocol_differences(recorded) == []  # the policy's identity compares the resolved device
+    args = build_parser().parse_args(["run", "--resume", str(run), "--policy-arg", "size=full"])
+    assert "policy_args" in _config_from_args(args).protocol_differences(recorded)[0]
