@@ -43,6 +43,7 @@ def record_demos(
     suite = get_suite(suite_name)
     plan = plan_episodes(suite, tasks, episodes_per_task, init_states)
     policy = make_policy(policy_name, policy_args, seed=seed)
+    policy.select_suite(suite.name)
     settings = EpisodeSettings(max_steps or suite.max_steps, SETTLE_STEPS, policy.chunk_length, watchdog_s=900.0)
     if env_factory is None:
         from suites.libero_env import LiberoEnv

@@ -65,6 +65,7 @@ def execute(
     config.suite = suite.name  # record the real suite, never an alias
     plan = plan_episodes(suite, config.tasks, config.episodes_per_task, config.init_states)
     policy = make_policy(config.policy, config.policy_args, seed=config.seed)
+    policy.select_suite(suite.name)
     if config.chunk_length is not None and not 1 <= config.chunk_length <= policy.chunk_length:
         raise ValueError(f"--chunk-length {config.chunk_length}: {config.policy} answers with chunks of "
                          f"{policy.chunk_length} actions, so 1..{policy.chunk_length} of them can be executed")

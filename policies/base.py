@@ -73,6 +73,11 @@ class Policy(ABC):
     def from_args(cls, args: dict[str, str], seed: int = 0) -> "Policy":
         return cls(parse_options(cls.Options, args, cls.name), seed=seed)
 
+    def select_suite(self, suite: str) -> None:
+        """The suite a run evaluates, given before its first episode. A policy that depends on
+        it (a checkpoint's statistics per suite) settles that here, or raises
+        ``PolicyOptionError`` before anything runs."""
+
     def reset(self, episode: EpisodeInfo) -> None:
         """Start an episode; policies with per-episode state clear it here."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from policies.vla.config import VLAConfig, read_config
+from policies.vla.config import VLAConfig, read_config, read_json
 from policies.vla.model import OFTModel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -55,12 +55,20 @@ def _describe(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _unreadable_is_an_error(path: Path, read, *args, **kwargs):
+    """``read(*args)``; a damaged file (truncated, not what its name says) is an error naming it."""
+    try:
+        return read(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the readers raise many types for a bad file
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index_path, single = directory / INDEX_FILE, directory / SINGLE_FILE
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        weight_map = read_json(index_path, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -73,7 +81,7 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory}: missing weight file {name} named by {INDEX_FILE}")
-        for key, tensor in load_file(str(path)).items():
+        for key, tensor in _unreadable_is_an_error(path, load_file, str(path)).items():
             if weight_map is not None and weight_map.get(key) != name:
                 raise CheckpointError(f"{path}: tensor {key!r} is not listed for this file in {INDEX_FILE}")
             tensors[key] = tensor
@@ -97,7 +105,7 @@ def find_part_file(directory: Path, part: str) -> Path:
 
 def read_part(directory: Path, part: str) -> dict[str, torch.Tensor]:
     path = find_part_file(directory, part)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _unreadable_is_an_error(path, torch.load, path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
@@ -106,7 +114,7 @@ def read_part(directory: Path, part: str) -> dict[str, torch.Tensor]:
 def read_norm_stats(directory: Path, config: VLAConfig) -> dict:
     path = directory / STATS_FILE
     if path.is_file():
-        stats = json.loads(path.read_text())
+        stats = read_json(path, CheckpointError)
     elif config.extra.get("norm_stats"):
         stats = config.extra["norm_stats"]
     else:

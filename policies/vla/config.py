@@ -17,7 +17,12 @@ from typing import Any
 
 DINOV2_ID = "vit_large_patch14_reg4_dinov2.lvd142m"
 SIGLIP_ID = "vit_so400m_patch14_siglip_224"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# DINOv2's input normalisation as the released OpenVLA processors apply it: ImageNet's
+# (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225) rounded to bfloat16 when the processor was
+# exported. Their preprocessor_config.json stores these as tvf_normalize_params, which
+# override its means/stds when transformers loads the processor, for fine-tuning and
+# evaluation alike; so the checkpoints expect them.
+DINOV2_MEAN, DINOV2_STD = (0.484375, 0.455078125, 0.40625), (0.228515625, 0.2236328125, 0.224609375)
 SIGLIP_MEAN, SIGLIP_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 # transformers' LlamaConfig defaults (= Llama-2-7B), used where text_config is silent.
@@ -62,8 +67,8 @@ class VLAConfig:
     image_sizes: tuple[int, ...]
     llm: LlamaSizes
     timm_model_overrides: tuple[dict, ...] = ({}, {})
-    image_means: tuple[tuple[float, float, float], ...] = (IMAGENET_MEAN, SIGLIP_MEAN)
-    image_stds: tuple[tuple[float, float, float], ...] = (IMAGENET_STD, SIGLIP_STD)
+    image_means: tuple[tuple[float, float, float], ...] = (DINOV2_MEAN, SIGLIP_MEAN)
+    image_stds: tuple[tuple[float, float, float], ...] = (DINOV2_STD, SIGLIP_STD)
     num_images: int = 2  # third-person camera, then wrist camera
     proprio_dim: int = 8
     action_dim: int = 7
@@ -122,6 +127,8 @@ class VLAConfig:
             "interpolations": ["bicubic", "bicubic"],
             "means": [list(m) for m in self.image_means],
             "stds": [list(s) for s in self.image_stds],
+            "tvf_normalize_params": [{"mean": list(m), "std": list(s), "inplace": False}
+                                     for m, s in zip(self.image_means, self.image_stds)],
         }
 
 
@@ -161,8 +168,7 @@ def config_from_json(config: dict[str, Any], preprocessor: dict[str, Any] | None
                 f"preprocessor_config.json: image_resize_strategy {preprocessor['image_resize_strategy']!r} "
                 "is not supported (OpenVLA-OFT's LIBERO checkpoints use 'resize-naive')"
             )
-        kwargs["image_means"] = tuple(tuple(float(v) for v in m) for m in preprocessor["means"])
-        kwargs["image_stds"] = tuple(tuple(float(v) for v in s) for s in preprocessor["stds"])
+        kwargs["image_means"], kwargs["image_stds"] = normalisation(preprocessor)
     known = {"model_type", "use_fused_vision_backbone", "timm_model_ids", "image_sizes", "text_config",
              "timm_model_overrides", "pad_to_multiple_of"}
     return VLAConfig(
@@ -176,14 +182,38 @@ def config_from_json(config: dict[str, Any], preprocessor: dict[str, Any] | None
     )
 
 
+def normalisation(preprocessor: dict[str, Any]) -> tuple[tuple, tuple]:
+    """Each tower's (means, stds) as the released processor applies them: its
+    ``tvf_normalize_params`` where present (they override ``means``/``stds``), else those."""
+    params = preprocessor.get("tvf_normalize_params")
+    try:
+        if params:
+            pairs = [(p["mean"], p["std"]) for p in params]
+        else:
+            pairs = list(zip(preprocessor["means"], preprocessor["stds"]))
+        means, stds = (tuple(tuple(float(v) for v in pair[i]) for pair in pairs) for i in (0, 1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"preprocessor_config.json: no usable image means and stds ({type(exc).__name__}: {exc})") from None
+    if any(len(m) != 3 for m in means + stds) or any(v <= 0 for s in stds for v in s):
+        raise ConfigError(f"preprocessor_config.json: image means {means} / stds {stds} are not 3 values per tower, stds > 0")
+    return means, stds
+
+
+def read_json(path: Path, error=ValueError) -> Any:
+    """A JSON file of a checkpoint; a damaged one is an ``error`` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}") from None
+
+
 def read_config(checkpoint_dir: Path) -> VLAConfig:
     checkpoint_dir = Path(checkpoint_dir)
-    path = checkpoint_dir / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {checkpoint_dir}: missing config.json")
-    pre_path = checkpoint_dir / "preprocessor_config.json"
-    preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else None
-    return config_from_json(json.loads(path.read_text()), preprocessor)
+    path, pre_path = checkpoint_dir / "config.json", checkpoint_dir / "preprocessor_config.json"
+    for needed in (path, pre_path):  # the image normalisation is read from the checkpoint, never assumed
+        if not needed.is_file():
+            raise ConfigError(f"checkpoint {checkpoint_dir}: missing {needed.name}")
+    return config_from_json(read_json(path, ConfigError), read_json(pre_path, ConfigError))
 
 
 def full_config() -> VLAConfig:

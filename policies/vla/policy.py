@@ -143,24 +143,36 @@ class OFTPolicy(Policy):
             self.model = random_model(self.config, self.device, self.dtype, self.seed)
             self.weights = {"random": True, "size": opts.size, "seed": self.seed}
             self.tokenizer = ByteTokenizer()
-            self.stats = None
+            self.stats, self.norm_stats, self.unnorm_key = None, None, ""
         if self.tokenizer.vocab_size > self.config.llm.vocab_size:
             raise PolicyOptionError(
                 f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocabulary is {self.config.llm.vocab_size}"
             )
 
-    def _select_stats(self, norm_stats: dict) -> dict:
-        key = self.options.unnorm_key
-        if not key:
-            if len(norm_stats) != 1:
-                raise PolicyOptionError(
-                    f"the checkpoint has statistics for {', '.join(sorted(norm_stats))}; choose one with --unnorm-key"
-                )
-            key = next(iter(norm_stats))
-        if key not in norm_stats:
+    def _select_stats(self, norm_stats: dict) -> dict | None:
+        """The statistics the options name, or the checkpoint's only ones; with several and none
+        named, ``select_suite`` chooses (None until then)."""
+        self.norm_stats = norm_stats
+        key = self.options.unnorm_key or (next(iter(norm_stats)) if len(norm_stats) == 1 else "")
+        if key and key not in norm_stats:
             raise PolicyOptionError(f"unnorm_key {key!r} not in the checkpoint's statistics ({', '.join(sorted(norm_stats))})")
         self.unnorm_key = key
-        return norm_stats[key]
+        return norm_stats[key] if key else None
+
+    def select_suite(self, suite: str) -> None:
+        """Statistics for the suite, as OpenVLA-OFT's evaluation chooses them: ``{suite}_no_noops``,
+        else ``{suite}``. Statistics named by the options are used whatever the suite (a
+        deliberate cross-suite evaluation); a checkpoint's only statistics must fit it."""
+        if self.norm_stats is None or self.options.unnorm_key:
+            return
+        for key in (f"{suite}_no_noops", suite):
+            if key in self.norm_stats:
+                self.unnorm_key, self.stats = key, self.norm_stats[key]
+                return
+        raise PolicyOptionError(
+            f"the checkpoint has no statistics for {suite} (it has {', '.join(sorted(self.norm_stats))}): "
+            f"it was not trained on this suite. To run it anyway, name the statistics with --unnorm-key"
+        )
 
     @classmethod
     def build_hooks(cls, options: "OFTPolicy.Options", config):
@@ -185,6 +197,10 @@ class OFTPolicy(Policy):
         import torch
 
         from policies.vla.preprocess import normalize_proprio, pixel_values, prepare_image
+
+        if self.norm_stats is not None and self.stats is None:
+            raise PolicyOptionError(f"the checkpoint has statistics for {', '.join(sorted(self.norm_stats))}: "
+                                    "choose one with --unnorm-key (a run chooses by its suite)")
 
         for obs in observations:
             if not obs.images or any(c not in obs.images for c in CAMERAS):
@@ -261,7 +277,7 @@ class OFTPolicy(Policy):
         ``cuda:1``, is left out: what it resolved to counts)."""
         ident = super().identity()
         ident["options"] = {k: v for k, v in ident["options"].items() if k != "device"}
-        ident.update(weights=self.weights, tokenizer=self.tokenizer.identity,
+        ident.update(weights=self.weights, tokenizer=self.tokenizer.identity, unnorm_key=self.unnorm_key or None,
                      dtype=str(self.dtype).removeprefix("torch."), device=device_name(self.device))
         return ident
 

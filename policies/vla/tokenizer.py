@@ -30,7 +30,10 @@ class SentencePieceTokenizer:
         model_file = Path(model_file)
         if not model_file.is_file():
             raise TokenizerError(f"missing tokenizer model file {model_file}")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as exc:
+            raise TokenizerError(f"{model_file} is not a SentencePiece model ({exc})") from None
         self.bos_id, self.stop_id = self.sp.bos_id(), self.sp.eos_id()
         self.empty_id = self.sp.piece_to_id(EMPTY_PIECE)
         if min(self.bos_id, self.stop_id) < 0 or self.sp.id_to_piece(self.empty_id) != EMPTY_PIECE:

@@ -157,3 +157,50 @@ def test_a_model_with_fused_projections_saves_and_loads(tmp_path):
     loaded = load_checkpoint(tmp_path / "fused").model
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_image_normalisation_is_what_the_released_processor_applies(ckpt):
+    # The published preprocessor_config.json holds ImageNet's means/stds and, overriding them
+    # when transformers loads the processor, those values rounded to bfloat16.
+    pre_path = ckpt / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text())
+    pre["means"] = [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]]
+    pre["stds"] = [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]]
+    pre["tvf_normalize_params"] = [
+        {"inplace": False, "mean": [0.484375, 0.455078125, 0.40625], "std": [0.228515625, 0.2236328125, 0.224609375]},
+        {"inplace": False, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    ]
+    pre_path.write_text(json.dumps(pre))
+    config = load_checkpoint(ckpt).config
+    assert config.image_means[0] == (0.484375, 0.455078125, 0.40625)
+    assert config.image_stds[0] == (0.228515625, 0.2236328125, 0.224609375)
+    del pre["tvf_normalize_params"]  # an older export: the means/stds are what it applies
+    pre_path.write_text(json.dumps(pre))
+    assert load_checkpoint(ckpt).config.image_means[0] == (0.485, 0.456, 0.406)
+    pre_path.unlink()
+    with pytest.raises(Exception, match="missing preprocessor_config.json"):
+        load_checkpoint(ckpt)
+
+
+def test_a_truncated_shard_is_an_error_that_names_it(ckpt):
+    shard = shard_holding(ckpt, "projector.fc1.weight")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{shard.name} cannot be read"):
+        load_checkpoint(ckpt)
+
+
+def test_damaged_small_files_are_errors_that_name_them(tiny_checkpoint, tmp_path):
+    from policies.vla.config import ConfigError
+    from policies.vla.tokenizer import SentencePieceTokenizer, TokenizerError
+
+    for name, error in (("config.json", ConfigError), ("dataset_statistics.json", CheckpointError),
+                        ("action_head--1000_checkpoint.pt", CheckpointError),
+                        ("model.safetensors.index.json", CheckpointError)):
+        ckpt = shutil.copytree(tiny_checkpoint, tmp_path / name)
+        (ckpt / name).write_bytes((ckpt / name).read_bytes()[:40])
+        with pytest.raises(error, match=name):
+            load_checkpoint(ckpt)
+    junk = tmp_path / "tokenizer.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="tokenizer.model is not a SentencePiece model"):
+        SentencePieceTokenizer(junk)

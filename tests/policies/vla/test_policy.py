@@ -64,12 +64,25 @@ def test_missing_camera_is_named(policy):
         policy.act([obs])
 
 
-def test_unnorm_key_must_be_chosen_when_there_are_several(tiny_checkpoint, tmp_path):
+def test_statistics_are_chosen_by_the_suite_as_oft_evaluates(tiny_checkpoint, tmp_path):
     ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     stats = {**norm_stats("libero_spatial_no_noops"), **norm_stats("libero_goal_no_noops")}
+    stats["libero_goal_no_noops"]["action"]["q99"][0] = 5.0
     (ckpt / "dataset_statistics.json").write_text(json.dumps(stats))
+    combined = make_policy("oft", {"checkpoint": str(ckpt)})
     with pytest.raises(PolicyOptionError, match="choose one with --unnorm-key"):
-        make_policy("oft", {"checkpoint": str(ckpt)})
+        combined.act([fake_observation(0)])  # several statistics and no suite yet
+    combined.select_suite("libero_goal")
+    assert combined.unnorm_key == "libero_goal_no_noops" and combined.identity()["unnorm_key"] == "libero_goal_no_noops"
+    with pytest.raises(PolicyOptionError, match="no statistics for libero_10"):
+        combined.select_suite("libero_10")
+    single = make_policy("oft", {"checkpoint": str(tiny_checkpoint)})  # libero_spatial's only
+    single.select_suite("libero_spatial")
+    with pytest.raises(PolicyOptionError, match="not trained on this suite"):
+        single.select_suite("libero_goal")
+    named = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "unnorm_key": "libero_spatial_no_noops"})
+    named.select_suite("libero_goal")  # named statistics: a deliberate cross-suite evaluation
+    assert named.unnorm_key == "libero_spatial_no_noops"
     with pytest.raises(PolicyOptionError, match="'libero_10_no_noops' not in"):
         make_policy("oft", {"checkpoint": str(ckpt), "unnorm_key": "libero_10_no_noops"})
     assert make_policy("oft", {"checkpoint": str(ckpt), "unnorm_key": "libero_goal_no_noops"}).unnorm_key == "libero_goal_no_noops"
