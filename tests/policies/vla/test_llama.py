@@ -180,3 +180,15 @@ def test_compiled_element_wise_chains_compute_the_same_where_graphs_record(llm):
     assert torch.equal(outside, eager)
     assert torch.allclose(eager[:, 3:], compiled[:, 3:], atol=1e-5)
     assert torch.allclose(eager_other_length, compiled_other_length, atol=1e-5)
+
+
+def test_rope_equals_llamas_formula_bit_for_bit_in_bf16():
+    from policies.vla.llama import apply_rope, rope_cos_sin
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 300, 4, 64).to(torch.bfloat16)
+    positions = torch.arange(300)[None]
+    cos, signed_sin = rope_cos_sin(positions, 64, 10000.0, torch.bfloat16)
+    sin = torch.cat((-signed_sin[..., :32], signed_sin[..., 32:]), dim=-1)  # Llama's table
+    rotate_half = torch.cat((-x[..., 32:], x[..., :32]), dim=-1)
+    assert torch.equal(apply_rope(x, cos, signed_sin), x * cos + rotate_half * sin)
