@@ -77,6 +77,11 @@ def run_episode(
     except Exception as exc:  # noqa: BLE001 - every failure of env or policy is an error outcome
         result.outcome = ERROR
         result.error = describe_error(exc)
+    try:
+        policy.end(episode)
+    except Exception as exc:  # noqa: BLE001
+        if result.outcome != ERROR:
+            result.outcome, result.error = ERROR, describe_error(exc)
     result.wall_s = clock() - start
     return result
 

@@ -81,6 +81,10 @@ class Policy(ABC):
     def reset(self, episode: EpisodeInfo) -> None:
         """Start an episode; policies with per-episode state clear it here."""
 
+    def end(self, episode: EpisodeInfo) -> None:
+        """An episode is over (whatever its outcome); policies free its state here. One policy
+        serves a whole run, so state kept per episode would otherwise grow with every episode."""
+
     @abstractmethod
     def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
         """One action chunk per observation."""

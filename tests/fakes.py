@@ -84,6 +84,10 @@ class CountingPolicy(Policy):
         self.bad_output = bad_output
         self.needs_images = needs_images
         self.seen: list = []
+        self.ended: list[str] = []
+
+    def end(self, episode):
+        self.ended.append(episode.episode_id)
 
     def act(self, observations):
         outputs = []

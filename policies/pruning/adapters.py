@@ -150,6 +150,9 @@ class VLACachePolicy(OFTPolicy):
     def reset(self, episode) -> None:
         self._hooks.forget(episode.episode_id)
 
+    def end(self, episode) -> None:
+        self._hooks.forget(episode.episode_id)  # its keys and values: 256 MiB per episode at full size
+
     def act(self, observations):
         outputs = []
         for obs in observations:

@@ -192,3 +192,18 @@ def test_a_policy_exception_that_cannot_be_pickled_is_the_waiting_episodes_error
     assert sorted(r["outcome"] for r in records) == ["error", "success", "success"]
     (error,) = [r["error"] for r in records if r["outcome"] == "error"]
     assert error.startswith("UnpicklableFailure: ('no GPU memory left'")
+
+
+def test_every_episode_ends_on_the_real_policy_in_serial_and_pool_runs(tmp_path, monkeypatch):
+    # Policies free per-episode state at the end (VLA-Cache's keys and values), errors included.
+    import bench.runner
+    from tests.fakes import CountingPolicy, self_killing_env
+
+    for workers, factory in ((1, fake_env), (2, fake_env), (2, self_killing_env)):
+        policy = CountingPolicy()
+        monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: policy)
+        monkeypatch.setenv("FAKE_ENV_KILLED_FLAG", str(tmp_path / f"killed{workers}{factory.__name__}"))
+        run = tmp_path / f"run{workers}{factory.__name__}"
+        execute(config(workers=workers), run, env_factory=factory, progress=False)
+        assert sorted(policy.ended) == sorted(r["key"] for r in read_episodes(run))
+        assert len(policy.ended) == 6

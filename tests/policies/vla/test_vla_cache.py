@@ -94,6 +94,11 @@ def test_policy_resets_per_episode_and_answers_batches_one_by_one(tiny_checkpoin
     third = policy.act([a, b])
     assert third[0].stats["reused_tokens"] == 0 and third[1].stats["reused_tokens"] > 0
     assert np.allclose(third[0].actions, first[0].actions, atol=1e-6)
+    # An episode's end frees its cache: one policy serves a whole run.
+    policy.end(EpisodeInfo(b.episode_id, "libero_spatial", 0, "t", "i", 1, 0))
+    assert set(policy.hooks().episodes) == {a.episode_id}
+    policy.end(EpisodeInfo(a.episode_id, "libero_spatial", 0, "t", "i", 0, 0))
+    assert policy.hooks().episodes == {}
 
 
 def test_graphed_steps_equal_eager_ones_and_fill_the_same_cache(model8):
