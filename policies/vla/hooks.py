@@ -181,6 +181,9 @@ class Hooks:
         return stream
 
 
+VISION_TOWERS = ("featurizer", "fused_featurizer")  # DINOv2, SigLIP: the checkpoint's names
+
+
 @dataclass
 class QueryTrace:
     """Token counts one sample's query went through: the input of every FLOP count and stat."""
@@ -193,7 +196,12 @@ class QueryTrace:
     plugin_flops: float = 0.0  # what a plug-in computed itself (scoring, attention rows)
 
     def as_stats(self) -> dict:
-        return {
+        stats = {
             "visual_tokens_llm": self.llm_visual_tokens,
             "tokens_llm": self.llm_tokens,
         }
+        # Tokens entering each block of each vision tower (prefix tokens included), summed over
+        # the sample's images; one key per tower, as their depths differ.
+        for name, blocks in zip(VISION_TOWERS, self.vision_tokens):
+            stats[f"tokens_vision_{name}"] = [sum(per_image) for per_image in blocks]
+        return stats

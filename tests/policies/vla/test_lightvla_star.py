@@ -125,6 +125,12 @@ def test_vision_placement_from_the_policy_options(tiny_checkpoint):
                                            "placement": "vision:1", "queries": "8"})
     out = policy.act([fake_observation(2)])[0]
     assert out.stats["visual_tokens"] <= 16
+    early = make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true",
+                                          "placement": "vision:0", "queries": "8"})
+    stats = early.act([fake_observation(2)])[0].stats
+    kept = stats["visual_tokens"]  # over both images; DINOv2 adds 5 prefix tokens per image
+    assert stats["tokens_vision_featurizer"] == [2 * (256 + 5), kept + 2 * 5]
+    assert stats["tokens_vision_fused_featurizer"] == [2 * 256, kept] and kept <= 16
     with pytest.raises(PolicyOptionError, match="vision:B with 0 <= B < 2"):
         make_policy("lightvla_star", {"checkpoint": str(tiny_checkpoint), "random_queries": "true",
                                       "placement": "vision:2"})
