@@ -357,11 +357,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RunDirError, PolicyOptionError, PoolStartError) as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into head and the like
         return 0
+    except (ValueError, OSError, RunDirError, PolicyOptionError, PoolStartError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)  # OSError: a path that cannot be written or read
+        return 2
     except KeyboardInterrupt:
         print("\nbench: interrupted; recorded episodes are kept. Continue with: bench run --resume DIR",
               file=sys.stderr)

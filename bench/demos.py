@@ -96,8 +96,10 @@ class DemoWriter:
         import h5py
 
         self.path = Path(path)
+        if self.path.exists():  # demonstrations take long to record: never overwrite them
+            raise FileExistsError(f"{self.path} already exists; choose another --out or remove it first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.path, "w")
+        self._file = h5py.File(self.path, "w-")
         self._data = self._file.create_group("data")
         for key, value in file_attrs.items():
             self._data.attrs[key] = value

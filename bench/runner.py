@@ -258,7 +258,7 @@ def summarize_stats(per_query: list[dict], steady: list[dict] | None = None) -> 
     Timings (names ending in ``_ms``) average the ``steady`` queries only, those kept in the
     latency summary, when given."""
     summary = {}
-    keys = sorted({k for stats in per_query for k in stats})
+    keys = sorted({k for stats in per_query for k in stats} - {"warmup"})  # a mark, not a figure
     for key in keys:
         source = steady if steady is not None and key.endswith("_ms") else per_query
         values = [stats[key] for stats in source if key in stats]

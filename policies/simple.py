@@ -116,6 +116,19 @@ def _demo_actions(path: Path) -> dict[str, np.ndarray]:
 
 
 def _load_recordings(path: Path) -> dict[str, np.ndarray]:
+    try:
+        recordings = _read_recordings(path)
+    except PolicyOptionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy and h5py raise many types for a damaged file
+        raise PolicyOptionError(f"replay file {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    for key, actions in recordings.items():
+        if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
+            raise PolicyOptionError(f"replay actions {key or path.name!r} have shape {actions.shape}, expected (T, 7)")
+    return {key: np.asarray(actions, dtype=np.float64) for key, actions in recordings.items()}
+
+
+def _read_recordings(path: Path) -> dict[str, np.ndarray]:
     if path.suffix == ".npy":
         recordings = {"": np.load(path)}
     elif path.suffix == ".npz":
@@ -125,7 +138,4 @@ def _load_recordings(path: Path) -> dict[str, np.ndarray]:
         recordings = _demo_actions(path)
     else:
         raise PolicyOptionError(f"replay file must be .npy, .npz or .hdf5, got {path.name}")
-    for key, actions in recordings.items():
-        if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
-            raise PolicyOptionError(f"replay actions {key or path.name!r} have shape {actions.shape}, expected (T, 7)")
-    return {key: np.asarray(actions, dtype=np.float64) for key, actions in recordings.items()}
+    return recordings

@@ -25,6 +25,10 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise PolicyOptionError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PolicyOptionError(f"device {name!r} requested but torch sees no CUDA device")
     return name

@@ -43,6 +43,9 @@ def test_writer_and_reader_round_trip(tmp_path):
         assert f["data"].attrs["num_demos"] == 1 and f["data"].attrs["suite"] == "libero_goal"
     replay = make_policy("replay", {"path": str(path)})
     replay.reset(EpisodeInfo("e", "libero_goal", 4, "t", "i", 9, 0))
+    with pytest.raises(FileExistsError, match="already exists"):  # recorded demonstrations are kept
+        DemoWriter(path, {"suite": "libero_goal", "image_size": 4})
+    assert len(read_demos(path)) == 1
 
 
 def test_reading_a_file_that_is_no_demo_file(tmp_path):

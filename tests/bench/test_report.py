@@ -227,3 +227,23 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(tmp_path, capsys)
     assert main(["run", "--suite", "libero_goal", "--policy", "noop", "--chunk-length", "16", "--out", str(out)]) == 2
     assert "noop answers with chunks of 8 actions" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_paths_that_cannot_be_used_are_clear_errors(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["run", "--suite", "libero_goal", "--policy", "noop", "--out", str(afile)]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    write_run(tmp_path / "a", {(0, 0): "success"})
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), "--csv", str(tmp_path / "no" / "such" / "dir" / "t.csv")]) == 2
+    assert "non-existent directory" in capsys.readouterr().err
+    assert main(["run", "--suite", "libero_goal", "--policy", "oft", "--policy-arg", "size=tiny",
+                 "--device", "bogus", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown device 'bogus'" in capsys.readouterr().err
+
+
+def test_worker_pool_warmup_marks_are_not_a_statistic():
+    from bench.runner import summarize_stats
+
+    assert summarize_stats([{"tflops": 1.0, "warmup": True}, {"tflops": 3.0}]) == {"tflops": 2.0}

@@ -61,6 +61,10 @@ def test_replay_errors_name_the_problem(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((5, 6)))
     with pytest.raises(PolicyOptionError, match=r"shape \(5, 6\)"):
         make_policy("replay", {"path": str(tmp_path / "bad.npy")})
+    for name in ("junk.npy", "junk.npz", "junk.hdf5"):
+        (tmp_path / name).write_text("not an array file")
+        with pytest.raises(PolicyOptionError, match=f"replay file .*{name} cannot be read"):
+            make_policy("replay", {"path": str(tmp_path / name)})
 
 
 def test_registry_and_option_parsing():
