@@ -204,3 +204,16 @@ def test_damaged_small_files_are_errors_that_name_them(tiny_checkpoint, tmp_path
     junk.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="tokenizer.model is not a SentencePiece model"):
         SentencePieceTokenizer(junk)
+
+
+def test_identity_tells_apart_weights_of_equal_sizes(ckpt, monkeypatch):
+    import policies.vla.checkpoint as checkpoint
+    from policies.vla.checkpoint import checkpoint_identity
+
+    monkeypatch.setattr(checkpoint, "SAMPLED_BYTES", 64)  # the shards sampled, as full-size ones are
+    before = checkpoint_identity(ckpt)
+    shard = shard_holding(ckpt, "projector.fc1.weight")
+    tensors = load_file(shard)
+    save_file({k: v + 1 for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    after = checkpoint_identity(ckpt)
+    assert after["files"] == before["files"] and after["digest"] != before["digest"]
