@@ -6,24 +6,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from bench.report import paired_comparison
-
-
-# Settings that change what an episode is; the chunk length belongs to the policy compared.
-PROTOCOL_FIELDS = ("max_steps", "settle_steps", "env_seed", "camera_size")
-
-
-def protocol_differences(df: pd.DataFrame, baseline: str, candidate: str) -> list[str]:
-    """'max_steps 300 vs 520' for each protocol setting the two runs' manifests disagree on."""
-    differ = []
-    for name in PROTOCOL_FIELDS:
-        column = f"protocol.{name}"
-        if column not in df:
-            continue
-        a, b = (df.loc[df["run_id"] == run, column].dropna().unique() for run in (baseline, candidate))
-        if len(a) and len(b) and set(a) != set(b):
-            differ.append(f"{name} {', '.join(map(str, a))} vs {', '.join(map(str, b))}")
-    return differ
+from bench.report import paired_comparison, protocol_differences
 
 
 @dataclass

@@ -87,6 +87,23 @@ class PairedComparison:
         return 100.0 * (self.baseline_success - self.candidate_success) / self.pairs if self.pairs else 0.0
 
 
+# Settings that change what an episode is; the chunk length belongs to the policy compared.
+PROTOCOL_FIELDS = ("max_steps", "settle_steps", "env_seed", "camera_size")
+
+
+def protocol_differences(df: pd.DataFrame, baseline: str, candidate: str) -> list[str]:
+    """'max_steps 300 vs 520' for each protocol setting the two runs' manifests disagree on."""
+    differ = []
+    for name in PROTOCOL_FIELDS:
+        column = f"protocol.{name}"
+        if column not in df:
+            continue
+        a, b = (df.loc[df["run_id"] == run, column].dropna().unique() for run in (baseline, candidate))
+        if len(a) and len(b) and set(a) != set(b):
+            differ.append(f"{name} {', '.join(map(str, a))} vs {', '.join(map(str, b))}")
+    return differ
+
+
 def paired_comparison(df: pd.DataFrame, baseline: str, candidate: str) -> PairedComparison:
     """Pair episodes on (suite, task, init state); pairs with an error on either side are left out."""
     judged = df[df["outcome"] != "error"]
@@ -138,12 +155,16 @@ def markdown_report(df: pd.DataFrame) -> str:
         rows = []
         for other in runs[1:]:
             cmp = paired_comparison(df, runs[0], other)
-            paired = cmp.pairs > 0  # runs of other suites or init states share no episode: nothing to compare
+            differ = protocol_differences(df, runs[0], other)
+            # Runs of other suites or init states share no episode, and runs under another
+            # protocol share keys but not episodes: nothing to compare.
+            paired = cmp.pairs > 0 and not differ
             rows.append({
                 "candidate": other, "pairs": cmp.pairs, "baseline_success": cmp.baseline_success,
                 "candidate_success": cmp.candidate_success, "only_baseline": cmp.only_baseline,
                 "only_candidate": cmp.only_candidate, "drop_points": round(cmp.drop_points, 2) if paired else "n/a",
                 "mcnemar_p": cmp.p_value if paired else "n/a",
+                "protocol": "; ".join(differ) if differ else "same",
             })
         parts.append(to_markdown(pd.DataFrame(rows)))
     errors = df[df["outcome"] == "error"]

@@ -247,3 +247,11 @@ def test_worker_pool_warmup_marks_are_not_a_statistic():
     from bench.runner import summarize_stats
 
     assert summarize_stats([{"tflops": 1.0, "warmup": True}, {"tflops": 3.0}]) == {"tflops": 2.0}
+
+
+def test_the_report_does_not_pair_runs_made_under_different_protocols(tmp_path, capsys):
+    write_run(tmp_path / "base", {(0, i): "success" for i in range(4)})
+    write_run(tmp_path / "short", {(0, i): "failure" for i in range(4)}, max_steps=100)
+    assert main(["report", str(tmp_path / "base"), str(tmp_path / "short")]) == 0
+    out = capsys.readouterr().out
+    assert "| short | 4 | 4 | 0 | 4 | 0 | n/a | n/a | max_steps 300 vs 100 |" in out
