@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -78,4 +79,21 @@ def run_frame(run_dir: Path) -> pd.DataFrame:
 def load_results(spec: str | Path) -> pd.DataFrame:
     frames = [run_frame(run) for run in find_run_dirs(spec)]
     frames = [f for f in frames if not f.empty]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return distinct_runs(pd.concat(frames, ignore_index=True)) if frames else pd.DataFrame()
+
+
+def distinct_runs(df):
+    """Each run directory once (one named twice, or inside a directory also named, would count
+    its episodes twice), and a distinct run_id for each: directories of one name in different
+    places are told apart by their paths below the folder they share."""
+    df = df.assign(run_dir=[str(Path(d).resolve()) for d in df["run_dir"]])
+    df = df.drop_duplicates(subset=["run_dir", "key"], ignore_index=True)
+    dirs = df.drop_duplicates("run_dir")[["run_dir", "run_id"]]
+    rename = {}
+    for run_id, same in dirs.groupby("run_id"):
+        if len(same) > 1:
+            common = os.path.commonpath(list(same["run_dir"]))
+            rename.update({d: os.path.relpath(d, common) for d in same["run_dir"]})
+    df["run_id"] = [rename.get(d, r) for d, r in zip(df["run_dir"], df["run_id"])]
+    return df
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -36,8 +37,8 @@ POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
 
 def _positive_seconds(text: str) -> float:
     value = _at_least(0, float)(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    if not 0 < value < math.inf:  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a number of seconds more than 0, got {text}")
     return value
 
 
@@ -290,7 +291,7 @@ def cmd_list(args) -> int:
 def cmd_report(args) -> int:
     import pandas as pd
 
-    from bench.analysis import load_results
+    from bench.analysis import distinct_runs, load_results
     from bench.report import markdown_report, success_table
 
     frames = [f for f in (load_results(spec) for spec in args.runs) if not f.empty]
@@ -305,22 +306,6 @@ def cmd_report(args) -> int:
         else:
             table.to_csv(args.csv, index=False)
     return 0
-
-
-def distinct_runs(df):
-    """Each run directory once (one named twice, or inside a directory also named, would count
-    its episodes twice), and a distinct run_id for each: directories of one name in different
-    places are told apart by their paths below the folder they share."""
-    df = df.assign(run_dir=[str(Path(d).resolve()) for d in df["run_dir"]])
-    df = df.drop_duplicates(subset=["run_dir", "key"], ignore_index=True)
-    dirs = df.drop_duplicates("run_dir")[["run_dir", "run_id"]]
-    rename = {}
-    for run_id, same in dirs.groupby("run_id"):
-        if len(same) > 1:
-            common = os.path.commonpath(list(same["run_dir"]))
-            rename.update({d: os.path.relpath(d, common) for d in same["run_dir"]})
-    df["run_id"] = [rename.get(d, r) for d, r in zip(df["run_dir"], df["run_id"])]
-    return df
 
 
 def cmd_compare(args) -> int:

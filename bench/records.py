@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def _scan(path: Path) -> tuple[list[dict], int]:
             break
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             if number < len(lines):
                 raise RunDirError(
                     f"{path}, line {number}, is damaged and {len(lines) - number} more line(s) follow it; "
@@ -82,6 +83,9 @@ class EpisodeLog:
         except BlockingIOError:
             self._file.close()
             raise RunDirError(f"{run_dir} is in use: another process is running episodes into it") from None
+        except OSError as exc:  # a file system without locks: run, but say what is not guarded
+            print(f"warning: {self.path} cannot be locked ({exc}); do not run two processes into this run",
+                  file=sys.stderr)
         try:
             records, valid = _scan(self.path)
         except RunDirError:

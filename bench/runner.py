@@ -6,6 +6,7 @@ an episode that ends in ``error`` gets a freshly built env for the next one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import math
@@ -194,6 +195,8 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
         result = run_episode(env, policy, episode, init_state, settings, on_frame=video.add if video else None)
     except Exception as exc:  # noqa: BLE001 - env construction or video set-up failed
         result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
+        with contextlib.suppress(Exception):
+            policy.end(episode)  # as run_episode does for the episodes it runs
     if result.outcome == ERROR:
         envs.discard()  # rebuilt for the next episode
     return make_record(planned, task, episode, result, warm, _finish_video(video, result))

@@ -162,7 +162,7 @@ def config_from_json(config: dict[str, Any], preprocessor: dict[str, Any] | None
         sizes = sizes or default_sizes
     overrides = config.get("timm_model_overrides") or [{} for _ in ids]
     kwargs: dict[str, Any] = {}
-    if preprocessor:
+    if preprocessor is not None:
         if preprocessor.get("image_resize_strategy", "resize-naive") != "resize-naive":
             raise ConfigError(
                 f"preprocessor_config.json: image_resize_strategy {preprocessor['image_resize_strategy']!r} "

@@ -164,12 +164,12 @@ class OFTPolicy(Policy):
         return norm_stats[key] if key else None
 
     def select_suite(self, suite: str) -> None:
-        """Statistics for the suite, as OpenVLA-OFT's evaluation chooses them: ``{suite}_no_noops``,
-        else ``{suite}``. Statistics named by the options are used whatever the suite (a
+        """Statistics for the suite, as OpenVLA-OFT's evaluation chooses them: ``{suite}``, else
+        ``{suite}_no_noops``. Statistics named by the options are used whatever the suite (a
         deliberate cross-suite evaluation); a checkpoint's only statistics must fit it."""
         if self.norm_stats is None or self.options.unnorm_key:
             return
-        for key in (f"{suite}_no_noops", suite):
+        for key in (suite, f"{suite}_no_noops"):
             if key in self.norm_stats:
                 self.unnorm_key, self.stats = key, self.norm_stats[key]
                 return

@@ -143,7 +143,7 @@ def test_workers_that_cannot_start_stop_the_run_with_an_explanation(tmp_path):
     assert read_episodes(tmp_path / "run") == []  # nothing recorded: the episodes can run later
 
 
-def test_a_watchdog_expiring_while_a_worker_waits_for_its_answer_costs_only_that_episode(tmp_path, monkeypatch):
+def test_a_watchdog_expiring_while_workers_wait_for_an_answer_costs_only_the_waiting_episodes(tmp_path, monkeypatch):
     # The answer to the interrupted query must not be taken for the worker's next job.
     import bench.runner
     from tests.fakes import CountingPolicy

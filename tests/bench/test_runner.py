@@ -89,13 +89,19 @@ def test_every_init_state_runs_after_as_many_resets_as_in_one_ordered_loop(tmp_p
     assert [env.reset_counts for env in factory.built] == [[2, 3]]
 
 
-def test_env_construction_failure_is_an_error(tmp_path):
+def test_env_construction_failure_is_an_error(tmp_path, monkeypatch):
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
     def factory(task):
         raise OSError("no GL context")
 
+    policy = CountingPolicy()
+    monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: policy)
     execute(config(tasks=[0], episodes_per_task=1), tmp_path / "run", env_factory=factory, progress=False)
     (record,) = read_episodes(tmp_path / "run")
     assert record["outcome"] == "error" and "no GL context" in record["error"]
+    assert policy.ended == [record["key"]]  # its end is told to the policy all the same
 
 
 def test_resume_runs_only_missing_episodes(tmp_path):

@@ -164,3 +164,12 @@ def test_speedups_by_default_are_every_one_a_gpu_can_use_and_none_on_a_cpu(monke
 
 def test_a_cpu_policy_runs_without_speedups_by_default(policy):
     assert policy.model.speedups.enabled() == []
+
+
+def test_a_suites_own_statistics_come_before_its_no_noops_ones(tiny_checkpoint, tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    stats = {**norm_stats("libero_goal"), **norm_stats("libero_goal_no_noops")}
+    (ckpt / "dataset_statistics.json").write_text(json.dumps(stats))
+    policy = make_policy("oft", {"checkpoint": str(ckpt)})
+    policy.select_suite("libero_goal")
+    assert policy.unnorm_key == "libero_goal"  # OFT's check_unnorm_key: the suite, else _no_noops
