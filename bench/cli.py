@@ -251,15 +251,18 @@ def cmd_profile(args) -> int:
         prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
         yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs, speedups=args.speedups,
     )
+    def save(result) -> None:
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            args.save.write_text(json.dumps(result, indent=2))
+
     if args.sweep:
-        result = sweep(settings)
+        result = sweep(settings, on_row=save)  # saved row by row: a sweep cut short keeps its rows
         text = format_sweep(result)
     else:
         result = profile(settings)
         text = format_profile(result)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(result, indent=2))
+    save(result)
     print(json.dumps(result, indent=2) if args.json else text)
     return 1 if args.sweep and any("error" in r for r in result) else 0
 

@@ -20,6 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 # Prompt length (BOS and the final empty piece included) assumed for cost figures: the mean
 # over the 40 instructions of libero_spatial/object/goal/10 with the Llama-2 tokenizer is
@@ -465,8 +466,9 @@ def sweep_methods(config) -> list[tuple[str, dict]]:
     ]
 
 
-def sweep(settings: ProfileSettings) -> list[dict]:
-    """Every method on one model built once, OFT first; ratios relative to OFT in the same run."""
+def sweep(settings: ProfileSettings, on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every method on one model built once, OFT first; ratios relative to OFT in the same run.
+    ``on_row(rows so far)`` after each method, so a sweep cut short keeps what it measured."""
     from dataclasses import replace
 
     from policies.registry import POLICIES
@@ -485,6 +487,13 @@ def sweep(settings: ProfileSettings) -> list[dict]:
             traceback.print_exc(file=sys.stderr)
             results.append({"policy": policy, "policy_args": args, "error": f"{type(error).__name__}: {error}"})
             gc.collect()
+        _relative_to_oft(results)
+        if on_row is not None:
+            on_row(results)
+    return results
+
+
+def _relative_to_oft(results: list[dict]) -> None:
     base = results[0]
     for r in results:
         if "error" in r:
@@ -495,7 +504,6 @@ def sweep(settings: ProfileSettings) -> list[dict]:
             r["latency_vs_oft"] = r["latency_ms"]["p50"] / base["latency_ms"]["p50"]
         if r.get("latency_eager_ms") and base.get("latency_eager_ms"):
             r["latency_eager_vs_oft"] = r["latency_eager_ms"]["p50"] / base["latency_eager_ms"]["p50"]
-    return results
 
 
 def format_sweep(results: list[dict]) -> str:

@@ -17,28 +17,35 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # scripts/lightvla_batching.py, and the product timing, scripts/llm_gemm_timing.py, run on their own).
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/summary.txt"
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/summary.txt"
-failed=0
 step() {  # step LIMIT_S COMMAND...: a failed or overlong step is reported and the next one still
   local limit=$1 start=$SECONDS; shift  # runs (device time is scarce); 0 means no limit
   timeout "$limit" "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
   echo "step took $((SECONDS - start)) s: $*" | tee -a "$DEST/summary.txt"
 }
-# Most telling first, so that a run cut short keeps it. OFT and LightVLA at 78 under each
-# speedup alone and all together (each variant saved as it finishes; compiling ones last).
-step "${LIMIT_VARIANTS:-300}" $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+checks() {
+failed=0
+# Most telling first, so that a run cut short keeps it. Limits: about 2.5x each step's time on
+# an H100 (39, 30, 47, 44, 27, 15 s), 530 s in all, so the whole run fits one 600 s command.
+# OFT and LightVLA at 78 under each speedup alone and all together (each variant saved as it
+# finishes; compiling ones last).
+step "${LIMIT_VARIANTS:-110}" $PY scripts/speedup_variants.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --repeats 20 --save "$DEST/variants.json"
 # OFT with the transformers yardstick, then every method relative to OFT in one run, with the
 # default speedups (on a GPU, every one it can use) and with none.
-step "${LIMIT_OFT:-150}" $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+step "${LIMIT_OFT:-80}" $PY -m bench profile --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --repeats 50 --warmup 5 --save "$DEST/oft.json"
-step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
-  --repeats 30 --warmup 5 --save "$DEST/sweep.json"
-step "${LIMIT_SWEEP:-200}" $PY -m bench profile --sweep --speedups none --size "$SIZE" --device "$DEVICE" \
+step "${LIMIT_SWEEP:-130}" $PY -m bench profile --sweep --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --repeats 30 --warmup 5 --save "$DEST/sweep.json"  # saved row by row: a step cut short keeps its rows
+step "${LIMIT_SWEEP_PLAIN:-90}" $PY -m bench profile --sweep --speedups none --size "$SIZE" --device "$DEVICE" \
   --dtype "$DTYPE" --repeats 30 --warmup 5 --save "$DEST/sweep_plain.json"
 # Wall time against kernel time, then every plug-in's path on the tiny model.
-step "${LIMIT_KERNELS:-200}" $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+step "${LIMIT_KERNELS:-70}" $PY scripts/kernel_breakdown.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --save "$DEST/kernels.json"
-step 120 $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2
+step "${LIMIT_TINY:-50}" $PY -m bench profile --sweep --size tiny --device "$DEVICE" --dtype "$DTYPE" --repeats 5 --warmup 2
 # Each target, met or not, from the files above.
 $PY scripts/device_targets.py "$DEST" | tee -a "$DEST/summary.txt"
-exit $failed
+return $failed
+}
+# The whole output in a file too: a remote run returns only the end of what it prints.
+checks 2>&1 | tee -a "$DEST/device_check.log"
+exit "${PIPESTATUS[0]}"

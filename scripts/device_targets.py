@@ -58,6 +58,7 @@ def target_lines(directory: Path) -> list[str]:
             overhead = light["plugin_ms"]["p50"]
             lines.append(f"{label}: LightVLA scoring and gather p50 {overhead:.3f} ms (target < {OVERHEAD_TARGET_MS}): "
                          f"{_verdict(overhead < OVERHEAD_TARGET_MS)}")
+    lines += graph_warnings(directory)
     variants = _load(directory, "variants.json")
     if variants:
         for name, row in variants["variants"].items():
@@ -69,6 +70,22 @@ def target_lines(directory: Path) -> list[str]:
                          f"towers {row['vision_ms']['p50']:.2f} ms, largest action difference "
                          f"{max(row['max_abs_diff'].values()):.2e}")
     return lines or [f"no results in {directory}"]
+
+
+def graph_warnings(directory: Path) -> list[str]:
+    """A row whose CUDA graphs failed to capture, or ran past their limit, timed eager code for
+    part of each query: its latency is not the replayed figure the targets are about."""
+    lines = []
+    for name in ("oft.json", "sweep.json", "sweep_plain.json"):
+        loaded = _load(directory, name)
+        rows = loaded if isinstance(loaded, list) else [loaded] if loaded else []
+        for row in rows:
+            graphs = row.get("cuda_graphs") or {}
+            failures, eager = len(graphs.get("failures") or []), graphs.get("eager_calls") or 0
+            if failures or eager:
+                lines.append(f"WARNING {name} {row['policy']} {row.get('policy_args', '')}: {failures} graph "
+                             f"captures failed, {eager} calls past the graph limit; its latency is partly eager")
+    return lines
 
 
 def main() -> int:

@@ -125,3 +125,14 @@ def test_flops_are_counted_without_compiled_code(monkeypatch):
     assert calls_while_counting == [0]
     assert result["speedups"] == ["compile_kernels", "compile_towers", "parallel_towers", "fuse_gate_up"]
     assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-12)
+
+
+def test_a_sweep_hands_over_its_rows_as_they_are_measured():
+    # A sweep cut short (a time limit) keeps the rows it measured: bench profile saves each.
+    from bench.profile import ProfileSettings, sweep
+
+    seen = []
+    rows = sweep(ProfileSettings(size="full", device="meta"),
+                 on_row=lambda so_far: seen.append((len(so_far), so_far[-1].get("tflops_vs_oft"))))
+    assert [count for count, _ in seen] == list(range(1, len(rows) + 1)) and len(rows) >= 8
+    assert seen[0][1] == 1.0 and all(ratio is not None for _, ratio in seen)
