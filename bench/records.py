@@ -2,8 +2,8 @@
 
 Each finished episode is one JSON line, written and fsynced before the next episode starts,
 so a run killed at any moment loses at most the episode in flight. A torn last line (the
-process died mid-write) is ignored on reading and cut off before appending; a damaged line
-with records after it is an error, so that no recorded episode is dropped unseen. One
+process died mid-write: no newline) is ignored on reading and cut off before appending; a
+finished line that does not parse is an error, so that no recorded episode is dropped unseen. One
 process at a time appends to a run (a lock on the file).
 """
 
@@ -63,11 +63,11 @@ def _scan(path: Path) -> tuple[list[dict], int]:
         try:
             records.append(json.loads(line))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            if number < len(lines):
-                raise RunDirError(
-                    f"{path}, line {number}, is damaged and {len(lines) - number} more line(s) follow it; "
-                    "repair or remove that line (nothing was changed)") from None
-            break
+            # A finished line (its newline is written last) that does not parse was damaged after
+            # it was written, not torn by a kill: cutting it would drop a recorded episode.
+            follow = f" and {len(lines) - number} more line(s) follow it" if number < len(lines) else ""
+            raise RunDirError(f"{path}, line {number}, is damaged{follow}; repair or remove that line "
+                              "(nothing was changed)") from None
         valid += len(line)
     return records, valid
 

@@ -185,6 +185,7 @@ def test_a_run_compared_with_its_copy_or_itself_pairs_every_episode(tmp_path, ca
 def test_a_damaged_line_before_other_records_is_an_error_and_nothing_is_cut(tmp_path, capsys):
     run = write_run(tmp_path / "a", {(0, i): "success" for i in range(5)})
     path = run / "episodes.jsonl"
+    original = path.read_bytes()
     lines = path.read_text().splitlines(keepends=True)
     lines[1] = lines[1][:20] + "\n"
     path.write_text("".join(lines))
@@ -199,6 +200,12 @@ def test_a_damaged_line_before_other_records_is_an_error_and_nothing_is_cut(tmp_
     path.write_bytes(b"\n".join(raw))
     assert main(["report", str(run)]) == 2
     assert "line 2, is damaged" in capsys.readouterr().err
+    # A finished last line (newline and all) that does not parse was not torn by a kill.
+    damaged_last = b"".join(original.splitlines(keepends=True)[:4]) + b'{"key": "libero_goal/0/4", "outc\n'
+    path.write_bytes(damaged_last)
+    with pytest.raises(RunDirError, match="line 5, is damaged; repair"):
+        EpisodeLog(run)
+    assert path.read_bytes() == damaged_last
 
 
 def test_one_process_at_a_time_writes_a_run(tmp_path):
