@@ -251,6 +251,7 @@ def cmd_profile(args) -> int:
         prompt_tokens=args.prompt_tokens or DEFAULT_PROMPT_TOKENS, repeats=args.repeats, warmup=args.warmup,
         yardstick=not args.no_yardstick, cuda_graphs=not args.no_cuda_graphs, speedups=args.speedups,
     )
+
     def save(result) -> None:
         if args.save:
             args.save.parent.mkdir(parents=True, exist_ok=True)

@@ -77,13 +77,19 @@ def run_episode(
     except Exception as exc:  # noqa: BLE001 - every failure of env or policy is an error outcome
         result.outcome = ERROR
         result.error = describe_error(exc)
+    end_episode(policy, episode, result)
+    result.wall_s = clock() - start
+    return result
+
+
+def end_episode(policy: Policy, episode: EpisodeInfo, result: EpisodeResult) -> None:
+    """Tell the policy its episode is over (it frees per-episode state); a failure to do so
+    makes an episode that had not already failed an error."""
     try:
         policy.end(episode)
     except Exception as exc:  # noqa: BLE001
         if result.outcome != ERROR:
             result.outcome, result.error = ERROR, describe_error(exc)
-    result.wall_s = clock() - start
-    return result
 
 
 def _loop(env, policy, episode, init_state, settings, on_frame, clock, start, result) -> None:

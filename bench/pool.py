@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from bench.episode import (ERROR, DescribedError, EpisodeResult, EpisodeSettings, describe_error, held_watchdog,
-                           run_episode)
+from bench.episode import (ERROR, DescribedError, EpisodeResult, EpisodeSettings, describe_error, end_episode,
+                           held_watchdog, run_episode)
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from suites import TaskSpec
 
@@ -222,7 +222,7 @@ class WorkerPool:
 
     def _finish(self, worker: _Worker, result: EpisodeResult, memory: tuple, on_result) -> None:
         job, worker.job = worker.job, None
-        self._end(job, result)
+        end_episode(self.policy, job.episode, result)  # the real policy lives here; the worker's stand-in has no state
         result.query_latency_ms = worker.latencies  # the policy's own time, not the round trip
         current, peak = memory
         self.peak_rss_mb[worker.process.pid] = peak
@@ -255,17 +255,8 @@ class WorkerPool:
         self.workers[index] = self._spawn()
         if job is not None and on_result is not None:
             result = EpisodeResult(outcome=ERROR, error=reason, wall_s=time.monotonic() - worker.started)
-            self._end(job, result)
+            end_episode(self.policy, job.episode, result)
             on_result(job, result)
-
-    def _end(self, job: Job, result: EpisodeResult) -> None:
-        """The real policy lives here, so the episode's end is told to it here (the worker's
-        stand-in has no state)."""
-        try:
-            self.policy.end(job.episode)
-        except Exception as exc:  # noqa: BLE001
-            if result.outcome != ERROR:
-                result.outcome, result.error = ERROR, describe_error(exc)
 
     def _kill_hung(self, on_result) -> None:
         limit = (self.settings.watchdog_s or float("inf")) + HANG_GRACE_S

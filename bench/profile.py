@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from policies.vla.policy import device_name
+
 # Prompt length (BOS and the final empty piece included) assumed for cost figures: the mean
 # over the 40 instructions of libero_spatial/object/goal/10 with the Llama-2 tokenizer is
 # 28.5 (range 20-38; see docs/performance.md), so a query is 1 + 512 + 1 + 28 + 56 + 1 = 599 tokens.
@@ -75,13 +77,6 @@ def percentiles(samples_ms: list[float]) -> dict:
 
     return {"mean": statistics.fmean(ordered), "p50": pct(50), "p90": pct(90), "p99": pct(99),
             "min": ordered[0], "n": len(ordered)}
-
-
-def device_name(device: str) -> str:
-    """The GPU's model name, or the device itself (cpu, meta)."""
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 
 
 def _sync(device: str) -> None:

@@ -6,7 +6,6 @@ an episode that ends in ``error`` gets a freshly built env for the next one.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import math
@@ -18,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from bench.config import RunConfig
-from bench.episode import ERROR, EpisodeResult, EpisodeSettings, run_episode
+from bench.episode import ERROR, EpisodeResult, EpisodeSettings, end_episode, run_episode
 from bench.plan import PlannedEpisode, plan_episodes
 from bench.provenance import SIMULATOR_PACKAGES, code_revision, host_info, now_iso, package_versions
 from bench.records import MANIFEST, EpisodeLog, RunDirError, read_manifest, write_json_atomic
@@ -195,8 +194,7 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
         result = run_episode(env, policy, episode, init_state, settings, on_frame=video.add if video else None)
     except Exception as exc:  # noqa: BLE001 - env construction or video set-up failed
         result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
-        with contextlib.suppress(Exception):
-            policy.end(episode)  # as run_episode does for the episodes it runs
+        end_episode(policy, episode, result)  # as run_episode does for the episodes it runs
     if result.outcome == ERROR:
         envs.discard()  # rebuilt for the next episode
     return make_record(planned, task, episode, result, warm, _finish_video(video, result))

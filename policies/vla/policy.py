@@ -287,9 +287,9 @@ class OFTPolicy(Policy):
 
 
 def device_name(device: str) -> str:
-    """``cpu``, or ``cuda: <the GPU's name>``."""
+    """The GPU's model name, or the device itself (cpu, meta)."""
     if device.startswith("cuda"):
         import torch
 
-        return f"cuda: {torch.cuda.get_device_name(torch.device(device))}"
+        return torch.cuda.get_device_name(torch.device(device))
     return device
