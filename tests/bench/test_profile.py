@@ -51,7 +51,7 @@ def test_the_yardstick_shares_our_weights_and_computes_the_same_layers():
     from bench.profile import yardstick_model
     from policies.vla.config import tiny_config
     from policies.vla.policy import random_model
-    from tests.policies.vla.test_llama import stream
+    from tests.tiny_vla import stream
 
     model = random_model(tiny_config(), "cpu", torch.float32, seed=0)
     hf = yardstick_model(model, "cpu", torch.float32)
@@ -107,7 +107,7 @@ def test_a_failing_method_is_recorded_and_the_sweep_goes_on(capsys, monkeypatch)
 def test_flops_are_counted_without_compiled_code(monkeypatch):
     from bench import profile as profiling
     from policies.vla import flops
-    from tests.policies.vla.conftest import compiled_calls
+    from tests.tiny_vla import compiled_calls
 
     calls_while_counting = []
     count = flops.counted_flops

@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from policies.vla.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tests.policies.vla.conftest import norm_stats, tiny_model
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import inputs, norm_stats, tiny_model
 
 
 @pytest.fixture

@@ -4,8 +4,7 @@ import torch
 
 from policies.vla import flops
 from policies.vla.hooks import Hooks, QueryTrace
-from tests.policies.vla.conftest import tiny_model
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import inputs, tiny_model
 
 
 class DropHalfVisualAfterLayer0(Hooks):

@@ -18,7 +18,7 @@ from policies.vla.graphs import Graphs
 from policies.vla.hooks import QueryTrace
 from policies.vla.model import OFTModel
 from policies.vla.vision import tower_blocks
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import inputs
 
 
 def test_each_call_sees_its_own_inputs_and_gets_its_own_output():

@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from policies.vla.config import tiny_config
-from policies.vla.hooks import TokenStream
 from policies.vla.llama import LanguageModel
-
-
-def stream(x, positions=None, padding=None):
-    b, t = x.shape[:2]
-    positions = torch.arange(t).expand(b, t) if positions is None else positions
-    none = torch.zeros(b, t, dtype=torch.bool)
-    return TokenStream(x.clone(), positions, none, none, padding)
+from tests.tiny_vla import stream
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +151,7 @@ def test_fused_projections_compute_the_same_and_keep_the_checkpoint_weights():
 def test_compiled_element_wise_chains_compute_the_same_where_graphs_record(llm):
     from policies.vla.graphs import recording
     from policies.vla.llama import EAGER, compiled_kernels
-    from tests.policies.vla.conftest import compiled_calls
+    from tests.tiny_vla import compiled_calls
 
     x = torch.randn(1, 12, llm.sizes.hidden_size)
     padding = torch.zeros(1, 12, dtype=torch.bool)

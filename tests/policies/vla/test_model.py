@@ -4,20 +4,12 @@ import pytest
 import torch
 
 from policies.vla.hooks import Hooks
-from tests.policies.vla.conftest import tiny_model
+from tests.tiny_vla import inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()
-
-
-def inputs(batch=1, prompt_lengths=(9,), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(batch, 12, 224, 224, generator=gen)
-    proprio = torch.rand(batch, 8, generator=gen)
-    prompts = [[1] + torch.randint(3, 250, (n - 2,), generator=gen).tolist() + [259] for n in prompt_lengths]
-    return pixels, proprio, prompts
 
 
 def test_assembled_sequence_follows_the_reference_layout(model):

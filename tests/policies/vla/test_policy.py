@@ -8,7 +8,7 @@ import pytest
 
 from policies.base import PolicyOptionError
 from policies.registry import make_policy
-from tests.policies.vla.conftest import INSTRUCTIONS, fake_observation, norm_stats
+from tests.tiny_vla import INSTRUCTIONS, fake_observation, norm_stats
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_random_weights_without_checkpoint():
 
 
 def test_speedups_give_the_same_actions(tiny_checkpoint, policy):
-    from tests.policies.vla.conftest import compiled_calls
+    from tests.tiny_vla import compiled_calls
 
     compiled = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "speedups": "all"})
     compiled.model.use_cuda_graphs()  # the graphs' bookkeeping, where compiled code serves (the CPU has no graphs)

@@ -60,7 +60,7 @@ def test_full_size_towers_have_the_published_shapes():
 
 def test_compiled_blocks_give_the_same_features_where_graphs_record_and_keep_the_checkpoint_keys(backbone):
     from policies.vla.graphs import recording
-    from tests.policies.vla.conftest import compiled_calls
+    from tests.tiny_vla import compiled_calls
 
     keys = list(backbone.state_dict())
     pixels = torch.randn(2, 12, 224, 224)

@@ -1,14 +1,10 @@
-"""Tiny models, tokenizers and checkpoints written by the tests in the real formats."""
+"""Tiny VLA models, inputs, observations, tokenizers and checkpoints, written by the tests in
+the real formats. Shared by the model-core, plug-in and benchmark tests; torch is imported
+only where needed, so importing this module works without the model extra."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
-import pytest
-
-if importlib.util.find_spec("torch") is None:  # the model extra is not installed
-    collect_ignore_glob = ["test_*.py"]
 
 INSTRUCTIONS = [
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -29,11 +25,10 @@ def norm_stats(key: str = "libero_spatial_no_noops") -> dict:
     }}
 
 
-@pytest.fixture(scope="session")
-def tokenizer_file(tmp_path_factory):
+def write_tokenizer(path):
+    """Train a 300-piece SentencePiece model on the prompts; returns the ``.model`` file."""
     import sentencepiece as spm
 
-    path = tmp_path_factory.mktemp("tokenizer") / "tok"
     text = [f"In: What action should the robot take to {s}?\nOut:" for s in INSTRUCTIONS] * 20
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text), model_prefix=str(path), vocab_size=300, model_type="bpe",
@@ -54,14 +49,35 @@ def tiny_model(seed: int = 0):
     return OFTModel(tiny_config()).eval()
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tokenizer_file):
+def write_checkpoint(directory, tokenizer_file):
     from policies.vla.checkpoint import save_checkpoint
 
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny-oft"
     save_checkpoint(tiny_model(), directory, norm_stats(), step=1000, tokenizer_file=tokenizer_file,
                     shard_bytes=400_000)
     return directory
+
+
+def inputs(batch=1, prompt_lengths=(9,), seed=0):
+    """Random pixels (two images, both towers' channels), proprio and prompts of the given lengths."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 12, 224, 224, generator=gen)
+    proprio = torch.rand(batch, 8, generator=gen)
+    prompts = [[1] + torch.randint(3, 250, (n - 2,), generator=gen).tolist() + [259] for n in prompt_lengths]
+    return pixels, proprio, prompts
+
+
+def stream(x, positions=None, padding=None):
+    """``x`` as a token stream with no visual or task tokens, for the LLM alone."""
+    import torch
+
+    from policies.vla.hooks import TokenStream
+
+    b, t = x.shape[:2]
+    positions = torch.arange(t).expand(b, t) if positions is None else positions
+    none = torch.zeros(b, t, dtype=torch.bool)
+    return TokenStream(x.clone(), positions, none, none, padding)
 
 
 def fake_observation(seed: int = 0, instruction: str = INSTRUCTIONS[0], size: int = 256):

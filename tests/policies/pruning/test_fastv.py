@@ -9,7 +9,7 @@ from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace
 from policies.vla.model import OFTModel
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import inputs
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from policies.pruning.lightvla_star import LightVLAStarPruner, parse_placement
 from policies.registry import make_policy
 from policies.vla import flops
 from policies.vla.hooks import QueryTrace
-from tests.policies.vla.conftest import fake_observation, tiny_model
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import fake_observation, inputs, tiny_model
 
 
 def test_inference_keeps_the_distinct_argmax_of_the_queries_after_layer_l():

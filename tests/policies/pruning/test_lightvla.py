@@ -9,8 +9,7 @@ from policies.pruning.base import keep_tokens
 from policies.pruning.lightvla import LightVLAPruner, lightvla_scores, union_of_argmax
 from policies.vla import flops
 from policies.vla.hooks import QueryTrace, TokenStream
-from tests.policies.vla.conftest import tiny_model
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import inputs, tiny_model
 
 
 def direct_scores(p, t):

@@ -15,8 +15,7 @@ from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace, TokenStream
 from policies.vla.model import OFTModel
-from tests.policies.vla.conftest import tiny_model
-from tests.policies.vla.test_model import inputs
+from tests.tiny_vla import inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
