@@ -145,7 +145,8 @@ class VLACachePolicy(OFTPolicy):
                 f"relevance_layer={relevance}, first_layer={first}"
             )
         return VLACache(options.similarity, options.max_reuse, options.relevant, first,
-                        max(1, options.ramp), relevance, config.num_images, prompt_margins(config))
+                        max(1, options.ramp), relevance, config.num_images, prompt_margins(config),
+                        levels=(config.image_means[0], config.image_stds[0]))
 
     def reset(self, episode) -> None:
         self._hooks.forget(episode.episode_id)

@@ -57,16 +57,22 @@ def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor | None, 
     return stream.hidden[:, -n:], (None if min(counts) == n else stream.task[:, -n:]), counts
 
 
-def text_rows(q: torch.Tensor, stream: TokenStream, margins: tuple[int, int]) -> tuple[torch.Tensor, list[int]]:
-    """Query rows (B, H, M, hd) covering every sample's text tokens, and each sample's count:
-    the task tokens less ``margins`` = (tokens before the text, tokens after it). Samples are
-    left-padded, so every sample's text ends at the same place: sample b's are the last of the M."""
+def text_counts(stream: TokenStream, margins: tuple[int, int]) -> list[int]:
+    """Each sample's text tokens: its task tokens less ``margins`` = (tokens before the text,
+    tokens after it). Samples are left-padded, so every sample's text ends at the same place."""
     before, after = margins
     counts = [task - before - after for task in stream.host_sizes().task]
     if min(counts) < 1:
         raise ValueError(f"a sample has no text tokens among its task tokens {stream.host_sizes().task} "
                          f"less {before} before and {after} after the text")
-    t, longest = q.shape[2], max(counts)
+    return counts
+
+
+def text_rows(q: torch.Tensor, stream: TokenStream, margins: tuple[int, int]) -> tuple[torch.Tensor, list[int]]:
+    """Query rows (B, H, M, hd) covering every sample's text tokens (``text_counts``), and each
+    sample's count: sample b's are the last of the M."""
+    counts = text_counts(stream, margins)
+    t, longest, after = q.shape[2], max(counts), margins[1]
     return q[:, :, t - after - longest:t - after], counts
 
 

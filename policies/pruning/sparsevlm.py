@@ -1,14 +1,17 @@
 """SparseVLM: text-rated, progressive visual token pruning with recycling (training-free).
 
 Pruning happens at a few stage layers (reference placement 2, 6, 15, 19 of a 32-layer LLM,
-scaled to the model's depth). The input of stage layer l is pruned after layer l-1, from
-layer l-1's own queries and keys:
+scaled to the model's depth). As in the reference code, stage layer l runs on the tokens it
+is given, its own queries and keys rate the visual tokens, and its output is pruned: layer
+l + 1 is the first to see fewer.
 
-- Raters: the text tokens (the prompt; in OFT's layout the tokens after the visual block less
-  the proprio token before the prompt and the 56 action slots and the stop token after it,
-  ``text_margins``) whose attention mass on the visual tokens is at least the mean over text
-  tokens (always at least one). Only the text tokens' attention rows are computed, so the
-  layers themselves keep using fused SDPA.
+- Raters, chosen once per query before layer 0, as the reference does: the text tokens (the
+  prompt; in OFT's layout the tokens after the visual block less the proprio token before
+  the prompt and the 56 action slots and the stop token after it, ``text_margins``) that the
+  visual tokens look at most. Each visual embedding's softmax over the text embeddings'
+  dot products, averaged over the visual tokens, scores each text token; the raters are
+  those scoring above the mean (always at least one). At each stage only the raters'
+  attention rows are computed, so the layers themselves keep using fused SDPA.
 - Importance of a visual token: the raters' attention to it, averaged over raters and heads.
 - How many go: the paper removes N = lambda * (L_v - rank(M)), M the raters x visual
   attention matrix: the more linearly dependent the raters' views of the image, the more
@@ -30,9 +33,10 @@ layer l-1's own queries and keys:
 
 On the meta device (cost counting) nothing has values: every importance is equal and M has
 full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
-the scoring's own matrix products (text rows over all keys, the Gram product of the text
-rows' attention to the visual tokens, recycled tokens against centres; about 0.03% of a
-full-size query) are reported as the plug-in's FLOPs, which the query's total includes.
+the scoring's own matrix products (the rater choice's visual x text products, text rows over
+all keys, the Gram product of the raters' attention to the visual tokens, recycled tokens
+against centres; about 0.05% of a full-size query) are reported as the plug-in's FLOPs,
+which the query's total includes.
 """
 
 from __future__ import annotations
@@ -44,47 +48,61 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policies.pruning.base import keep_tokens, on_meta, rows_attention, text_rows
+from policies.pruning.base import keep_tokens, on_meta, rows_attention, text_counts, text_rows
 from policies.vla.hooks import Hooks, TokenStream, right_aligned
 
 REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
 
 
 def parse_layers(text: str) -> list[int]:
-    """'2,6,15,19' -> [2, 6, 15, 19]; stage layers of the 32-layer reference, each in 1..31."""
+    """'2,6,15,19' -> [2, 6, 15, 19]; stage layers of the 32-layer reference, each in 0..30."""
     try:
         layers = [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"layers must be comma-separated layer numbers, got {text!r}") from None
-    if not all(1 <= layer < REFERENCE_DEPTH for layer in layers):
+    if not all(0 <= layer < REFERENCE_DEPTH - 1 for layer in layers):
         raise ValueError(f"layers are given for a {REFERENCE_DEPTH}-layer LLM and must be in "
-                         f"1..{REFERENCE_DEPTH - 1}, got {text!r}")
+                         f"0..{REFERENCE_DEPTH - 2} (pruning after the last layer saves nothing), got {text!r}")
     return layers
 
 
 def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
     """The reference stage layers placed at the same relative depth of a ``num_layers`` LLM.
 
-    Clamped to 1..num_layers-1: layer 0's input has no earlier layer to rate it, and pruning
-    after the last layer would save nothing. Stages that land on one layer merge.
+    Clamped to 0..num_layers-2: pruning after the last layer would save nothing. Stages that
+    land on one layer merge.
     """
     if num_layers < 2:
         raise ValueError(f"SparseVLM needs an LLM of at least 2 layers, got {num_layers}")
     scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in layers)
-    return sorted({min(max(layer, 1), num_layers - 1) for layer in scaled})
+    return sorted({min(max(layer, 0), num_layers - 2) for layer in scaled})
 
 
-def rate_visual(attention: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+def choose_raters(visual: torch.Tensor, visual_valid: torch.Tensor, text: torch.Tensor,
+                  text_valid: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: the raters among each sample's text tokens, from the embeddings.
+
+    visual (B, V, D) and text (B, M, D) are the layer-0 input's visual and text tokens, the
+    (B, V) and (B, M) masks mark each sample's own. Each visual token's softmax over the text
+    tokens' dot products, averaged over the visual tokens, scores the text tokens; a rater
+    scores above the mean of its sample's text tokens, or is the best of them.
+    """
+    logits = (visual.float() @ text.float().transpose(1, 2)).masked_fill(~text_valid[:, None, :], float("-inf"))
+    weights = visual_valid.float()[:, :, None]
+    score = (logits.softmax(dim=-1) * weights).sum(dim=1) / weights.sum(dim=1)  # (B, M), zero where not valid
+    mean = score.sum(dim=1, keepdim=True) / text_valid.sum(dim=1, keepdim=True)
+    best = score.masked_fill(~text_valid, -1.0).amax(dim=1, keepdim=True)
+    return text_valid & ((score > mean) | (score == best))
+
+
+def rate_visual(attention: torch.Tensor, raters: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """One sample's visual importances (V,), the relative rank deficiency of its rater matrix,
     and its number of raters; ``attention`` (text tokens, V) is the text tokens' attention to
-    the visual tokens.
+    the visual tokens, ``raters`` (text tokens,) bool the raters among them.
 
-    Raters are chosen and averaged with a mask, not picked out, so that the only value read
-    on the host is one copy of the rater matrix's Gram matrix and the rater count.
+    Raters are averaged with a mask, not picked out, so that the only value read on the host
+    is one copy of the rater matrix's Gram matrix and the rater count.
     """
-    mass = attention.sum(dim=1)
-    # The maximum is >= the mean in exact arithmetic; naming it keeps one rater under rounding.
-    raters = (mass >= mass.mean()) | (mass == mass.max())
     rated = attention * raters[:, None]  # non-raters' rows zeroed: the raters' rank
     count = raters.sum()
     gram = gram_matrix(rated)
@@ -93,6 +111,12 @@ def rate_visual(attention: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     shape = (raters_read, visual)
     rank = gram_rank(host[:-1].reshape(gram.shape), shape, torch.finfo(attention.dtype).eps)
     return rated.sum(dim=0) / count, 1.0 - rank / min(shape), raters_read
+
+
+def last_of(counts: Sequence[int], width: int, device) -> torch.Tensor:
+    """(B, width) bool: the last counts[b] places of row b."""
+    firsts = torch.tensor([width - c for c in counts], device=device)
+    return torch.arange(width, device=device)[None, :] >= firsts[:, None]
 
 
 def gram_matrix(matrix: torch.Tensor) -> torch.Tensor:
@@ -152,9 +176,8 @@ class SparseVLMPruner(Hooks):
                  cluster_size: int = 4, text_margins: tuple[int, int] = (0, 0)):
         if budget < 1:
             raise ValueError(f"budget must be at least 1 visual token, got {budget}")
-        if not layers or min(layers) < 1:
-            raise ValueError(f"layers must name at least one layer, each >= 1 (layer l-1 rates layer l's input), "
-                             f"got {list(layers)}")
+        if not layers or min(layers) < 0:
+            raise ValueError(f"layers must name at least one layer, each >= 0, got {list(layers)}")
         if not 0.0 <= recycle <= 1.0:
             raise ValueError(f"recycle must be a fraction in [0, 1], got {recycle}")
         if cluster_size < 1:
@@ -162,12 +185,29 @@ class SparseVLMPruner(Hooks):
         self.budget, self.recycle, self.cluster_size = budget, recycle, cluster_size
         self.layers = sorted(set(layers))
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
+        self._raters = None  # (B, M) of the current query, chosen by before_llm
 
     def wants_qk(self, layer: int) -> bool:
-        return layer + 1 in self.layers
+        return layer in self.layers
 
     def plain_layer(self, layer: int) -> bool:
-        return layer + 1 not in self.layers
+        return layer not in self.layers
+
+    def before_llm(self, stream: TokenStream) -> TokenStream:
+        """Choose the query's raters from the layer-0 input (``choose_raters``)."""
+        self._raters = None
+        if on_meta(stream.hidden):
+            return stream
+        sizes, hidden, after = stream.host_sizes(), stream.hidden, self.text_margins[1]
+        texts = text_counts(stream, self.text_margins)
+        t, m, longest = hidden.shape[1], max(texts), max(sizes.visual)
+        text = hidden[:, t - after - m:t - after]  # left-padded: each sample's text ends here
+        columns = right_aligned(stream.visual, longest)  # each sample's visual tokens at the end
+        visual = hidden.gather(1, columns[:, :, None].expand(-1, -1, hidden.shape[2]))
+        self._raters = choose_raters(visual, last_of(sizes.visual, longest, hidden.device),
+                                     text, last_of(texts, m, hidden.device))
+        self.add_cost([2.0 * v * c * hidden.shape[2] for v, c in zip(sizes.visual, texts)])
+        return stream
 
     def removal_plan(self, visual: int, target: int) -> tuple[int, int, int]:
         """(removed, recycled, clusters) taking ``visual`` tokens to ``target``, aggregates included.
@@ -183,13 +223,13 @@ class SparseVLMPruner(Hooks):
         raise AssertionError("unreachable: removing every visual token leaves at most `target` clusters")
 
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
-        if layer + 1 not in self.layers:
+        if layer not in self.layers:
             return stream
         sizes = stream.host_sizes()
         counts, tokens = sizes.visual, sizes.tokens
         if max(counts) <= self.budget:
             return stream
-        stages_left = len(self.layers) - self.layers.index(layer + 1)
+        stages_left = len(self.layers) - self.layers.index(layer)
         meta = on_meta(q)
         # The text rows: sample b's are the last text[b] of the m; its visual columns are the
         # last of a right-aligned order.
@@ -210,7 +250,7 @@ class SparseVLMPruner(Hooks):
                 importance, redundancy = torch.zeros(visual), 0.0
             else:
                 attention = rows[b, m - text[b]:][:, columns.to(rows.device)]  # (text tokens, V)
-                importance, redundancy, _ = rate_visual(attention)
+                importance, redundancy, _ = rate_visual(attention, self._raters[b, m - text[b]:])
                 cost[b] += rank_flops(text[b], visual)
             target = stage_target(visual, self.budget, stages_left, redundancy)
             kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)

@@ -4,7 +4,8 @@ Per episode, the cache keeps the previous query's image patches (copies, never v
 the current frame), every layer's keys and values of the 512 visual tokens, and how much
 the text tokens (the prompt, ``text_margins``) attended to each visual token. At the next
 query a visual token is reused when its 14x14 pixel patch is nearly unchanged (cosine
-similarity >= ``similarity``, at most ``max_reuse`` tokens, most similar first) and it is not
+similarity of the 8-bit RGB values >= ``similarity``, as the reference compares the prepared
+224x224 images; at most ``max_reuse`` tokens, most similar first) and it is not
 among the ``relevant`` fraction the text tokens attended to most. A reused token leaves the sequence from layer ``first_layer``
 on; later layers attend to its cached keys and values instead (so it costs neither
 projections nor MLP there). The reuse is layer-adaptive: the number of reused tokens grows
@@ -18,6 +19,7 @@ previous step's context: reuse is an approximation, not an exact cache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,12 +31,22 @@ PATCH = 14
 VISUAL_START = 1  # RoPE position of visual token 0 (BOS is position 0)
 
 
-def patch_vectors(pixels: torch.Tensor, images: int) -> torch.Tensor:
+def patch_vectors(pixels: torch.Tensor, images: int,
+                  levels: tuple[Sequence[float], Sequence[float]] | None = None) -> torch.Tensor:
     """(6 * images, H, W) model input -> (images * patches, 3 * 14 * 14) patch vectors of the
-    first tower's channels, in the visual tokens' order."""
-    per_image = pixels.reshape(images, 6, *pixels.shape[-2:])[:, :3]
+    first tower's channels, in the visual tokens' order.
+
+    With ``levels`` = (means, stds), the first tower's normalisation, the channels are turned
+    back into the 8-bit values they were computed from: a cosine similarity threshold such as
+    the reference's 0.996 is meant for those (after subtracting the means, patches near the
+    mean colour change direction with a one-level change).
+    """
+    per_image = pixels.reshape(images, 6, *pixels.shape[-2:])[:, :3].float()
+    if levels is not None:
+        means, stds = (torch.tensor(v, dtype=torch.float32, device=pixels.device)[None, :, None, None] for v in levels)
+        per_image = ((per_image * stds + means) * 255.0).round()
     patches = per_image.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # (I, 3, h, w, 14, 14)
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * PATCH * PATCH).float()
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * PATCH * PATCH)
 
 
 @dataclass
@@ -48,12 +60,14 @@ class EpisodeCache:
 class VLACache(Hooks):
     def __init__(self, similarity: float = 0.996, max_reuse: int = 128, relevant: float = 0.25,
                  first_layer: int = 2, ramp: int = 4, relevance_layer: int = 1, images: int = 2,
-                 text_margins: tuple[int, int] = (0, 0)):
+                 text_margins: tuple[int, int] = (0, 0),
+                 levels: tuple[Sequence[float], Sequence[float]] | None = None):
         if not relevance_layer < first_layer:
             raise ValueError("relevance_layer must come before first_layer (all visual tokens are active there)")
         self.similarity, self.max_reuse, self.relevant = similarity, max_reuse, relevant
         self.first_layer, self.ramp, self.relevance_layer, self.images = first_layer, ramp, relevance_layer, images
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
+        self.levels = levels  # the first tower's (means, stds): patches compared as 8-bit values (patch_vectors)
         self.episodes: dict[str, EpisodeCache] = {}
         self.current: str | None = None
         self.reuse_order: torch.Tensor | None = None  # visual indices to reuse, most static first
@@ -66,12 +80,14 @@ class VLACache(Hooks):
 
     def forget(self, episode_id: str) -> None:
         self.episodes.pop(episode_id, None)
+        if self.current == episode_id:  # a later query without begin() must not look for its cache
+            self.current, self.reuse_order, self._slots = None, None, None
 
     def begin(self, episode_id: str, pixels: torch.Tensor) -> None:
         """Called before each single-sample query with that sample's model input (6 * images, H, W)."""
         self.current = episode_id
         self._slots = None
-        patches = patch_vectors(pixels, self.images)
+        patches = patch_vectors(pixels, self.images, self.levels)
         cache = self.episodes.get(episode_id)
         self.reuse_order = None if cache is None else self._choose(cache, patches)
         if cache is None:

@@ -9,8 +9,8 @@ import torch
 from policies.base import PolicyOptionError, parse_options
 from policies.pruning.adapters import SparseVLMPolicy
 from policies.pruning.base import rows_attention
-from policies.pruning.sparsevlm import (SparseVLMPruner, cluster_means, nearest_centre, numerical_rank, rank_flops,
-                                        rate_visual, scaled_layers)
+from policies.pruning.sparsevlm import (SparseVLMPruner, choose_raters, cluster_means, nearest_centre, numerical_rank,
+                                        rank_flops, rate_visual, scaled_layers)
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace, TokenStream
@@ -45,8 +45,8 @@ def pruner_for(model, **options) -> SparseVLMPruner:
 
 def test_stage_layers_keep_their_relative_depth():
     assert scaled_layers([2, 6, 15, 19], 32) == [2, 6, 15, 19]
-    assert scaled_layers([2, 6, 15, 19], 8) == [1, 2, 4, 5]
-    assert scaled_layers([2, 6, 15, 19], 2) == [1]  # every stage clamps onto the only prunable layer
+    assert scaled_layers([2, 6, 15, 19], 8) == [0, 2, 4, 5]
+    assert scaled_layers([2, 6, 15, 19], 2) == [0]  # every stage clamps onto the only layer with one after it
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64, 1])
@@ -64,9 +64,10 @@ def test_deeper_models_prune_progressively(deep_model):
         visual = trace.llm_visual_tokens
         assert visual[0] == 512
         assert all(a >= b for a, b in pairwise(visual))
+        # stage layers 0, 2, 4 and 5 rate and prune their output: the next layer sees fewer
         reductions = [layer for layer in range(1, 8) if visual[layer] < visual[layer - 1]]
-        assert len(reductions) >= 2 and set(reductions) <= {1, 2, 4, 5}
-        assert visual[5:] == [64] * 3  # from the last stage on
+        assert len(reductions) >= 2 and set(reductions) <= {1, 3, 5, 6}
+        assert visual[6:] == [64] * 2  # after the last stage
 
 
 def test_each_stage_reads_the_host_twice(deep_model):
@@ -86,7 +87,8 @@ def test_the_raters_are_chosen_among_the_prompts_text_tokens(model, monkeypatch)
 
     seen = []
     original = sparsevlm.rate_visual
-    monkeypatch.setattr(sparsevlm, "rate_visual", lambda attention: seen.append(attention) or original(attention))
+    monkeypatch.setattr(sparsevlm, "rate_visual",
+                        lambda attention, raters: seen.append(attention) or original(attention, raters))
     run(model, pruner_for(model, budget=64), prompt_lengths=(9, 14))
     # BOS and the prompt's last piece among 9 and 14 tokens: 8 and 13 text tokens after the visual
     # block; the proprio token before them and the 56 action slots and stop token after them are not
@@ -112,15 +114,44 @@ def test_clusters_average_their_members():
         assert torch.allclose(merged[c], members[assign == c].mean(dim=0), atol=1e-6)
 
 
-def test_raters_are_the_task_tokens_looking_at_the_image():
-    # Rows over [BOS, 3 visual, 2 more]; the last two rows look mostly at the visual tokens, in the same way.
+def test_importance_is_the_raters_mean_attention_and_the_rank_their_redundancy():
+    # Rows over [BOS, 3 visual, 2 more]; text rows 1 and 2 are the raters and look at the image alike.
     rows = torch.tensor([[0.9, 0.05, 0.05, 0.0, 0.0, 0.0],
                          [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
                          [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
-                         [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
-    importance, redundancy, raters = rate_visual(rows[1:, 1:4])  # the task tokens' attention to the visual ones
-    assert torch.equal(importance, torch.tensor([0.3, 0.2, 0.2]))  # raters: rows 1 and 2 (mass 0.7 >= 0.5)
-    assert (redundancy, raters) == (0.5, 2)  # two raters, rank one
+                         [0.5, 0.1, 0.3, 0.1, 0.0, 0.0]])
+    raters = torch.tensor([False, True, True, False])
+    importance, redundancy, count = rate_visual(rows[:, 1:4], raters)
+    assert torch.equal(importance, torch.tensor([0.3, 0.2, 0.2]))  # row 3's 0.3 on token 1 is not a rater's
+    assert (redundancy, count) == (0.5, 2)  # two raters, rank one
+
+
+def test_raters_are_the_text_tokens_the_image_looks_at_most():
+    gen = torch.Generator().manual_seed(0)
+    visual, text = torch.randn(2, 7, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    # sample 1 has 4 text tokens (the last 4 of 5) and 6 visual tokens (the last 6 of 7)
+    text_valid = torch.tensor([[True] * 5, [False] + [True] * 4])
+    visual_valid = torch.tensor([[True] * 7, [False] + [True] * 6])
+    raters = choose_raters(visual, visual_valid, text, text_valid)
+    for b, (v0, t0) in enumerate([(0, 0), (1, 1)]):
+        # the reference: softmax over the text of visual . text, averaged over the visual tokens, above the mean
+        score = (visual[b, v0:] @ text[b, t0:].T).softmax(dim=-1).mean(dim=0)
+        expected = (score > score.mean()) | (score == score.max())
+        assert raters[b, t0:].tolist() == expected.tolist() and not raters[b, :t0].any()
+        assert 1 <= int(expected.sum()) < len(expected)
+
+
+def test_raters_are_chosen_once_per_query_before_layer_0(deep_model, monkeypatch):
+    from policies.pruning import sparsevlm
+
+    chosen, used = [], []
+    original_choose, original_rate = sparsevlm.choose_raters, sparsevlm.rate_visual
+    monkeypatch.setattr(sparsevlm, "choose_raters", lambda *a: chosen.append(original_choose(*a)) or chosen[-1])
+    monkeypatch.setattr(sparsevlm, "rate_visual",
+                        lambda attention, raters: used.append(raters) or original_rate(attention, raters))
+    run(deep_model, pruner_for(deep_model, budget=64))
+    assert len(chosen) == 1 and len(used) == 4  # one choice, four stages
+    assert all(torch.equal(r, chosen[0][0]) for r in used)
 
 
 @pytest.mark.parametrize("rows, columns", [(40, 512), (87, 512), (512, 40), (6, 6)])
@@ -144,12 +175,13 @@ def test_the_cluster_takes_its_centres_slot():
                          torch.arange(t)[None] > visual)
     q, k = torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
     # Budget 5 from 20: 16 removed, the 8 most important of them recycled into one cluster.
-    pruner = SparseVLMPruner(budget=5, layers=[1], recycle=0.5, cluster_size=100)
+    pruner = SparseVLMPruner(budget=5, layers=[0], recycle=0.5, cluster_size=100)
     assert pruner.removal_plan(visual, 5) == (16, 8, 1)
+    pruner.before_llm(stream)
     out = pruner.after_layer(0, stream, q, k)
 
     columns = torch.arange(1, 1 + visual)
-    importance, _, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0][:, columns])
+    importance, _, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0][:, columns], pruner._raters[0])
     ranked = columns[importance.argsort(descending=True)]
     kept, centre, recycled = ranked[:4], ranked[4], ranked[4:12]
     assert out.position_ids[0][out.visual[0]].tolist() == sorted(ranked[:5].tolist())
@@ -160,7 +192,7 @@ def test_the_cluster_takes_its_centres_slot():
 
 
 def test_removal_plan_counts_aggregates_towards_the_target():
-    pruner = SparseVLMPruner(budget=64, layers=[1], recycle=0.3, cluster_size=4)
+    pruner = SparseVLMPruner(budget=64, layers=[0], recycle=0.3, cluster_size=4)
     for visual, target in [(512, 64), (512, 401), (401, 400), (100, 1)]:
         removed, recycled, clusters = pruner.removal_plan(visual, target)
         assert visual - removed + clusters == target
@@ -168,15 +200,15 @@ def test_removal_plan_counts_aggregates_towards_the_target():
 
 
 def scoring_flops(model, pruner, trace) -> float:
-    """The plug-in's own matrix products: task rows over all keys, recycled members against
-    centres, and the Gram product of the task rows' attention to the visual tokens."""
+    """The plug-in's own matrix products: the rater choice, text rows over all keys, recycled
+    members against centres, and the Gram product of the text rows' attention to the visual tokens."""
     dims = flops.model_dims(model)
-    total = 0.0
+    text = trace.llm_tokens[0] - 1 - 512 - 1 - 57  # all but BOS, the visual block, proprio, action slots and stop
+    total = 2 * 512 * text * dims.hidden  # choosing the raters from the embeddings
     for stage in pruner.layers:
-        tokens, visual = trace.llm_tokens[stage - 1], trace.llm_visual_tokens[stage - 1]
-        text = tokens - 1 - visual - 1 - 57  # all but BOS, the visual block, proprio, action slots and stop
+        tokens, visual = trace.llm_tokens[stage], trace.llm_visual_tokens[stage]
         total += 2 * text * tokens * dims.q_dim
-        _, recycled, clusters = pruner.removal_plan(visual, trace.llm_visual_tokens[stage])
+        _, recycled, clusters = pruner.removal_plan(visual, trace.llm_visual_tokens[stage + 1])
         total += 2 * recycled * clusters * dims.hidden
         total += rank_flops(text, visual)
     return total
@@ -215,7 +247,7 @@ def test_a_budget_of_every_token_changes_nothing(model):
     assert traces[0].llm_visual_tokens == [512, 512]
 
 
-@pytest.mark.parametrize("option, value", [("budget", "0"), ("layers", "2,x"), ("layers", "0,6"),
+@pytest.mark.parametrize("option, value", [("budget", "0"), ("layers", "2,x"), ("layers", "6,31"),
                                            ("recycle", "1.5"), ("cluster_size", "0")])
 def test_invalid_options_are_named(model, option, value):
     with pytest.raises(PolicyOptionError, match=f"sparsevlm: {option}"):
@@ -229,5 +261,6 @@ def test_bench_profile_meets_the_budget_on_the_full_size(capsys):
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     visual = result["visual_tokens_per_layer"]
-    assert visual[:2] == [512, 512] and visual[2] < 512 and visual[-1] == 64  # first stage: layer 2
+    # the first stage, layer 2, rates with its own attention: layer 3 is the first to see fewer
+    assert visual[:3] == [512] * 3 and visual[3] < 512 and visual[-1] == 64
     assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-9)

@@ -83,6 +83,8 @@ def test_flops_with_reused_keys_equal_the_counter(model8):
 
 def test_policy_resets_per_episode_and_answers_batches_one_by_one(tiny_checkpoint):
     policy = make_policy("vla_cache", {"checkpoint": str(tiny_checkpoint), "similarity": "0.99"})
+    config = policy.config  # patches compared as the 8-bit values the first tower's input came from
+    assert policy.hooks().levels == (config.image_means[0], config.image_stds[0])
     a, b = fake_observation(0), fake_observation(1)
     b.episode_id = "other"
     first = policy.act([a, b])
@@ -163,3 +165,45 @@ def test_after_a_reset_a_query_without_begin_uses_no_cache(model8):
     with torch.no_grad():
         assert torch.equal(model8(pixels, proprio, prompts, 2, hooks=cache), model8(pixels, proprio, prompts, 2))
     assert cache.reused_tokens == 0 and not cache.episodes
+
+
+def test_patches_are_compared_as_the_cameras_8_bit_values():
+    # The reference's 0.996 threshold is for the prepared 8-bit images: a one-level change keeps
+    # every patch of a real frame static there, but not after subtracting the means.
+    from pathlib import Path
+
+    from policies.vla.config import tiny_config
+    from policies.vla.preprocess import pixel_values
+
+    config = tiny_config()
+    levels = (config.image_means[0], config.image_stds[0])
+    data = np.load(Path(__file__).parents[1] / "vla" / "data" / "tf_preprocess_reference.npz")
+    frames = [data["frame0_tf_final"], data["frame1_tf_final"]]
+    noise = np.random.default_rng(0).integers(-1, 2, (2, 224, 224, 3))
+    nudged = [np.clip(f.astype(int) + n, 0, 255).astype(np.uint8) for f, n in zip(frames, noise)]
+
+    def model_input(images):
+        return torch.from_numpy(pixel_values(images, config.image_means, config.image_stds))
+
+    raw = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()[:, None]  # (2, 1, 3, 224, 224)
+    expected = patch_vectors(torch.cat([raw, raw], dim=1).reshape(12, 224, 224), 2)
+    assert torch.equal(patch_vectors(model_input(frames), 2, levels), expected)
+
+    def static(as_levels):
+        before, after = (patch_vectors(model_input(x), 2, levels if as_levels else None) for x in (frames, nudged))
+        return int((torch.nn.functional.cosine_similarity(before, after, dim=1) >= 0.996).sum())
+
+    assert static(as_levels=True) == 512
+    assert static(as_levels=False) < 512
+
+
+def test_forgetting_the_current_episode_clears_its_query_state(model8):
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, max_reuse=100)
+    for _ in range(2):
+        query(model8, cache, "ep", pixels, proprio, prompts)
+    assert cache.reused_tokens > 0
+    cache.forget("ep")
+    assert cache.current is None and cache.reused_tokens == 0
+    with torch.no_grad():  # a query outside any episode runs without the cache
+        model8(pixels, proprio, prompts, 2, hooks=cache)
