@@ -56,6 +56,7 @@ def run_frame(run_dir: Path) -> pd.DataFrame:
         "run_dir": str(run_dir),
         "policy": manifest["config"]["policy"],
         "policy_label": policy_label(manifest["config"]),
+        "policy_caveat": manifest.get("policy_caveat"),
         **_flatten("config.", manifest["config"]),
         **_flatten("protocol.", manifest.get("protocol", {})),
         **_flatten("versions.", manifest.get("versions", {})),

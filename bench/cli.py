@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", help="model checkpoint directory (same as --policy-arg checkpoint=DIR)")
     run.add_argument("--unnorm-key", help="dataset statistics entry of the checkpoint (policy option unnorm_key)")
     run.add_argument("--device", help="model device: auto, cpu, cuda (policy option device)")
+    run.add_argument("--action-slice", choices=("train", "release"),
+                     help="hidden states fed to the action head: train (OFT's, the default) or release (the last 56, "
+                          "as LightVLA's public code reads them) (policy option action_slice)")
     run.add_argument("--tasks", help="task indices, e.g. 0,3 or 0-4 (default: all)")
     sel = run.add_mutually_exclusive_group()
     sel.add_argument("--episodes-per-task", type=POSITIVE, help="use the first N init states of each task (default 50)")
@@ -143,7 +146,8 @@ def _config_from_args(args):
     from bench.records import read_manifest
 
     policy_args = dict(args.policy_arg or [])
-    for option, value in (("checkpoint", args.checkpoint), ("unnorm_key", args.unnorm_key), ("device", args.device)):
+    for option, value in (("checkpoint", args.checkpoint), ("unnorm_key", args.unnorm_key), ("device", args.device),
+                          ("action_slice", args.action_slice)):
         if value is not None:
             policy_args[option] = value
     given = {

@@ -13,7 +13,6 @@ from bench.provenance import now_iso, package_versions
 from bench.runner import TaskEnv, episode_info
 from policies import make_policy
 from suites import TaskSpec, get_suite
-from suites.registry import SETTLE_STEPS
 
 
 @dataclass
@@ -44,7 +43,7 @@ def record_demos(
     plan = plan_episodes(suite, tasks, episodes_per_task, init_states)
     policy = make_policy(policy_name, policy_args, seed=seed)
     policy.select_suite(suite.name)
-    settings = EpisodeSettings(max_steps or suite.max_steps, SETTLE_STEPS, policy.chunk_length, watchdog_s=900.0)
+    settings = EpisodeSettings(max_steps or suite.max_steps, suite.settle_steps, policy.chunk_length, watchdog_s=900.0)
     if env_factory is None:
         from suites.libero_env import LiberoEnv
 
@@ -59,7 +58,7 @@ def record_demos(
         "versions": str(package_versions()),
         "created_at": now_iso(),
     })
-    envs = TaskEnv(lambda task: RecordingEnv(env_factory(task), SETTLE_STEPS))
+    envs = TaskEnv(lambda task: RecordingEnv(env_factory(task), suite.settle_steps))
     not_recorded = {}
     try:
         for planned in tqdm(plan, unit="ep", disable=not progress):

@@ -167,6 +167,11 @@ def markdown_report(df: pd.DataFrame) -> str:
                 "protocol": "; ".join(differ) if differ else "same",
             })
         parts.append(to_markdown(pd.DataFrame(rows)))
+    if "policy_caveat" in df:
+        caveats = df.dropna(subset=["policy_caveat"]).drop_duplicates("run_id")
+        if not caveats.empty:
+            parts += ["", "## Caveats", ""]
+            parts += [f"- {r.run_id} ({r.policy}): {r.policy_caveat}" for r in caveats.itertuples()]
     errors = df[df["outcome"] == "error"]
     if not errors.empty:
         parts += ["", f"## Errors ({len(errors)}; not counted as failures)", ""]

@@ -23,7 +23,6 @@ from bench.provenance import SIMULATOR_PACKAGES, code_revision, host_info, now_i
 from bench.records import MANIFEST, EpisodeLog, RunDirError, read_manifest, write_json_atomic
 from policies import EpisodeInfo, Policy, make_policy
 from suites import TaskSpec, get_suite
-from suites.registry import SETTLE_STEPS
 
 MANIFEST_FORMAT = 1
 
@@ -71,7 +70,7 @@ def execute(
                          f"{policy.chunk_length} actions, so 1..{policy.chunk_length} of them can be executed")
     settings = EpisodeSettings(
         max_steps=config.max_steps or suite.max_steps,
-        settle_steps=SETTLE_STEPS,
+        settle_steps=suite.settle_steps,
         chunk_length=config.chunk_length or policy.chunk_length,
         watchdog_s=config.watchdog_s,
     )
@@ -327,6 +326,7 @@ def _manifest_for(run_dir: Path, config: RunConfig, policy: Policy, plan, settin
             "camera_size": config.camera_size,
         },
         "policy": policy.identity(),
+        "policy_caveat": policy.caveat,
         "plan": [ep.key for ep in plan],
         "versions": versions,
         "code": code_revision(),

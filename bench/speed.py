@@ -18,7 +18,7 @@ from bench.config import RunConfig
 from bench.pool import peak_rss_mb
 from bench.records import read_episodes
 from bench.runner import execute, make_libero_env
-from suites.registry import SETTLE_STEPS
+from suites import get_suite
 
 
 class RenderEveryStep:
@@ -49,7 +49,8 @@ def _timed_run(config: RunConfig, run_dir: Path, env_factory=None) -> dict:
     summary = execute(config, run_dir, env_factory=env_factory, progress=False)
     wall = time.perf_counter() - start
     records = read_episodes(run_dir)
-    steps = sum(r["steps"] + SETTLE_STEPS for r in records)
+    settle = get_suite(config.suite).settle_steps
+    steps = sum(r["steps"] + settle for r in records)
     return {
         "wall_s": wall,
         "env_steps": steps,

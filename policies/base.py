@@ -56,6 +56,8 @@ class Policy(ABC):
     name: ClassVar[str]
     needs_images: ClassVar[bool] = True
     needs_privileged: ClassVar[bool] = False
+    # What a reader of this policy's results must know (an approximation, say); reports print it.
+    caveat: ClassVar[str | None] = None
 
     @dataclass
     class Options:

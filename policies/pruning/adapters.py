@@ -36,6 +36,8 @@ class LightVLAStarPolicy(OFTPolicy):
     class Options(OFTPolicy.Options):
         placement: str = "llm:1"  # llm:L after LLM decoder layer L (llm:0 = before layer 0); vision:B after vision block B
         queries: int = 128  # learnable query vectors (an upper bound on kept tokens)
+        query_std: float = 1.0  # untrained queries are drawn from N(0, query_std^2) ...
+        query_seed: int = 0  # ... with this seed
         keep: int = 0  # force N visual tokens (cost figures with random weights)
         random_queries: bool = False  # allow a checkpoint without trained queries (cost figures only)
 
@@ -51,10 +53,13 @@ class LightVLAStarPolicy(OFTPolicy):
             raise PolicyOptionError(f"lightvla_star: {exc}") from None
         if options.queries < 1:
             raise PolicyOptionError(f"lightvla_star: queries must be positive, got {options.queries}")
+        if not options.query_std > 0:
+            raise PolicyOptionError(f"lightvla_star: query_std must be positive, got {options.query_std}")
+        init = {"seed": options.query_seed, "init_std": options.query_std}
         if kind == "llm":
-            return LightVLAStarPruner(config.llm.hidden_size, options.queries, where, options.keep)
+            return LightVLAStarPruner(config.llm.hidden_size, options.queries, where, options.keep, **init)
         return LightVLAStarPruner(widths[0], options.queries, keep=options.keep, vision_block=where,
-                                  prefix_tokens=prefixes)
+                                  prefix_tokens=prefixes, **init)
 
     def __init__(self, options, seed: int = 0):
         super().__init__(options, seed)
@@ -121,6 +126,8 @@ class VLACachePolicy(OFTPolicy):
     to its own episode and reuses its own previous step)."""
 
     name = "vla_cache"
+    caveat = ("with OFT's bidirectional attention, reused keys and values were computed in the previous "
+              "step's context: VLA-Cache is an approximation here, not an exact cache")
 
     @dataclass
     class Options(OFTPolicy.Options):

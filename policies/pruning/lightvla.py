@@ -49,6 +49,13 @@ def top_voted(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.zeros_like(votes, dtype=torch.bool).scatter(1, chosen, True)
 
 
+def noise_scale(step: int, max_steps: int) -> float:
+    """Training noise, annealed linearly from 1 at step 0 to 0 at ``max_steps``."""
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    return max(0.0, 1.0 - step / max_steps)
+
+
 def straight_through(scores: torch.Tensor, noise_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(selection weights W (B, Q, V), selected indices (B, Q)) for training."""
     if noise_scale:
@@ -104,8 +111,7 @@ class LightVLAPruner(Hooks):
         self.noise_scale = 0.0
 
     def set_progress(self, step: int, max_steps: int) -> None:
-        """Training noise, annealed linearly to 0 over training."""
-        self.noise_scale = max(0.0, 1.0 - step / max_steps)
+        self.noise_scale = noise_scale(step, max_steps)
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
         visual, columns = visual_block(stream)

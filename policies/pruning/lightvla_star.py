@@ -1,8 +1,9 @@
 """LightVLA*: LightVLA's selection with learnable queries instead of task-generated ones.
 
 The public code for this variant is not released; choices made here (configuration):
-``queries`` learnable vectors (default 128, initialised N(0, 1) from a seed; their scale
-does not matter because they are RMS-normalised). Placement ``llm:L``: after LLM decoder
+``queries`` learnable vectors (default 128, initialised N(0, init_std^2) from a seed, by
+default std 1 and seed 0; the scale does not change inference, which RMS-normalises them, but
+sets their step size relative to the gradient in training). Placement ``llm:L``: after LLM decoder
 layer L (``llm:0`` is between projector and layer 0; the paper reports L = 1-3), queries of
 the LLM width score the visual tokens. Placement ``vision:B``: after block B of the vision
 towers, queries of the DINOv2 width score each image's patches there, and both towers keep
@@ -13,7 +14,8 @@ RoPE positions. Training selects one token per query straight-through, so the vi
 becomes ``queries`` slots (per image in the vision placement) holding the selected tokens'
 positions; in the vision placement tower 0's selection weights mix both towers' patches, so
 the gradient reaches the queries and both towers. The queries are saved beside a
-checkpoint as ``token_queries--{step}_checkpoint.pt``.
+checkpoint as ``token_queries--{step}_checkpoint.pt``, with their placement; loading checks both
+the count and the placement against the configuration.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from policies.pruning.base import keep_tokens, rms_norm, visual_block
-from policies.pruning.lightvla import choose, keep_chosen, replace_visual, selected_positions, straight_through
+from policies.pruning.lightvla import (choose, keep_chosen, noise_scale, replace_visual, selected_positions,
+                                       straight_through)
 from policies.vla.hooks import Hooks, TokenStream, VisionSlots
 
 QUERIES_FILE = "token_queries--{step}_checkpoint.pt"
@@ -43,10 +46,12 @@ def parse_placement(text: str, num_layers: int, vision_blocks: int) -> tuple[str
 
 class LightVLAStarPruner(Hooks, nn.Module):
     def __init__(self, hidden_size: int, num_queries: int = 128, after_layer: int = 1, keep: int = 0, seed: int = 0,
-                 vision_block: int | None = None, prefix_tokens: tuple[int, int] = (5, 0)):
+                 vision_block: int | None = None, prefix_tokens: tuple[int, int] = (5, 0), init_std: float = 1.0):
         nn.Module.__init__(self)
+        if not init_std > 0:
+            raise ValueError(f"the queries' initial standard deviation must be positive, got {init_std}")
         gen = torch.Generator().manual_seed(seed)
-        self.queries = nn.Parameter(torch.randn(num_queries, hidden_size, generator=gen))
+        self.queries = nn.Parameter(torch.randn(num_queries, hidden_size, generator=gen) * init_std)
         self.after = after_layer if vision_block is None else None
         self.vision_block, self.prefix_tokens = vision_block, prefix_tokens
         # Chosen in tower 0, applied to tower 1: kept patches (inference) or slots (training).
@@ -57,8 +62,12 @@ class LightVLAStarPruner(Hooks, nn.Module):
         self.noise_scale = 0.0
         self.eval()  # inference selection unless a trainer switches it to training
 
+    @property
+    def placement(self) -> str:
+        return f"llm:{self.after}" if self.vision_block is None else f"vision:{self.vision_block}"
+
     def set_progress(self, step: int, max_steps: int) -> None:
-        self.noise_scale = max(0.0, 1.0 - step / max_steps)
+        self.noise_scale = noise_scale(step, max_steps)
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
         return self.select(stream) if self.after == 0 else stream
@@ -156,7 +165,7 @@ class LightVLAStarPruner(Hooks, nn.Module):
 
     def save(self, directory: Path, step: int = 0) -> Path:
         path = Path(directory) / QUERIES_FILE.format(step=step)
-        torch.save({"queries": self.queries.detach().cpu()}, path)
+        torch.save({"queries": self.queries.detach().cpu(), "placement": self.placement}, path)
         return path
 
     def load(self, directory: Path) -> Path:
@@ -168,8 +177,14 @@ class LightVLAStarPruner(Hooks, nn.Module):
             )
         state = torch.load(found[0], map_location="cpu", weights_only=True)
         queries = state.get("queries") if isinstance(state, dict) else None
-        if queries is None or queries.shape[1:] != self.queries.shape[1:]:
+        if queries is None or queries.ndim != 2 or queries.shape[1] != self.queries.shape[1]:
             shape = None if queries is None else tuple(queries.shape)
             raise ValueError(f"{found[0]}: 'queries' is {shape}, expected (N, {self.queries.shape[1]})")
+        if queries.shape[0] != self.queries.shape[0]:
+            raise ValueError(f"{found[0]} holds {queries.shape[0]} queries, configured {self.queries.shape[0]}: "
+                             f"set queries={queries.shape[0]}")
+        if state.get("placement") != self.placement:
+            raise ValueError(f"{found[0]} holds queries trained at placement {state.get('placement')!r}, "
+                             f"configured {self.placement!r}: set placement={state.get('placement')}")
         self.queries = nn.Parameter(queries.clone())
         return found[0]

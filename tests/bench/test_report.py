@@ -8,14 +8,14 @@ from bench.records import EpisodeLog, RunDirError, write_json_atomic
 from bench.report import markdown_report, paired_comparison, success_table
 
 
-def write_run(run_dir, outcomes, policy="noop", latency=None, stats=None, max_steps=300):
+def write_run(run_dir, outcomes, policy="noop", latency=None, stats=None, max_steps=300, caveat=None):
     """A run directory with the given outcome per (task, init) and made-up but valid records."""
     run_dir.mkdir(parents=True)
     cfg = RunConfig(suite="libero_goal", policy=policy)
     write_json_atomic(run_dir / "manifest.json", {
         "format": 1, "run_id": run_dir.name, "config": cfg.to_dict(), "protocol": {"max_steps": max_steps},
         "versions": {"mujoco": "3.3.3"}, "code": {"commit": "abc", "dirty": False}, "host": {"hostname": "h"},
-        "started_at": "2026-01-01T00:00:00+00:00",
+        "started_at": "2026-01-01T00:00:00+00:00", "policy_caveat": caveat,
     })
     with EpisodeLog(run_dir) as log:
         for (task, init), outcome in outcomes.items():
@@ -51,6 +51,15 @@ def test_pandas_success_column_ignores_errors(tmp_path):
     assert df.success.mean() == pytest.approx(0.5)
     assert {"config.policy", "versions.mujoco", "code.commit", "run_id"} <= set(df.columns)
     assert len(load_results(tmp_path)) == 3  # a directory of run directories works too
+
+
+def test_a_policys_caveat_is_reported_once_per_run(tmp_path):
+    write_run(tmp_path / "plain", {(0, 0): "success"})
+    assert "Caveats" not in markdown_report(load_results(tmp_path))
+    write_run(tmp_path / "cached", {(0, 0): "success", (0, 1): "failure"}, policy="vla_cache",
+              caveat="an approximation")
+    report = markdown_report(load_results(tmp_path))
+    assert report.count("- cached (vla_cache): an approximation") == 1 and "- plain" not in report
 
 
 def test_paired_comparison_and_mcnemar(tmp_path):

@@ -268,3 +268,14 @@ def test_options_given_on_resume_join_the_recorded_ones_and_the_device_counts_as
     assert resumed.protocol_differences(recorded) == []  # the policy's identity compares the resolved device
     args = build_parser().parse_args(["run", "--resume", str(run), "--policy-arg", "size=full"])
     assert "policy_args" in _config_from_args(args).protocol_differences(recorded)[0]
+
+
+def test_model_flags_are_policy_options():
+    from bench.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["run", "--suite", "libero_10", "--policy", "lightvla", "--checkpoint", "ckpt",
+                                      "--unnorm-key", "libero_10_no_noops", "--action-slice", "release"])
+    assert _config_from_args(args).policy_args == {"checkpoint": "ckpt", "unnorm_key": "libero_10_no_noops",
+                                                   "action_slice": "release"}
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["run", "--action-slice", "last"])

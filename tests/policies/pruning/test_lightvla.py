@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from policies.pruning.base import keep_tokens
-from policies.pruning.lightvla import LightVLAPruner, lightvla_scores, union_of_argmax
+from policies.pruning.lightvla import LightVLAPruner, lightvla_scores, straight_through, union_of_argmax
 from policies.vla import flops
 from policies.vla.hooks import QueryTrace, TokenStream
 from tests.tiny_vla import inputs, tiny_model
@@ -136,6 +136,26 @@ def test_noise_is_annealed_to_zero():
     assert pruner.noise_scale == pytest.approx(0.25)
     pruner.set_progress(100, 100)
     assert pruner.noise_scale == 0.0
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):
+        pruner.set_progress(0, 0)
+
+
+def test_training_noise_is_uniform_scaled_and_absent_at_inference():
+    s = toy_stream(seed=3)
+    scores = lightvla_scores(s.hidden[:, 1:17], s.hidden[:, 17:])
+    torch.manual_seed(5)
+    noise = torch.rand_like(scores)  # U[0, 1), drawn as the pruner will draw it
+    for scale in (0.0, 0.5, 3.0):
+        torch.manual_seed(5)
+        weights, indices = straight_through(scores, scale)
+        assert torch.equal(indices, (scores + scale * noise).argmax(dim=-1))
+        assert torch.allclose(weights, torch.nn.functional.one_hot(indices, 16).float(), atol=1e-6)
+    torch.manual_seed(5)
+    assert not torch.equal(straight_through(scores, 3.0)[1], scores.argmax(dim=-1))  # the noise matters
+    pruner = LightVLAPruner()
+    pruner.noise_scale = 3.0  # inference ignores it
+    out = pruner.before_llm(s)
+    assert out.position_ids[0][out.visual[0]].tolist() == [1 + j for j in sorted(set(scores[0].argmax(-1).tolist()))]
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -159,12 +179,32 @@ def test_gradients_flow_through_the_selection_only_in_training(training):
             assert torch.count_nonzero(s.hidden.grad[0, 1 + j]) == 0
 
 
-def test_training_gradients_reach_the_vision_tower_and_the_llm():
+class CaptureInput(LightVLAPruner):
+    """Keeps the visual tokens LightVLA is given, to read their gradients."""
+
+    def before_llm(self, stream):
+        stream.hidden.retain_grad()
+        self.given = stream
+        return super().before_llm(stream)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gradients_reach_unselected_tokens_and_the_towers_only_in_training(training):
     model = tiny_model().train()
-    pruner = LightVLAPruner()
-    pruner.training = True
+    pruner = CaptureInput()
+    pruner.training = training
     pruner.set_progress(10, 100)
     pixels, proprio, prompts = inputs()
     model(pixels, proprio, prompts, 2, hooks=pruner).abs().mean().backward()
+    given = pruner.given
+    visual_grad = given.hidden.grad[0][given.visual[0]]  # (512, D)
+    reached = visual_grad.abs().sum(dim=-1) > 0
+    if training:  # the soft part of W reaches every visual token, and through them the towers
+        assert bool(reached.all())
+    else:  # only the kept tokens pass a gradient: the selection itself is not differentiable
+        with torch.no_grad():
+            scores = lightvla_scores(given.hidden[:, 1:513], given.hidden[:, 513:])
+        kept = union_of_argmax(scores)[0]
+        assert torch.equal(reached, kept) and int(kept.sum()) < 512
     assert model.vision_backbone.featurizer.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.language_model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

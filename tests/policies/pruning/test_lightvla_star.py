@@ -1,5 +1,6 @@
 """LightVLA*: learnable queries, placement after an LLM layer, saved with the checkpoint."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -13,17 +14,68 @@ from policies.vla.hooks import QueryTrace
 from tests.tiny_vla import fake_observation, inputs, tiny_model
 
 
+class CaptureSelection(LightVLAStarPruner):
+    """Keeps copies of the stream the selection is given and of the one it returns."""
+
+    def select(self, stream):
+        kept = super().select(stream)
+        # copies: the layers after the selection replace the streams' hidden states
+        self.given, self.kept = (dataclasses.replace(s, hidden=s.hidden.clone()) for s in (stream, kept))
+        return kept
+
+
 def test_inference_keeps_the_distinct_argmax_of_the_queries_after_layer_l():
     model = tiny_model()
-    pruner = LightVLAStarPruner(64, num_queries=32, after_layer=1)
+    pruner = CaptureSelection(64, num_queries=32, after_layer=1)
     pixels, proprio, prompts = inputs()
     trace = QueryTrace()
     with torch.no_grad():
         model(pixels, proprio, prompts, 2, hooks=pruner, traces=[trace])
-    assert trace.llm_visual_tokens[0] == 512
-    assert 1 <= trace.llm_visual_tokens[1] <= 32
+        given, kept = pruner.given, pruner.kept
+        columns = given.visual[0].nonzero().flatten()
+        chosen = sorted(set(pruner.scores(given.hidden[:, columns])[0].argmax(dim=-1).tolist()))
+    assert trace.llm_visual_tokens == [512, len(chosen)] and 1 <= len(chosen) <= 32
+    # the chosen tokens, in their order, with their RoPE positions; the other tokens unchanged
+    assert kept.position_ids[0][kept.visual[0]].tolist() == given.position_ids[0, columns[chosen]].tolist()
+    assert torch.equal(kept.hidden[0][kept.visual[0]], given.hidden[0, columns[chosen]])
+    assert torch.equal(kept.hidden[0][~kept.visual[0]], given.hidden[0][~given.visual[0]])
     _, counted = flops.counted_flops(model, pixels, proprio, prompts, 2, hooks=pruner)
     assert flops.query_flops(flops.model_dims(model), trace)["total"] == counted["total"]
+
+
+@pytest.mark.parametrize("after", [0, 1])
+def test_keeping_every_token_reproduces_the_unpruned_model_exactly(after):
+    model = tiny_model()
+    pixels, proprio, prompts = inputs(batch=2, prompt_lengths=(9, 12))
+    with torch.no_grad():
+        unpruned = model(pixels, proprio, prompts, 2)
+        pruned = model(pixels, proprio, prompts, 2, hooks=LightVLAStarPruner(64, 32, after, keep=512))
+    assert torch.equal(pruned, unpruned)
+
+
+@pytest.mark.parametrize("after", [0, 1])
+def test_llm_placement_batches_match_single_queries(after):
+    model = tiny_model()
+    pixels, proprio, prompts = inputs(batch=3, prompt_lengths=(9, 12, 9), seed=4)
+    pruner = LightVLAStarPruner(64, num_queries=32, after_layer=after)
+    traces = [QueryTrace() for _ in range(3)]
+    with torch.no_grad():
+        batched = model(pixels, proprio, prompts, 2, hooks=pruner, traces=traces)
+        for i in range(3):
+            trace = QueryTrace()
+            single = model(pixels[i:i + 1], proprio[i:i + 1], prompts[i:i + 1], 2, hooks=pruner, traces=[trace])
+            assert torch.allclose(batched[i], single[0], atol=1e-5)
+            assert trace.llm_visual_tokens == traces[i].llm_visual_tokens
+    assert len({t.llm_visual_tokens[-1] for t in traces}) > 1  # the samples keep different counts
+
+
+def test_the_queries_initialisation_is_configurable():
+    a, b = LightVLAStarPruner(64, 16, seed=3, init_std=0.02), LightVLAStarPruner(64, 16, seed=3, init_std=0.02)
+    assert torch.equal(a.queries, b.queries)
+    assert a.queries.std().item() == pytest.approx(0.02, rel=0.1)
+    assert not torch.equal(a.queries, LightVLAStarPruner(64, 16, seed=4, init_std=0.02).queries)
+    with pytest.raises(ValueError, match="standard deviation must be positive"):
+        LightVLAStarPruner(64, 16, init_std=0.0)
 
 
 def test_training_selects_one_slot_per_query_and_trains_the_queries():
@@ -57,6 +109,25 @@ def test_queries_round_trip_with_a_checkpoint(tiny_checkpoint, tmp_path):
     assert policy.identity()["weights"]["queries"] == "token_queries--1000_checkpoint.pt"
     out = policy.act([fake_observation(0)])[0]
     assert out.stats["visual_tokens_llm"][0] == 512 and out.stats["visual_tokens_llm"][1] <= 24
+
+
+@pytest.mark.parametrize("options, refused", [({"queries": "128"}, "holds 24 queries, configured 128: set queries=24"),
+                                              ({"queries": "24", "placement": "llm:0"},
+                                               "placement 'llm:1', configured 'llm:0': set placement=llm:1")])
+def test_queries_of_another_count_or_placement_are_refused(tiny_checkpoint, tmp_path, options, refused):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    LightVLAStarPruner(64, num_queries=24, after_layer=1).save(ckpt, step=1000)
+    with pytest.raises(PolicyOptionError, match=refused):
+        make_policy("lightvla_star", {"checkpoint": str(ckpt), **options})
+
+
+def test_the_policy_options_set_the_untrained_queries(tiny_checkpoint):
+    options = {"checkpoint": str(tiny_checkpoint), "random_queries": "true", "queries": "16"}
+    a = make_policy("lightvla_star", {**options, "query_std": "0.5", "query_seed": "9"}).hooks().queries
+    b = LightVLAStarPruner(64, 16, after_layer=1, seed=9, init_std=0.5).queries
+    assert torch.equal(a.detach().cpu().float(), b.detach())
+    with pytest.raises(PolicyOptionError, match="query_std must be positive"):
+        make_policy("lightvla_star", {**options, "query_std": "-1"})
 
 
 def test_untrained_queries_only_when_asked(tiny_checkpoint):

@@ -4,7 +4,7 @@ records the visual tokens entering each LLM layer."""
 import pytest
 
 from bench.cli import main
-from bench.records import read_episodes
+from bench.records import read_episodes, read_manifest
 
 pytestmark = pytest.mark.sim
 
@@ -27,6 +27,7 @@ def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, 
         args += ["--policy-arg", arg]
     assert main(args) == 0
     (record,) = read_episodes(out)
+    assert (read_manifest(out)["policy_caveat"] is not None) == (method == "vla_cache")
     assert record["outcome"] == "failure" and record["steps"] == 24, record.get("error")
     stats = record["policy_stats"]
     per_layer = stats["visual_tokens_llm"]
@@ -40,5 +41,8 @@ def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, 
         assert per_layer == [512, 64]
     elif method == "vla_cache":
         assert stats["reused_tokens"] > 0  # mean over the 3 queries; the first reuses nothing
+        capsys.readouterr()
+        assert main(["report", str(out)]) == 0
+        assert "## Caveats" in capsys.readouterr().out  # its reuse is an approximation with OFT
     else:
         assert per_layer[-1] < 512
