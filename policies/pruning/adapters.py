@@ -136,7 +136,7 @@ class VLACachePolicy(OFTPolicy):
         relevant: float = 0.25  # fraction of visual tokens most attended by task tokens, never reused
         first_layer: int = -1  # reuse starts at this LLM layer (-1: layer 2 of 32, scaled to the model)
         ramp: int = 4  # layers over which the reused count grows to its maximum
-        relevance_layer: int = -1  # layer whose task-token attention ranks relevance (-1: first_layer - 1)
+        relevance_layer: int = -1  # layer whose text-token attention ranks relevance (-1: layer 15 of 32, scaled)
 
     @classmethod
     def build_hooks(cls, options, config):
@@ -145,11 +145,11 @@ class VLACachePolicy(OFTPolicy):
 
         layers = config.llm.num_layers
         first = options.first_layer if options.first_layer >= 0 else max(1, round(2 * layers / 32))
-        relevance = options.relevance_layer if options.relevance_layer >= 0 else first - 1
-        if not 0 <= relevance < first < layers:
+        relevance = options.relevance_layer if options.relevance_layer >= 0 else round(15 * layers / 32)
+        if not (0 < first < layers and 0 <= relevance < layers):
             raise PolicyOptionError(
-                f"vla_cache: need 0 <= relevance_layer < first_layer < {layers}, got "
-                f"relevance_layer={relevance}, first_layer={first}"
+                f"vla_cache: need 0 < first_layer < {layers} and 0 <= relevance_layer < {layers}, got "
+                f"first_layer={first}, relevance_layer={relevance}"
             )
         return VLACache(options.similarity, options.max_reuse, options.relevant, first,
                         max(1, options.ramp), relevance, config.num_images, prompt_margins(config),

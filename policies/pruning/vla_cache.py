@@ -6,7 +6,9 @@ the text tokens (the prompt, ``text_margins``) attended to each visual token. At
 query a visual token is reused when its 14x14 pixel patch is nearly unchanged (cosine
 similarity of the 8-bit RGB values >= ``similarity``, as the reference compares the prepared
 224x224 images; at most ``max_reuse`` tokens, most similar first) and it is not
-among the ``relevant`` fraction the text tokens attended to most. A reused token leaves the sequence from layer ``first_layer``
+among the ``relevant`` fraction the text tokens attended to most at ``relevance_layer`` in the
+previous query (the reference reads layer 15 of 32; there the text rows attend to the tokens
+still in the sequence and to the reused ones' cached keys, as the layer itself does). A reused token leaves the sequence from layer ``first_layer``
 on; later layers attend to its cached keys and values instead (so it costs neither
 projections nor MLP there). The reuse is layer-adaptive: the number of reused tokens grows
 linearly over ``ramp`` layers from ``first_layer`` (the published method sets per-layer
@@ -62,8 +64,6 @@ class VLACache(Hooks):
                  first_layer: int = 2, ramp: int = 4, relevance_layer: int = 1, images: int = 2,
                  text_margins: tuple[int, int] = (0, 0),
                  levels: tuple[Sequence[float], Sequence[float]] | None = None):
-        if not relevance_layer < first_layer:
-            raise ValueError("relevance_layer must come before first_layer (all visual tokens are active there)")
         self.similarity, self.max_reuse, self.relevant = similarity, max_reuse, relevant
         self.first_layer, self.ramp, self.relevance_layer, self.images = first_layer, ramp, relevance_layer, images
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
@@ -115,7 +115,7 @@ class VLACache(Hooks):
     # --- hook points ---------------------------------------------------------------------
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
         if q is not None and layer == self.relevance_layer:
-            self._store_relevance(stream, q, k)
+            self._store_relevance(layer, stream, q, k)
         now, later = self.reused_at(layer), self.reused_at(layer + 1)
         if later == now:
             return stream
@@ -164,9 +164,19 @@ class VLACache(Hooks):
             slots = self._slots = (stream.visual, stream.position_ids, columns, index)
         return slots[2], slots[3]
 
-    def _store_relevance(self, stream: TokenStream, q, k) -> None:
+    def _store_relevance(self, layer: int, stream: TokenStream, q, k) -> None:
+        """Each visual token's attention from the text tokens at this layer, averaged over them:
+        the tokens in the sequence through their own keys, the reused ones through the cached keys
+        the layer attended to (a query answers one sample: no padding)."""
+        cache = self.episodes[self.current]
         q_text, (text,) = text_rows(q, stream, self.text_margins)
-        visual_cols, _ = self._visual_slots(stream, q.device)
-        attention = rows_attention(q_text, k, stream.padding)  # (1, text tokens, T)
-        self.add_cost([2 * text * k.shape[2] * q.shape[1] * q.shape[3]])
-        self.episodes[self.current].relevance = attention[0][:, visual_cols].mean(dim=0)
+        columns, index = self._visual_slots(stream, q.device)
+        extra = self.extra_keys(layer, stream)
+        keys = k if extra is None else torch.cat([k, extra.k.to(k.dtype)], dim=2)
+        attention = rows_attention(q_text, keys, None)[0].mean(dim=0)  # (own + reused keys,)
+        self.add_cost([2 * text * keys.shape[2] * q.shape[1] * q.shape[3]])
+        relevance = attention.new_zeros(cache.patches.shape[0])
+        relevance[index] = attention[columns]
+        if extra is not None:
+            relevance[self.reuse_order[:extra.k.shape[2]].to(relevance.device)] = attention[k.shape[2]:]
+        cache.relevance = relevance

@@ -45,6 +45,20 @@ def test_first_step_reuses_nothing_and_an_unchanged_frame_reuses_exactly(model8)
     assert torch.allclose(second, plain, atol=1e-5)  # same frame: cached keys equal fresh ones
 
 
+def test_relevance_past_the_first_reusing_layer_counts_the_reused_tokens_through_their_keys(model8):
+    # Layer 5 runs with 67 of 100 reused tokens out of the sequence; for an unchanged frame their
+    # cached keys equal fresh ones, so the text tokens' attention is the one of a full query.
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, max_reuse=100, first_layer=4, ramp=3, relevance_layer=5)
+    query(model8, cache, "ep", pixels, proprio, prompts)
+    full = cache.episodes["ep"].relevance.clone()
+    _, trace = query(model8, cache, "ep", pixels.clone(), proprio, prompts)
+    assert cache.reused_at(5) == 67 and trace.llm_visual_tokens[5] == 512 - 67
+    relevance = cache.episodes["ep"].relevance
+    assert torch.allclose(relevance, full, atol=1e-6) and bool((relevance > 0).all())
+    assert abs(float(relevance.sum()) - float(full.sum())) < 1e-5
+
+
 def test_changed_patches_and_task_relevant_tokens_are_not_reused(model8):
     pixels, proprio, prompts = inputs()
     cache = VLACache(similarity=0.99, max_reuse=512, relevant=0.25)
