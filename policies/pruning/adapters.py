@@ -105,8 +105,8 @@ class SparseVLMPolicy(OFTPolicy):
     class Options(OFTPolicy.Options):
         budget: int = 192  # visual tokens left after the last stage
         layers: str = "2,6,15,19"  # stage layers of a 32-layer LLM, scaled to the model's depth
-        recycle: float = 0.3  # fraction of each stage's removed tokens aggregated back
-        cluster_size: int = 4  # recycled tokens per aggregated token
+        recycle: float = 0.3  # fraction of each stage's removed tokens aggregated back (plus one; 0: none)
+        cluster_size: int = 10  # recycled tokens per aggregated token (clusters: recycled // cluster_size + 1)
 
     @classmethod
     def build_hooks(cls, options, config):

@@ -24,8 +24,10 @@ l + 1 is the first to see fewer.
   ``min(V - budget, round(step * (1 + rho)))``, i.e. between one and two geometric shares,
   never past the budget. The last stage always reduces to exactly ``budget``.
 - Recycling: a stage removes the d least important visual tokens, of which the most
-  important ceil(recycle * d) are recycled: the most important of those become cluster
-  centres (ceil(recycled / cluster_size) of them, at most the stage's target), every other recycled token joins the
+  important int(recycle * d) + 1 are recycled (the reference's top 30%, plus one), in
+  int(recycled / cluster_size) + 1 clusters (the reference's tenth, plus one; at most the
+  stage's target). Here the most important recycled tokens are the cluster centres (the
+  reference clusters by density peaks), every other recycled token joins the
   centre nearest by cosine similarity of hidden states, and each cluster's mean hidden
   state takes its centre's slot (RoPE position, place in order) as a visual token. The
   aggregated tokens count as visual tokens: d is chosen so that d minus the clusters equals
@@ -41,7 +43,6 @@ which the query's total includes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -173,7 +174,7 @@ def cluster_means(members: torch.Tensor, assign: torch.Tensor, clusters: int) ->
 
 class SparseVLMPruner(Hooks):
     def __init__(self, budget: int = 192, layers: Sequence[int] = (2, 6, 15, 19), recycle: float = 0.3,
-                 cluster_size: int = 4, text_margins: tuple[int, int] = (0, 0)):
+                 cluster_size: int = 10, text_margins: tuple[int, int] = (0, 0)):
         if budget < 1:
             raise ValueError(f"budget must be at least 1 visual token, got {budget}")
         if not layers or min(layers) < 0:
@@ -216,8 +217,9 @@ class SparseVLMPruner(Hooks):
         never exceed the target), so the fewest removals that reach the reduction hit it exactly.
         """
         for removed in range(visual - target, visual + 1):
-            recycled = math.ceil(round(self.recycle * removed, 9))  # round: 0.07 * 100 is 7.000000000000001
-            clusters = min(math.ceil(recycled / self.cluster_size), target)
+            # round: 0.29 * 100 is 28.999999999999996; recycle=0 turns recycling off
+            recycled = min(removed, int(round(self.recycle * removed, 9)) + 1) if self.recycle else 0
+            clusters = min(recycled // self.cluster_size + 1, target) if recycled else 0
             if removed - clusters == visual - target:
                 return removed, recycled, clusters
         raise AssertionError("unreachable: removing every visual token leaves at most `target` clusters")

@@ -174,16 +174,16 @@ def test_the_cluster_takes_its_centres_slot():
     stream = TokenStream(torch.randn(1, t, 8, generator=gen), torch.arange(t)[None], is_visual,
                          torch.arange(t)[None] > visual)
     q, k = torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
-    # Budget 5 from 20: 16 removed, the 8 most important of them recycled into one cluster.
+    # Budget 5 from 20: 16 removed, the 9 most important of them (int(0.5 * 16) + 1) recycled into one cluster.
     pruner = SparseVLMPruner(budget=5, layers=[0], recycle=0.5, cluster_size=100)
-    assert pruner.removal_plan(visual, 5) == (16, 8, 1)
+    assert pruner.removal_plan(visual, 5) == (16, 9, 1)
     pruner.before_llm(stream)
     out = pruner.after_layer(0, stream, q, k)
 
     columns = torch.arange(1, 1 + visual)
     importance, _, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0][:, columns], pruner._raters[0])
     ranked = columns[importance.argsort(descending=True)]
-    kept, centre, recycled = ranked[:4], ranked[4], ranked[4:12]
+    kept, centre, recycled = ranked[:4], ranked[4], ranked[4:13]
     assert out.position_ids[0][out.visual[0]].tolist() == sorted(ranked[:5].tolist())
     hidden = dict(zip(out.position_ids[0].tolist(), out.hidden[0]))
     for column in kept.tolist():
@@ -192,11 +192,13 @@ def test_the_cluster_takes_its_centres_slot():
 
 
 def test_removal_plan_counts_aggregates_towards_the_target():
-    pruner = SparseVLMPruner(budget=64, layers=[0], recycle=0.3, cluster_size=4)
+    # The reference's counts: the top 30% of the removed tokens plus one, in a tenth of them plus one clusters.
+    pruner = SparseVLMPruner(budget=64, layers=[0], recycle=0.3, cluster_size=10)
     for visual, target in [(512, 64), (512, 401), (401, 400), (100, 1)]:
         removed, recycled, clusters = pruner.removal_plan(visual, target)
         assert visual - removed + clusters == target
-        assert recycled == -(-3 * removed // 10) and clusters <= target
+        assert recycled == 3 * removed // 10 + 1 and clusters == min(recycled // 10 + 1, target)
+    assert SparseVLMPruner(budget=64, layers=[0], recycle=0.0).removal_plan(512, 64) == (448, 0, 0)
 
 
 def scoring_flops(model, pruner, trace) -> float:
