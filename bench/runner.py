@@ -307,6 +307,7 @@ def _manifest_for(run_dir: Path, config: RunConfig, policy: Policy, plan, settin
         recorded.setdefault("resumes", []).append(
             {"at": now_iso(), "code": code_revision(), "host": host_info(), "versions": versions})
         recorded["config"] = config.to_dict()  # non-protocol settings may change
+        recorded["policy_caveat"] = policy.caveat  # runs recorded before caveats were kept gain theirs
         return recorded
     if manifest_path.exists():
         raise RunDirError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")

@@ -58,6 +58,9 @@ class Policy(ABC):
     needs_privileged: ClassVar[bool] = False
     # What a reader of this policy's results must know (an approximation, say); reports print it.
     caveat: ClassVar[str | None] = None
+    # Raised when the policy's behaviour changes under the same options, so that a run recorded
+    # before cannot be resumed with episodes of the new behaviour (part of the identity).
+    revision: ClassVar[int | None] = None
 
     @dataclass
     class Options:
@@ -96,7 +99,10 @@ class Policy(ABC):
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs of this policy comparable (options, checkpoint hashes...)."""
-        return {"name": self.name, "options": dataclasses.asdict(self.options)}
+        ident = {"name": self.name, "options": dataclasses.asdict(self.options)}
+        if self.revision is not None:
+            ident["revision"] = self.revision
+        return ident
 
 
 def parse_options(options_cls: type, args: dict[str, str], policy_name: str):

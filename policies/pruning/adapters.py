@@ -74,6 +74,14 @@ class LightVLAStarPolicy(OFTPolicy):
             self.weights = {**self.weights, "queries": "random"}
         pruner.to(device=self.device, dtype=self.dtype)
 
+    def identity(self) -> dict:
+        """Trained queries make the initialisation options irrelevant: left out, so runs with
+        trained queries compare whatever those options say."""
+        ident = super().identity()
+        if self.weights["queries"] != "random":
+            ident["options"] = {k: v for k, v in ident["options"].items() if k not in ("query_std", "query_seed")}
+        return ident
+
 
 class FastVPolicy(OFTPolicy):
     name = "fastv"
@@ -100,6 +108,7 @@ class FastVPolicy(OFTPolicy):
 class SparseVLMPolicy(OFTPolicy):
     name = "sparsevlm"
     keep_option = "budget"
+    revision = 2  # 2: stages rate with their own layer, raters from the embeddings, the reference's recycling
 
     @dataclass
     class Options(OFTPolicy.Options):
@@ -126,6 +135,7 @@ class VLACachePolicy(OFTPolicy):
     to its own episode and reuses its own previous step)."""
 
     name = "vla_cache"
+    revision = 2  # 2: patches compared as 8-bit values, relevance at layer 15 of 32
     caveat = ("with OFT's bidirectional attention, reused keys and values were computed in the previous "
               "step's context: VLA-Cache is an approximation here, not an exact cache")
 

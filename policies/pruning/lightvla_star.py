@@ -14,8 +14,8 @@ RoPE positions. Training selects one token per query straight-through, so the vi
 becomes ``queries`` slots (per image in the vision placement) holding the selected tokens'
 positions; in the vision placement tower 0's selection weights mix both towers' patches, so
 the gradient reaches the queries and both towers. The queries are saved beside a
-checkpoint as ``token_queries--{step}_checkpoint.pt``, with their placement; loading checks both
-the count and the placement against the configuration.
+checkpoint as ``token_queries--{step}_checkpoint.pt``, with their placement; loading checks the
+count and (where the file records it) the placement against the configuration.
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ class LightVLAStarPruner(Hooks, nn.Module):
         if queries.shape[0] != self.queries.shape[0]:
             raise ValueError(f"{found[0]} holds {queries.shape[0]} queries, configured {self.queries.shape[0]}: "
                              f"set queries={queries.shape[0]}")
-        if state.get("placement") != self.placement:
-            raise ValueError(f"{found[0]} holds queries trained at placement {state.get('placement')!r}, "
-                             f"configured {self.placement!r}: set placement={state.get('placement')}")
+        placement = state.get("placement")  # absent from files written before it was saved
+        if placement is not None and placement != self.placement:
+            raise ValueError(f"{found[0]} holds queries trained at placement {placement!r}, "
+                             f"configured {self.placement!r}: set placement={placement}")
         self.queries = nn.Parameter(queries.clone())
         return found[0]

@@ -37,7 +37,7 @@ On the meta device (cost counting) nothing has values: every importance is equal
 full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
 the scoring's own matrix products (the rater choice's visual x text products, text rows over
 all keys, the Gram product of the raters' attention to the visual tokens, recycled tokens
-against centres; about 0.05% of a full-size query) are reported as the plug-in's FLOPs,
+against centres; about 0.01% of a full-size query) are reported as the plug-in's FLOPs,
 which the query's total includes.
 """
 
@@ -114,10 +114,9 @@ def rate_visual(attention: torch.Tensor, raters: torch.Tensor) -> tuple[torch.Te
     return rated.sum(dim=0) / count, 1.0 - rank / min(shape), raters_read
 
 
-def last_of(counts: Sequence[int], width: int, device) -> torch.Tensor:
-    """(B, width) bool: the last counts[b] places of row b."""
-    firsts = torch.tensor([width - c for c in counts], device=device)
-    return torch.arange(width, device=device)[None, :] >= firsts[:, None]
+def last_of(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool: the last counts[b] places of row b (counts (B,) on the device)."""
+    return torch.arange(width, device=counts.device)[None, :] >= (width - counts)[:, None]
 
 
 def gram_matrix(matrix: torch.Tensor) -> torch.Tensor:
@@ -199,14 +198,16 @@ class SparseVLMPruner(Hooks):
         self._raters = None
         if on_meta(stream.hidden):
             return stream
-        sizes, hidden, after = stream.host_sizes(), stream.hidden, self.text_margins[1]
+        sizes, hidden, (before, after) = stream.host_sizes(), stream.hidden, self.text_margins
         texts = text_counts(stream, self.text_margins)
         t, m, longest = hidden.shape[1], max(texts), max(sizes.visual)
         text = hidden[:, t - after - m:t - after]  # left-padded: each sample's text ends here
         columns = right_aligned(stream.visual, longest)  # each sample's visual tokens at the end
         visual = hidden.gather(1, columns[:, :, None].expand(-1, -1, hidden.shape[2]))
-        self._raters = choose_raters(visual, last_of(sizes.visual, longest, hidden.device),
-                                     text, last_of(texts, m, hidden.device))
+        # The masks from the device's own masks: counts copied from the host would wait for the towers.
+        own_visual = stream.visual.gather(1, columns)
+        text_valid = last_of((stream.task & stream.real()).sum(dim=1) - before - after, m)
+        self._raters = choose_raters(visual, own_visual, text, text_valid)
         self.add_cost([2.0 * v * c * hidden.shape[2] for v, c in zip(sizes.visual, texts)])
         return stream
 

@@ -279,3 +279,28 @@ def test_model_flags_are_policy_options():
                                                    "action_slice": "release"}
     with pytest.raises(SystemExit):  # argparse names the choices
         build_parser().parse_args(["run", "--action-slice", "last"])
+
+
+def test_a_run_of_an_earlier_revision_of_its_policy_is_not_resumed_and_a_resumed_run_gains_its_caveat(
+        tmp_path, monkeypatch):
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
+    class WithCaveat(CountingPolicy):
+        caveat = "an approximation"
+
+    class Revised(WithCaveat):
+        revision = 2
+
+    def run(policy_class):
+        monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: policy_class(needs_images=False))
+        execute(config(tasks=[0], episodes_per_task=1), tmp_path / "run", env_factory=EnvFactory(),
+                progress=False, resume=(tmp_path / "run").exists())
+        return read_manifest(tmp_path / "run")
+
+    first = run(CountingPolicy)
+    assert "revision" not in first["policy"] and first["policy_caveat"] is None
+    assert run(WithCaveat)["policy_caveat"] == "an approximation"  # same identity: resumed
+    with pytest.raises(RunDirError, match="policy identity"):
+        run(Revised)
+    assert len(read_episodes(tmp_path / "run")) == 1

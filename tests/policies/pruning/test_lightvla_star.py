@@ -121,6 +121,19 @@ def test_queries_of_another_count_or_placement_are_refused(tiny_checkpoint, tmp_
         make_policy("lightvla_star", {"checkpoint": str(ckpt), **options})
 
 
+def test_a_query_file_without_its_placement_loads_and_trained_queries_ignore_the_init_options(tiny_checkpoint,
+                                                                                              tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    trained = LightVLAStarPruner(64, num_queries=24, seed=7)
+    torch.save({"queries": trained.queries.detach()}, ckpt / "token_queries--1000_checkpoint.pt")  # the older format
+    policy = make_policy("lightvla_star", {"checkpoint": str(ckpt), "queries": "24"})
+    assert torch.equal(policy.hooks().queries.detach(), trained.queries.detach())
+    other_init = make_policy("lightvla_star", {"checkpoint": str(ckpt), "queries": "24", "query_std": "0.1"})
+    assert "query_std" not in policy.identity()["options"] and policy.identity() == other_init.identity()
+    random = make_policy("lightvla_star", {"checkpoint": str(ckpt), "queries": "24", "random_queries": "true"})
+    assert random.identity()["options"]["query_std"] == 1.0  # untrained queries: their initialisation counts
+
+
 def test_the_policy_options_set_the_untrained_queries(tiny_checkpoint):
     options = {"checkpoint": str(tiny_checkpoint), "random_queries": "true", "queries": "16"}
     a = make_policy("lightvla_star", {**options, "query_std": "0.5", "query_seed": "9"}).hooks().queries
