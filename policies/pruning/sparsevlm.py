@@ -26,28 +26,28 @@ l + 1 is the first to see fewer.
 - Recycling: a stage removes the d least important visual tokens, of which the most
   important int(recycle * d) + 1 are recycled (the reference's top 30%, plus one), in
   int(recycled / cluster_size) + 1 clusters (the reference's tenth, plus one; at most the
-  stage's target). Here the most important recycled tokens are the cluster centres (the
-  reference clusters by density peaks), every other recycled token joins the
-  centre nearest by cosine similarity of hidden states, and each cluster's mean hidden
-  state takes its centre's slot (RoPE position, place in order) as a visual token. The
+  stage's target), found as the reference finds them (density peaks, ``density_peaks``):
+  every recycled token joins the nearest centre, and each cluster's mean hidden state takes
+  its centre's slot (RoPE position, place in order) as a visual token, where the reference
+  appends the merged tokens after the kept ones with renumbered positions. The
   aggregated tokens count as visual tokens: d is chosen so that d minus the clusters equals
   the reduction above, so the budget is met exactly.
 
 On the meta device (cost counting) nothing has values: every importance is equal and M has
 full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
 the scoring's own matrix products (the rater choice's visual x text products, text rows over
-all keys, the Gram product of the raters' attention to the visual tokens, recycled tokens
-against centres; about 0.01% of a full-size query) are reported as the plug-in's FLOPs,
+all keys, the Gram product of the raters' attention to the visual tokens, the recycled
+tokens' pairwise distances; about 0.01% of a full-size query) are reported as the plug-in's FLOPs,
 which the query's total includes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from policies.pruning.base import keep_tokens, on_meta, rows_attention, text_counts, text_rows
 from policies.vla.hooks import Hooks, TokenStream, right_aligned
@@ -154,13 +154,30 @@ def stage_target(visual: int, budget: int, stages_left: int, redundancy: float) 
     return visual - min(visual - budget, round(step * (1 + redundancy)))
 
 
-def nearest_centre(members: torch.Tensor, clusters: int) -> torch.Tensor:
-    """(n,) cluster of each member (n, D), the first ``clusters`` members being the centres:
-    the centre of highest cosine similarity; each centre belongs to its own cluster."""
-    unit = F.normalize(members.float(), dim=-1)
-    assign = (unit @ unit[:clusters].T).argmax(dim=1)
-    assign[:clusters] = torch.arange(clusters, device=assign.device)
-    return assign
+def density_peaks(members: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the members (n, D) as the reference's DPC-KNN does: (clusters,) centre indices
+    and (n,) the cluster of each member.
+
+    Distances are Euclidean over sqrt(D); a member's density is exp(-mean squared distance to
+    its ``clusters`` nearest members, itself included); its reach is its distance to the nearest
+    denser member (the densest: the largest distance). The members of highest density x reach
+    are the centres, in that order, and every member joins its nearest centre. Equal densities
+    are ordered by index instead of the reference's random 1e-6, so the result is reproducible.
+    """
+    x = members.float()
+    n, width = x.shape
+    squares = (x * x).sum(dim=1)
+    distance = (squares[:, None] + squares[None, :] - 2.0 * (x @ x.T)).clamp(min=0.0).sqrt() / math.sqrt(width)
+    distance.fill_diagonal_(0.0)  # exactly, not up to the rounding of the expansion above
+    density = (-(distance.topk(min(clusters, n), dim=1, largest=False).values ** 2).mean(dim=1)).exp()
+    index = torch.arange(n, device=x.device)
+    denser = (density[None, :] > density[:, None]) | (
+        (density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
+    reach = torch.where(denser, distance, distance.max()).amin(dim=1)
+    centres = (reach * density).topk(clusters).indices
+    assign = distance[centres].argmin(dim=0)
+    assign[centres] = torch.arange(clusters, device=x.device)
+    return centres, assign
 
 
 def cluster_means(members: torch.Tensor, assign: torch.Tensor, clusters: int) -> torch.Tensor:
@@ -259,7 +276,7 @@ class SparseVLMPruner(Hooks):
             kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)
             if not meta:
                 _, recycled, clusters = self.removal_plan(visual, target)
-                cost[b] += 2.0 * recycled * clusters * stream.hidden.shape[2] if clusters else 0.0  # similarities
+                cost[b] += 2.0 * recycled * recycled * stream.hidden.shape[2] if clusters else 0.0  # distances
             keep[b, kept] = True
             if centres.numel():
                 keep[b, centres] = True
@@ -289,6 +306,6 @@ class SparseVLMPruner(Hooks):
             return kept, recycled_columns, members
         if meta:  # no values to compare: any assignment costs the same
             assign = torch.arange(recycled, device=hidden.device) % clusters
-        else:
-            assign = nearest_centre(members, clusters)
-        return kept, recycled_columns[:clusters], cluster_means(members, assign, clusters)
+            return kept, recycled_columns[:clusters], cluster_means(members, assign, clusters)
+        centres, assign = density_peaks(members, clusters)
+        return kept, recycled_columns[centres.to(recycled_columns.device)], cluster_means(members, assign, clusters)

@@ -1,6 +1,7 @@
 """SparseVLM: exact budget, progressive stages, recycling, FLOPs, the identity at a full budget."""
 
 import json
+import math
 from itertools import pairwise
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from policies.base import PolicyOptionError, parse_options
 from policies.pruning.adapters import SparseVLMPolicy
 from policies.pruning.base import rows_attention
-from policies.pruning.sparsevlm import (SparseVLMPruner, choose_raters, cluster_means, nearest_centre, numerical_rank,
+from policies.pruning.sparsevlm import (SparseVLMPruner, choose_raters, cluster_means, density_peaks, numerical_rank,
                                         rank_flops, rate_visual, scaled_layers)
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
@@ -102,13 +103,29 @@ def test_recycling_changes_the_output(model):
     assert not torch.equal(plain, recycled)
 
 
-def test_clusters_average_their_members():
+def reference_density_peaks(x, clusters):
+    """DPC-KNN written out member by member, for a few members: centres and assignment."""
+    n = len(x)
+    d = [[float(torch.linalg.vector_norm(x[i] - x[j])) / x.shape[1] ** 0.5 for j in range(n)] for i in range(n)]
+    density = [math.exp(-sum(v * v for v in sorted(row)[:clusters]) / clusters) for row in d]
+    largest = max(max(row) for row in d)
+    reach = [min([d[i][j] for j in range(n) if density[j] > density[i]] or [largest]) for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -reach[i] * density[i])[:clusters]
+    assign = [centres.index(i) if i in centres else min(range(clusters), key=lambda c: d[centres[c]][i])
+              for i in range(n)]
+    return centres, assign
+
+
+def test_clusters_are_density_peaks_and_average_their_members():
     gen = torch.Generator().manual_seed(0)
-    members = torch.randn(11, 16, generator=gen)
-    assign = nearest_centre(members, 3)
-    assert assign[:3].tolist() == [0, 1, 2]  # centres lead their own clusters
-    unit = torch.nn.functional.normalize(members, dim=-1)
-    assert torch.equal(assign[3:], (unit[3:] @ unit[:3].T).argmax(dim=1))
+    # three groups of members around three points, and a straggler
+    base = torch.randn(3, 16, generator=gen) * 4
+    members = torch.cat([base[i] + 0.3 * torch.randn(n, 16, generator=gen) for i, n in enumerate((5, 4, 3))]
+                        + [torch.randn(1, 16, generator=gen)])
+    centres, assign = density_peaks(members, 3)
+    expected_centres, expected_assign = reference_density_peaks(members, 3)
+    assert centres.tolist() == expected_centres and assign.tolist() == expected_assign
+    assert len(set(assign[:5].tolist())) == len(set(assign[5:9].tolist())) == len(set(assign[9:12].tolist())) == 1
     merged = cluster_means(members, assign, 3)
     for c in range(3):
         assert torch.allclose(merged[c], members[assign == c].mean(dim=0), atol=1e-6)
@@ -183,12 +200,13 @@ def test_the_cluster_takes_its_centres_slot():
     columns = torch.arange(1, 1 + visual)
     importance, _, _ = rate_visual(rows_attention(q[:, :, -6:], k, None)[0][:, columns], pruner._raters[0])
     ranked = columns[importance.argsort(descending=True)]
-    kept, centre, recycled = ranked[:4], ranked[4], ranked[4:13]
-    assert out.position_ids[0][out.visual[0]].tolist() == sorted(ranked[:5].tolist())
+    kept, recycled = ranked[:4], ranked[4:13]
+    (centre,) = density_peaks(stream.hidden[0, recycled], 1)[0].tolist()  # one cluster: the densest member leads
+    assert out.position_ids[0][out.visual[0]].tolist() == sorted(kept.tolist() + [int(recycled[centre])])
     hidden = dict(zip(out.position_ids[0].tolist(), out.hidden[0]))
     for column in kept.tolist():
         assert torch.equal(hidden[column], stream.hidden[0, column])
-    assert torch.allclose(hidden[int(centre)], stream.hidden[0, recycled].mean(dim=0), atol=1e-6)
+    assert torch.allclose(hidden[int(recycled[centre])], stream.hidden[0, recycled].mean(dim=0), atol=1e-6)
 
 
 def test_removal_plan_counts_aggregates_towards_the_target():
@@ -202,8 +220,8 @@ def test_removal_plan_counts_aggregates_towards_the_target():
 
 
 def scoring_flops(model, pruner, trace) -> float:
-    """The plug-in's own matrix products: the rater choice, text rows over all keys, recycled
-    members against centres, and the Gram product of the text rows' attention to the visual tokens."""
+    """The plug-in's own matrix products: the rater choice, text rows over all keys, the recycled
+    members' pairwise distances, and the Gram product of the text rows' attention to the visual tokens."""
     dims = flops.model_dims(model)
     text = trace.llm_tokens[0] - 1 - 512 - 1 - 57  # all but BOS, the visual block, proprio, action slots and stop
     total = 2 * 512 * text * dims.hidden  # choosing the raters from the embeddings
@@ -211,7 +229,7 @@ def scoring_flops(model, pruner, trace) -> float:
         tokens, visual = trace.llm_tokens[stage], trace.llm_visual_tokens[stage]
         total += 2 * text * tokens * dims.q_dim
         _, recycled, clusters = pruner.removal_plan(visual, trace.llm_visual_tokens[stage + 1])
-        total += 2 * recycled * clusters * dims.hidden
+        total += 2 * recycled * recycled * dims.hidden if clusters else 0  # the recycled tokens' distances
         total += rank_flops(text, visual)
     return total
 
