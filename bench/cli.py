@@ -291,8 +291,10 @@ def cmd_list(args) -> int:
     else:
         from policies import list_policies
 
-        for name, summary in list_policies():
-            print(f"{name:12s} {summary}")
+        policies = list_policies()
+        width = max(len(name) for name, _ in policies)
+        for name, summary in policies:
+            print(f"{name:{width}s}  {summary}")
     return 0
 
 

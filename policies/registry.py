@@ -17,7 +17,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "scripted": ("policies.scripted:ScriptedPolicy", "privileged-state expert: motion primitives from the BDDL goal"),
     "oft": ("policies.vla.policy:OFTPolicy", "OpenVLA-OFT from a local checkpoint (--checkpoint DIR), or random weights"),
     "lightvla": ("policies.pruning.adapters:LightVLAPolicy", "OpenVLA-OFT + LightVLA query-based visual token selection"),
-    "lightvla_star": ("policies.pruning.adapters:LightVLAStarPolicy", "LightVLA with learnable queries, after LLM layer L"),
+    "lightvla_star": ("policies.pruning.adapters:LightVLAStarPolicy", "LightVLA with learnable queries, after LLM layer L (llm:L) or vision block B (vision:B)"),
     "fastv": ("policies.pruning.adapters:FastVPolicy", "OpenVLA-OFT + FastV: drop visual tokens after layer k-1 (k, r)"),
     "vla_cache": ("policies.pruning.adapters:VLACachePolicy", "OpenVLA-OFT + VLA-Cache: reuse static visual tokens' K/V across steps"),
     "sparsevlm": ("policies.pruning.adapters:SparseVLMPolicy", "OpenVLA-OFT + SparseVLM: text-rated progressive pruning with recycling (budget)"),
