@@ -80,6 +80,21 @@ def stream(x, positions=None, padding=None):
     return TokenStream(x.clone(), positions, none, none, padding)
 
 
+def toy_layer(t: int, visual: int, seed: int = 0):
+    """A one-sample stream of t tokens (BOS, ``visual`` visual tokens, then task tokens) of width 8,
+    with a layer's queries (2 heads) and keys (1 key head) of width 4: (stream, q, k)."""
+    import torch
+
+    from policies.vla.hooks import TokenStream
+
+    gen = torch.Generator().manual_seed(seed)
+    is_visual = torch.zeros(1, t, dtype=torch.bool)
+    is_visual[0, 1:1 + visual] = True
+    stream = TokenStream(torch.randn(1, t, 8, generator=gen), torch.arange(t)[None], is_visual,
+                         torch.arange(t)[None] > visual)
+    return stream, torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
+
+
 def fake_observation(seed: int = 0, instruction: str = INSTRUCTIONS[0], size: int = 256):
     from policies.base import Observation
 

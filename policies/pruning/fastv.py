@@ -52,4 +52,4 @@ class FastVPruner(Hooks):
         else:
             scores = attention.to(visual.device)
         self.add_cost([2 * n * q.shape[1] * q.shape[3] for n in sizes.tokens])  # one attention row
-        return keep_tokens(stream, ~lowest_visual(scores, visual, drop.to(visual.device)))
+        return keep_tokens(stream, ~lowest_visual(scores, visual, drop))

@@ -6,9 +6,9 @@ import torch
 from policies.pruning.fastv import FastVPruner
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
-from policies.vla.hooks import QueryTrace, TokenStream
+from policies.vla.hooks import QueryTrace
 from policies.vla.model import OFTModel
-from tests.tiny_vla import inputs
+from tests.tiny_vla import inputs, toy_layer
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +67,8 @@ def test_kept_tokens_are_those_the_last_token_attends_to_most(model8, prompt_len
 def test_the_drop_count_is_floor_r_times_the_visual_tokens_in_exact_arithmetic():
     from fractions import Fraction
 
-    gen = torch.Generator().manual_seed(0)
-    t, visual = 120, 100
-    is_visual = torch.zeros(1, t, dtype=torch.bool)
-    is_visual[0, 1:1 + visual] = True
-    stream = TokenStream(torch.randn(1, t, 8, generator=gen), torch.arange(t)[None], is_visual,
-                         torch.arange(t)[None] > visual)
-    q, k = torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
+    visual = 100
+    stream, q, k = toy_layer(120, visual)
     for r in ("0.53", "0.29", "0.57", "0.5"):
         out = FastVPruner(1, float(r)).after_layer(0, stream, q, k)
         dropped = visual - int(out.visual.sum())

@@ -14,9 +14,9 @@ from policies.pruning.sparsevlm import (SparseVLMPruner, choose_raters, cluster_
                                         rank_flops, rate_visual, scaled_layers)
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
-from policies.vla.hooks import QueryTrace, TokenStream
+from policies.vla.hooks import QueryTrace
 from policies.vla.model import OFTModel
-from tests.tiny_vla import inputs, tiny_model
+from tests.tiny_vla import inputs, tiny_model, toy_layer
 
 
 @pytest.fixture(scope="module")
@@ -184,13 +184,8 @@ def test_the_rank_from_the_gram_matrix_equals_torchs_matrix_rank(rows, columns):
 
 
 def test_the_cluster_takes_its_centres_slot():
-    gen = torch.Generator().manual_seed(0)
-    t, visual = 27, 20
-    is_visual = torch.zeros(1, t, dtype=torch.bool)
-    is_visual[0, 1:1 + visual] = True
-    stream = TokenStream(torch.randn(1, t, 8, generator=gen), torch.arange(t)[None], is_visual,
-                         torch.arange(t)[None] > visual)
-    q, k = torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
+    visual = 20
+    stream, q, k = toy_layer(27, visual)
     # Budget 5 from 20: 16 removed, the 9 most important of them (int(0.5 * 16) + 1) recycled into one cluster.
     pruner = SparseVLMPruner(budget=5, layers=[0], recycle=0.5, cluster_size=100)
     assert pruner.removal_plan(visual, 5) == (16, 9, 1)
