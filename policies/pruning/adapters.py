@@ -119,11 +119,11 @@ class SparseVLMPolicy(OFTPolicy):
 
     @classmethod
     def build_hooks(cls, options, config):
-        from policies.pruning.sparsevlm import SparseVLMPruner, parse_layers, scaled_layers
+        from policies.pruning.sparsevlm import SparseVLMPruner, stage_layers
         from policies.vla.model import prompt_margins
 
         try:
-            layers = scaled_layers(parse_layers(options.layers), config.llm.num_layers)
+            layers = stage_layers(options.layers, config.llm.num_layers)
             return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
                                    cluster_size=options.cluster_size, text_margins=prompt_margins(config))
         except ValueError as exc:
@@ -135,34 +135,43 @@ class VLACachePolicy(OFTPolicy):
     to its own episode and reuses its own previous step)."""
 
     name = "vla_cache"
-    revision = 2  # 2: patches compared as 8-bit values, relevance at layer 15 of 32
+    # 2: patches compared as 8-bit values, relevance at layer 15 of 32;
+    # 3: per-image selection and the entropy schedule at stage layers, as the reference integration
+    revision = 3
     caveat = ("with OFT's bidirectional attention, reused keys and values were computed in the previous "
               "step's context: VLA-Cache is an approximation here, not an exact cache")
 
     @dataclass
     class Options(OFTPolicy.Options):
-        similarity: float = 0.996  # patch cosine similarity above which a token may be reused
-        max_reuse: int = 128  # most visual tokens reused per query
-        relevant: float = 0.25  # fraction of visual tokens most attended by task tokens, never reused
-        first_layer: int = -1  # reuse starts at this LLM layer (-1: layer 2 of 32, scaled to the model)
-        ramp: int = 4  # layers over which the reused count grows to its maximum
+        similarity: float = 0.996  # patch cosine similarity (8-bit values) at or above which a patch is static
+        static: int = 150  # per camera image: at most this many static patches, the most similar
+        relevant: int = 100  # per camera image: patches most attended by the text tokens, never reused
+        layers: str = "2,6,9,11"  # stage layers of a 32-layer LLM (scaled to the model) where reused tokens leave
+        growth: float = 0.55  # a rise of the entropy schedule from one layer to the next is damped to this share
         relevance_layer: int = -1  # layer whose text-token attention ranks relevance (-1: layer 15 of 32, scaled)
 
     @classmethod
     def build_hooks(cls, options, config):
+        from policies.pruning.base import REFERENCE_DEPTH, parse_layers, scale_layers
         from policies.pruning.vla_cache import VLACache
         from policies.vla.model import prompt_margins
 
-        layers = config.llm.num_layers
-        first = options.first_layer if options.first_layer >= 0 else max(1, round(2 * layers / 32))
-        relevance = options.relevance_layer if options.relevance_layer >= 0 else round(15 * layers / 32)
-        if not (0 < first < layers and 0 <= relevance < layers):
-            raise PolicyOptionError(
-                f"vla_cache: need 0 < first_layer < {layers} and 0 <= relevance_layer < {layers}, got "
-                f"first_layer={first}, relevance_layer={relevance}"
-            )
-        return VLACache(options.similarity, options.max_reuse, options.relevant, first,
-                        max(1, options.ramp), relevance, config.num_images, prompt_margins(config),
+        depth = config.llm.num_layers
+        relevance = options.relevance_layer if options.relevance_layer >= 0 else round(15 * depth / REFERENCE_DEPTH)
+        try:
+            if depth < 2:
+                raise ValueError(f"VLA-Cache needs an LLM of at least 2 layers, got {depth}")
+            stages = parse_layers(options.layers, 1, REFERENCE_DEPTH - 1, "tokens leave before a stage layer")
+            if not 0 <= relevance < depth:
+                raise ValueError(f"relevance_layer must be in 0..{depth - 1}, got {relevance}")
+            if options.static < 0 or options.relevant < 0 or not 0 <= options.growth <= 1:
+                raise ValueError(f"need static >= 0, relevant >= 0 and growth in 0..1, got static={options.static}, "
+                                 f"relevant={options.relevant}, growth={options.growth}")
+        except ValueError as exc:
+            raise PolicyOptionError(f"vla_cache: {exc}") from None
+        return VLACache(options.similarity, options.static, options.relevant,
+                        scale_layers(stages, depth, 1, depth - 1), options.growth, relevance,
+                        config.num_images, prompt_margins(config),
                         levels=(config.image_means[0], config.image_stds[0]))
 
     def reset(self, episode) -> None:
@@ -178,5 +187,6 @@ class VLACachePolicy(OFTPolicy):
             self._hooks.begin(obs.episode_id, pixels[0])
             (out,) = self.run(pixels, proprio, prompts)
             out.stats["reused_tokens"] = self._hooks.reused_tokens
+            out.stats["reusable_tokens"] = self._hooks.reusable_tokens
             outputs.append(out)
         return outputs

@@ -9,10 +9,34 @@ are left-padded, with the padding masked out as keys.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from policies.vla.hooks import TokenStream, read_sizes, right_aligned
+
+
+REFERENCE_DEPTH = 32  # the LLM depth (Llama-2 7B) the reference methods give their layers for
+
+
+def parse_layers(text: str, lowest: int, highest: int, why: str) -> list[int]:
+    """'2,6,15,19' -> [2, 6, 15, 19]: layers of the 32-layer reference, each in lowest..highest
+    (``why`` says why, in the error)."""
+    try:
+        layers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"layers must be comma-separated layer numbers, got {text!r}") from None
+    if not all(lowest <= layer <= highest for layer in layers):
+        raise ValueError(f"layers are given for a {REFERENCE_DEPTH}-layer LLM and must be in "
+                         f"{lowest}..{highest} ({why}), got {text!r}")
+    return layers
+
+
+def scale_layers(layers: Sequence[int], num_layers: int, lowest: int, highest: int) -> list[int]:
+    """The reference's layers placed at the same relative depth of a ``num_layers`` LLM, clamped
+    to lowest..highest; layers that land on one merge."""
+    scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in layers)
+    return sorted({min(max(layer, lowest), highest) for layer in scaled})
 
 
 def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:

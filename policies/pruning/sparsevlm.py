@@ -49,34 +49,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from policies.pruning.base import keep_tokens, on_meta, rows_attention, text_counts, text_rows
+from policies.pruning.base import (REFERENCE_DEPTH, keep_tokens, on_meta, parse_layers, rows_attention,
+                                   scale_layers, text_counts, text_rows)
 from policies.vla.hooks import Hooks, TokenStream, right_aligned
 
-REFERENCE_DEPTH = 32  # the LLM depth the reference stage layers are given for
-
-
-def parse_layers(text: str) -> list[int]:
-    """'2,6,15,19' -> [2, 6, 15, 19]; stage layers of the 32-layer reference, each in 0..30."""
-    try:
-        layers = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"layers must be comma-separated layer numbers, got {text!r}") from None
-    if not all(0 <= layer < REFERENCE_DEPTH - 1 for layer in layers):
-        raise ValueError(f"layers are given for a {REFERENCE_DEPTH}-layer LLM and must be in "
-                         f"0..{REFERENCE_DEPTH - 2} (pruning after the last layer saves nothing), got {text!r}")
-    return layers
-
-
-def scaled_layers(layers: Sequence[int], num_layers: int) -> list[int]:
-    """The reference stage layers placed at the same relative depth of a ``num_layers`` LLM.
-
-    Clamped to 0..num_layers-2: pruning after the last layer would save nothing. Stages that
-    land on one layer merge.
-    """
+def stage_layers(text: str, num_layers: int) -> list[int]:
+    """Stage layers '2,6,15,19' of the 32-layer reference (each in 0..30) at the same relative
+    depth of a ``num_layers`` LLM, clamped to 0..num_layers-2: pruning after the last layer
+    would save nothing. Stages that land on one layer merge."""
     if num_layers < 2:
         raise ValueError(f"SparseVLM needs an LLM of at least 2 layers, got {num_layers}")
-    scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in layers)
-    return sorted({min(max(layer, 0), num_layers - 2) for layer in scaled})
+    layers = parse_layers(text, 0, REFERENCE_DEPTH - 2, "pruning after the last layer saves nothing")
+    return scale_layers(layers, num_layers, 0, num_layers - 2)
 
 
 def choose_raters(visual: torch.Tensor, visual_valid: torch.Tensor, text: torch.Tensor,

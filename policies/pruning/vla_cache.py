@@ -1,22 +1,33 @@
 """VLA-Cache: reuse the keys and values of static, task-irrelevant visual tokens across control steps.
 
-Per episode, the cache keeps the previous query's image patches (copies, never views of
-the current frame), every layer's keys and values of the 512 visual tokens, and how much
-the text tokens (the prompt, ``text_margins``) attended to each visual token. At the next
-query a visual token is reused when its 14x14 pixel patch is nearly unchanged (cosine
-similarity of the 8-bit RGB values >= ``similarity``, as the reference compares the prepared
-224x224 images; at most ``max_reuse`` tokens, most similar first) and it is not
-among the ``relevant`` fraction the text tokens attended to most at ``relevance_layer`` in the
-previous query (the reference reads layer 15 of 32; there the text rows attend to the tokens
-still in the sequence and to the reused ones' cached keys, as the layer itself does). A reused token leaves the sequence from layer ``first_layer``
-on; later layers attend to its cached keys and values instead (so it costs neither
-projections nor MLP there). The reuse is layer-adaptive: the number of reused tokens grows
-linearly over ``ramp`` layers from ``first_layer`` (the published method sets per-layer
-ratios from attention entropy; this is a fixed schedule). Nothing is reused at an
-episode's first query.
+Per episode, the cache keeps the previous query's image patches (copies, never views of the
+current frame), every layer's keys and values of the visual tokens, and two readings of the
+previous query's attention. What a query reuses follows the reference's OpenVLA-OFT
+integration:
 
-With OFT's bidirectional attention the cached keys and values were computed in the
-previous step's context: reuse is an approximation, not an exact cache.
+- Static: per camera image, the patches whose 14x14 8-bit RGB values have a cosine
+  similarity >= ``similarity`` (0.996) with the previous frame's, at most the ``static`` (150)
+  most similar (the reference compares the prepared 224x224 images).
+- Task-relevant, never reused: per camera image, the ``relevant`` (100) patches the text
+  tokens (the prompt, ``text_margins``) attended to most at ``relevance_layer`` (15 of 32) in
+  the previous query, averaged over text tokens and heads. There the text rows attend to the
+  tokens still in the sequence and to the reused ones' cached keys, as the layer itself does.
+- Reusable: static and not relevant, in token order (first camera first), R of them.
+- Layer schedule: the previous query's attention entropy of each layer (its head-averaged
+  attention rows' entropies, averaged over rows), min-max normalised over the layers, gives
+  ``p = 1 - normalised entropy``; a rise from one layer to the next is damped to ``growth``
+  (0.55) of itself. At each stage layer l (2, 6, 9 and 11 of 32) the first
+  ``max(1, int(p[l] * R))`` reusable tokens leave the sequence before layer l, unless an
+  earlier stage took out more (then that count stays). Later layers attend to their cached
+  keys and values instead (so they cost neither projections nor MLP there).
+
+Nothing is reused at an episode's first query. Where this differs from the reference code:
+its text rows are a fixed window of 34 positions after the visual block (the proprio token,
+the prompt and, for a prompt shorter than 33 tokens, the first action slots), and it computes
+the entropies in the model's dtype (bf16), where ours are float32.
+
+With OFT's bidirectional attention the cached keys and values were computed in the previous
+step's context: reuse is an approximation, not an exact cache.
 """
 
 from __future__ import annotations
@@ -24,9 +35,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from policies.pruning.base import keep_tokens, rows_attention, text_rows
+from policies.pruning.base import keep_tokens, rows_attention, text_counts
 from policies.vla.hooks import ExtraKeys, Hooks, TokenStream, right_aligned
 
 PATCH = 14
@@ -34,88 +46,166 @@ VISUAL_START = 1  # RoPE position of visual token 0 (BOS is position 0)
 
 
 def patch_vectors(pixels: torch.Tensor, images: int,
-                  levels: tuple[Sequence[float], Sequence[float]] | None = None) -> torch.Tensor:
-    """(6 * images, H, W) model input -> (images * patches, 3 * 14 * 14) patch vectors of the
-    first tower's channels, in the visual tokens' order.
+                  levels: tuple[Sequence[float], Sequence[float]] | None = None) -> np.ndarray:
+    """(6 * images, H, W) model input -> (images * patches, 14 * 14 * 3) float32 patch vectors of
+    the first tower's channels, in the visual tokens' order, on the host (a new array).
 
-    With ``levels`` = (means, stds), the first tower's normalisation, the channels are turned
-    back into the 8-bit values they were computed from: a cosine similarity threshold such as
-    the reference's 0.996 is meant for those (after subtracting the means, patches near the
-    mean colour change direction with a one-level change).
+    Each patch is flattened row by row with the channels last, as the reference flattens the
+    prepared (224, 224, 3) image's blocks: numpy then sums in the same order, so the
+    similarities equal the reference's bit for bit. With ``levels`` = (means, stds), the first
+    tower's normalisation, the channels are turned back into the 8-bit values they were
+    computed from: the reference's 0.996 threshold is meant for those (after subtracting the
+    means, patches near the mean colour change direction with a one-level change).
     """
     per_image = pixels.reshape(images, 6, *pixels.shape[-2:])[:, :3].float()
     if levels is not None:
         means, stds = (torch.tensor(v, dtype=torch.float32, device=pixels.device)[None, :, None, None] for v in levels)
         per_image = ((per_image * stds + means) * 255.0).round()
-    patches = per_image.unfold(2, PATCH, PATCH).unfold(3, PATCH, PATCH)  # (I, 3, h, w, 14, 14)
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * PATCH * PATCH)
+    values = per_image.cpu().numpy()
+    i, c, h, w = values.shape
+    blocks = values.reshape(i, c, h // PATCH, PATCH, w // PATCH, PATCH).transpose(0, 2, 4, 3, 5, 1)
+    return np.array(blocks.reshape(-1, PATCH * PATCH * c), dtype=np.float32, order="C")
+
+
+def patch_similarity(now: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Cosine similarity (P,) of two frames' patch vectors (P, N), as the reference computes it
+    (float32, 1e-8 added to the product of the norms, so a black patch is never static)."""
+    dot = np.sum(now * before, axis=1)
+    return dot / (np.linalg.norm(now, axis=1) * np.linalg.norm(before, axis=1) + 1e-8)
+
+
+def reusable_tokens(similarity: np.ndarray, relevance: np.ndarray, images: int, threshold: float,
+                    static: int, relevant: int) -> np.ndarray:
+    """(V,) bool: per image, the ``static`` most similar patches at or above ``threshold`` less
+    the ``relevant`` most attended ones. Ties keep token order, as the reference's stable sorts."""
+    sim, rel = similarity.reshape(images, -1), relevance.reshape(images, -1)
+    is_static = sim >= threshold
+    ranked = np.argsort(-np.where(is_static, sim, -np.inf), axis=1, kind="stable")[:, :static]
+    chosen = np.zeros_like(is_static)
+    np.put_along_axis(chosen, ranked, True, axis=1)
+    np.put_along_axis(chosen, np.argsort(-rel, axis=1, kind="stable")[:, :relevant], False, axis=1)
+    return (chosen & is_static).reshape(-1)
+
+
+def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of each row's entropy, for head-averaged attention rows (T, K), as the
+    reference computes it (rows renormalised, 1e-10 inside the log)."""
+    attention = attention / (attention.sum(dim=-1, keepdim=True) + 1e-10)
+    return -(attention * torch.log(attention + 1e-10)).sum(dim=-1).mean()
+
+
+def reuse_schedule(entropies: Sequence[float], growth: float) -> np.ndarray:
+    """Each layer's reuse proportion (L,) from its attention entropy: 1 - the min-max
+    normalised entropy (float32, as the reference), a rise from one layer to the next damped to
+    ``growth`` of itself."""
+    entropy = np.asarray(entropies, dtype=np.float32)
+    proportion = (1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)).tolist()
+    for i in range(1, len(proportion)):
+        rise = proportion[i] - proportion[i - 1]
+        if rise > 0:
+            proportion[i] = proportion[i - 1] + rise * growth
+    return np.asarray(proportion, dtype=np.float32)
+
+
+def stage_counts(proportion: np.ndarray, stages: Sequence[int], reusable: int) -> list[tuple[int, int]]:
+    """(stage layer, tokens reused from it on): ``max(1, int(p[l] * R))``, where an earlier stage
+    that reused more keeps its count, as the reference applies a stage only if it reuses at least
+    as many as the last one applied."""
+    counts, last = [], 0
+    for layer in stages:
+        last = max(last, max(1, int(proportion[layer] * reusable)))
+        counts.append((layer, last))
+    return counts
 
 
 @dataclass
 class EpisodeCache:
-    patches: torch.Tensor  # previous query's patch vectors (a copy)
+    patches: np.ndarray  # previous query's patch vectors (a copy)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (KVH, V, hd)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
-    relevance: torch.Tensor | None = None  # (V,) task-token attention at the relevance layer
+    relevance: torch.Tensor | None = None  # (V,) text-token attention at the relevance layer
+    entropy: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its attention entropy (0-d)
 
 
 class VLACache(Hooks):
-    def __init__(self, similarity: float = 0.996, max_reuse: int = 128, relevant: float = 0.25,
-                 first_layer: int = 2, ramp: int = 4, relevance_layer: int = 1, images: int = 2,
-                 text_margins: tuple[int, int] = (0, 0),
+    def __init__(self, similarity: float = 0.996, static: int = 150, relevant: int = 100,
+                 layers: Sequence[int] = (2, 6, 9, 11), growth: float = 0.55, relevance_layer: int = 15,
+                 images: int = 2, text_margins: tuple[int, int] = (0, 0),
                  levels: tuple[Sequence[float], Sequence[float]] | None = None):
-        self.similarity, self.max_reuse, self.relevant = similarity, max_reuse, relevant
-        self.first_layer, self.ramp, self.relevance_layer, self.images = first_layer, ramp, relevance_layer, images
+        if not layers or min(layers) < 1:
+            raise ValueError(f"VLA-Cache's stage layers must be 1 or later (tokens leave before them), "
+                             f"got {list(layers)}")
+        self.similarity, self.static, self.relevant = similarity, static, relevant
+        self.layers, self.growth = sorted(set(layers)), growth
+        self.relevance_layer, self.images = relevance_layer, images
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
         self.levels = levels  # the first tower's (means, stds): patches compared as 8-bit values (patch_vectors)
         self.episodes: dict[str, EpisodeCache] = {}
         self.current: str | None = None
-        self.reuse_order: torch.Tensor | None = None  # visual indices to reuse, most static first
+        self.reuse_order: torch.Tensor | None = None  # the reusable visual indices, in token order
+        self.counts: list[tuple[int, int]] = []  # (stage layer, tokens reused from it on)
         self._slots: tuple | None = None  # the last stream's visual columns (see _visual_slots)
 
     # --- per-episode state -------------------------------------------------------------
     def reset(self) -> None:
         self.episodes.clear()
-        self.current, self.reuse_order, self._slots = None, None, None
+        self.current, self.reuse_order, self.counts, self._slots = None, None, [], None
 
     def forget(self, episode_id: str) -> None:
         self.episodes.pop(episode_id, None)
         if self.current == episode_id:  # a later query without begin() must not look for its cache
-            self.current, self.reuse_order, self._slots = None, None, None
+            self.current, self.reuse_order, self.counts, self._slots = None, None, [], None
 
     def begin(self, episode_id: str, pixels: torch.Tensor) -> None:
         """Called before each single-sample query with that sample's model input (6 * images, H, W)."""
         self.current = episode_id
         self._slots = None
+        self.reuse_order, self.counts = None, []
         patches = patch_vectors(pixels, self.images, self.levels)
         cache = self.episodes.get(episode_id)
-        self.reuse_order = None if cache is None else self._choose(cache, patches)
         if cache is None:
-            cache = self.episodes[episode_id] = EpisodeCache(patches.clone())
-        else:
-            cache.patches = patches.clone()
+            self.episodes[episode_id] = EpisodeCache(patches.copy())
+            return
+        self._choose(cache, patches)
+        cache.patches = patches.copy()
 
-    def _choose(self, cache: EpisodeCache, patches: torch.Tensor) -> torch.Tensor | None:
-        if not cache.keys or cache.relevance is None:
-            return None
-        sim = torch.nn.functional.cosine_similarity(patches, cache.patches.to(patches.device), dim=1)
-        candidate = sim >= self.similarity
-        relevant = cache.relevance.topk(int(self.relevant * sim.numel())).indices
-        candidate[relevant.to(candidate.device)] = False
-        order = torch.argsort(sim.masked_fill(~candidate, -2.0), descending=True)
-        return order[: min(self.max_reuse, int(candidate.sum()))]
+    def _choose(self, cache: EpisodeCache, patches: np.ndarray) -> None:
+        if not cache.keys or cache.relevance is None or not cache.entropy:
+            return
+        layers = sorted(cache.entropy)
+        entropy = torch.stack([cache.entropy[layer] for layer in layers]).float()
+        readings = torch.cat([entropy, cache.relevance.float()]).cpu().numpy()  # the one host read
+        reusable = reusable_tokens(patch_similarity(patches, cache.patches), readings[len(layers):], self.images,
+                                   self.similarity, self.static, self.relevant)
+        order = np.flatnonzero(reusable)  # in token order
+        if not order.size:
+            return
+        self.reuse_order = torch.from_numpy(order).to(cache.relevance.device)
+        stages = [layer for layer in self.layers if layer < len(layers)]
+        self.counts = stage_counts(reuse_schedule(readings[:len(layers)], self.growth), stages, order.size)
 
     def reused_at(self, layer: int) -> int:
-        """How many tokens are reused at ``layer`` (0 before first_layer, then a linear ramp)."""
-        if self.reuse_order is None or layer < self.first_layer:
-            return 0
-        fraction = min(1.0, (layer - self.first_layer + 1) / self.ramp)
-        return int(round(fraction * self.reuse_order.numel()))
+        """How many tokens layer ``layer`` reuses (the count of the last stage at or before it)."""
+        return max((n for stage, n in self.counts if stage <= layer), default=0)
+
+    @property
+    def reused_tokens(self) -> int:
+        """Visual tokens whose keys and values the current query reuses in its deepest layers."""
+        return self.counts[-1][1] if self.counts else 0
+
+    @property
+    def reusable_tokens(self) -> int:
+        """Static, task-irrelevant visual tokens of the current query (what the reference reports
+        as its reuse ratio, over the visual tokens)."""
+        return 0 if self.reuse_order is None else int(self.reuse_order.numel())
 
     # --- hook points ---------------------------------------------------------------------
+    def wants_qk(self, layer: int) -> bool:
+        return self.current is not None  # every layer's entropy schedules the next query
+
     def after_layer(self, layer, stream: TokenStream, q, k) -> TokenStream:
-        if q is not None and layer == self.relevance_layer:
-            self._store_relevance(layer, stream, q, k)
+        if q is not None:
+            self._observe(layer, stream, q, k)
         now, later = self.reused_at(layer), self.reused_at(layer + 1)
         if later == now:
             return stream
@@ -123,14 +213,6 @@ class VLACache(Hooks):
         visual_index = stream.position_ids[0] - VISUAL_START
         drop = stream.visual[0] & torch.isin(visual_index.to(stream.visual.device), leaving.to(stream.visual.device))
         return keep_tokens(stream, ~drop[None])
-
-    def wants_qk(self, layer: int) -> bool:
-        return layer == self.relevance_layer and self.current is not None
-
-    @property
-    def reused_tokens(self) -> int:
-        """Visual tokens whose keys and values the current query reuses (in its deepest layers)."""
-        return 0 if self.reuse_order is None else int(self.reuse_order.numel())
 
     def extra_keys(self, layer: int, stream: TokenStream) -> ExtraKeys | None:
         n = self.reused_at(layer)
@@ -164,19 +246,25 @@ class VLACache(Hooks):
             slots = self._slots = (stream.visual, stream.position_ids, columns, index)
         return slots[2], slots[3]
 
-    def _store_relevance(self, layer: int, stream: TokenStream, q, k) -> None:
-        """Each visual token's attention from the text tokens at this layer, averaged over them:
-        the tokens in the sequence through their own keys, the reused ones through the cached keys
-        the layer attended to (a query answers one sample: no padding)."""
+    def _observe(self, layer: int, stream: TokenStream, q, k) -> None:
+        """This layer's attention, as the layer computed it: every token in the sequence over
+        its own keys and the reused tokens' cached ones (a query answers one sample: no
+        padding). Its entropy schedules the next query; at the relevance layer, the text rows
+        averaged give each visual token's relevance."""
         cache = self.episodes[self.current]
-        q_text, (text,) = text_rows(q, stream, self.text_margins)
-        columns, index = self._visual_slots(stream, q.device)
         extra = self.extra_keys(layer, stream)
         keys = k if extra is None else torch.cat([k, extra.k.to(k.dtype)], dim=2)
-        attention = rows_attention(q_text, keys, None)[0].mean(dim=0)  # (own + reused keys,)
-        self.add_cost([2 * text * keys.shape[2] * q.shape[1] * q.shape[3]])
-        relevance = attention.new_zeros(cache.patches.shape[0])
-        relevance[index] = attention[columns]
+        attention = rows_attention(q, keys, None)[0]  # (T, own + reused keys)
+        self.add_cost([2 * q.shape[1] * q.shape[2] * keys.shape[2] * q.shape[3]])
+        cache.entropy[layer] = attention_entropy(attention)
+        if layer != self.relevance_layer:
+            return
+        (text,) = text_counts(stream, self.text_margins)
+        end = q.shape[2] - self.text_margins[1]
+        text_attention = attention[end - text:end].mean(dim=0)
+        columns, index = self._visual_slots(stream, q.device)
+        relevance = text_attention.new_zeros(cache.patches.shape[0])
+        relevance[index] = text_attention[columns]
         if extra is not None:
-            relevance[self.reuse_order[:extra.k.shape[2]].to(relevance.device)] = attention[k.shape[2]:]
+            relevance[self.reuse_order[:extra.k.shape[2]].to(relevance.device)] = text_attention[k.shape[2]:]
         cache.relevance = relevance

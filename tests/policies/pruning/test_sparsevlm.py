@@ -11,7 +11,7 @@ from policies.base import PolicyOptionError, parse_options
 from policies.pruning.adapters import SparseVLMPolicy
 from policies.pruning.base import rows_attention
 from policies.pruning.sparsevlm import (SparseVLMPruner, choose_raters, cluster_means, density_peaks, numerical_rank,
-                                        rank_flops, rate_visual, scaled_layers)
+                                        rank_flops, rate_visual, stage_layers)
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace
@@ -45,9 +45,12 @@ def pruner_for(model, **options) -> SparseVLMPruner:
 
 
 def test_stage_layers_keep_their_relative_depth():
-    assert scaled_layers([2, 6, 15, 19], 32) == [2, 6, 15, 19]
-    assert scaled_layers([2, 6, 15, 19], 8) == [0, 2, 4, 5]
-    assert scaled_layers([2, 6, 15, 19], 2) == [0]  # every stage clamps onto the only layer with one after it
+    assert stage_layers("2,6,15,19", 32) == [2, 6, 15, 19]
+    assert stage_layers("2,6,15,19", 8) == [0, 2, 4, 5]
+    assert stage_layers("2,6,15,19", 2) == [0]  # every stage clamps onto the only layer with one after it
+    for bad in ("2,31", "x"):
+        with pytest.raises(ValueError, match="layer"):
+            stage_layers(bad, 32)
 
 
 @pytest.mark.parametrize("budget", [192, 128, 64, 1])
