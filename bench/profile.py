@@ -181,18 +181,21 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
 
     model.use_cuda_graphs(False)  # token counts and FLOPs from the eager path: a replay runs no operators
     traces = [QueryTrace() for _ in prompts]
-    with torch.inference_mode():
-        if caching:
+    if caching:
+        with torch.inference_mode():
             forward()  # the episode's first step fills the cache
-        forward(traces)
-    breakdown = flops.query_flops(dims, traces[0])
-
     counted = None
     if settings.count:
-        # Eager, so no compiled code runs under the counter: on a GPU, compiled functions that
-        # once ran under it ran eagerly from then on (OFT 19.8 instead of 17.7 ms on an H100).
-        _, by_op = flops.counted_flops(forward)
+        # The counter sees the traced query itself: a cache's next step may reuse a different
+        # number of tokens. Eager, so no compiled code runs under the counter: on a GPU, compiled
+        # functions that once ran under it ran eagerly from then on (OFT 19.8 instead of 17.7 ms
+        # on an H100).
+        _, by_op = flops.counted_flops(forward, traces)
         counted = by_op["total"] / settings.batch
+    else:
+        with torch.inference_mode():
+            forward(traces)
+    breakdown = flops.query_flops(dims, traces[0])
 
     result = {
         "policy": settings.policy,

@@ -112,8 +112,8 @@ def test_flops_are_counted_without_compiled_code(monkeypatch):
     calls_while_counting = []
     count = flops.counted_flops
 
-    def counting(fn):
-        result, calls = compiled_calls(lambda: count(fn))
+    def counting(fn, *args):
+        result, calls = compiled_calls(lambda: count(fn, *args))
         calls_while_counting.append(calls)
         return result
 
@@ -124,6 +124,20 @@ def test_flops_are_counted_without_compiled_code(monkeypatch):
     # On a GPU, compiled functions that once ran under the counter ran eagerly from then on.
     assert calls_while_counting == [0]
     assert result["speedups"] == ["compile_kernels", "compile_towers", "parallel_towers", "fuse_gate_up"]
+    assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-12)
+
+
+def test_a_caching_method_counts_the_query_it_traces(monkeypatch):
+    # VLA-Cache's next step may reuse a different number of tokens (its schedule follows the
+    # previous step's attention): the FLOP counter must see the traced step, not the one after.
+    from bench import profile as profiling
+    from policies.vla import config
+
+    monkeypatch.setitem(config.PRESETS, "tiny", lambda: config.replace_llm(config.tiny_config(), num_layers=16))
+    settings = profiling.ProfileSettings(policy="vla_cache", size="tiny", device="cpu", repeats=1, warmup=0,
+                                         yardstick=False)
+    result = profiling.profile(settings)
+    assert len(result["visual_tokens_per_layer"]) == 16 and result["reused_tokens"] > 0
     assert result["tflops_counted"] == pytest.approx(result["tflops_per_query"], rel=1e-12)
 
 
