@@ -183,10 +183,10 @@ class VLACachePolicy(OFTPolicy):
     def act(self, observations):
         outputs = []
         for obs in observations:
-            pixels, proprio, prompts = self.prepare([obs])
+            (pixels, proprio, prompts), preprocess_ms = self.timed_prepare([obs])
             self._hooks.begin(obs.episode_id, pixels[0])
             (out,) = self.run(pixels, proprio, prompts)
-            out.stats["reused_tokens"] = self._hooks.reused_tokens
-            out.stats["reusable_tokens"] = self._hooks.reusable_tokens
+            out.stats.update(preprocess_ms=preprocess_ms, reused_tokens=self._hooks.reused_tokens,
+                             reusable_tokens=self._hooks.reusable_tokens)
             outputs.append(out)
         return outputs

@@ -22,9 +22,14 @@ integration:
   keys and values instead (so they cost neither projections nor MLP there).
 
 Nothing is reused at an episode's first query. Where this differs from the reference code:
-its text rows are a fixed window of 34 positions after the visual block (the proprio token,
-the prompt and, for a prompt shorter than 33 tokens, the first action slots), and it computes
-the entropies in the model's dtype (bf16), where ours are float32.
+- Its LIBERO loop hands the current frame over as the previous one (it appends the frame to
+  its list, then takes the list's last entry), the aliasing bug the contract warns of: every
+  patch then scores about 1.0, and its 150 static patches per camera are picked by rounding,
+  not by motion. Ours compares with the previous query's frame, the one the cached keys and
+  values were computed from.
+- Its text rows are a fixed window of 34 positions after the visual block (the proprio
+  token, the prompt and, for a prompt shorter than 33 tokens, the first action slots).
+- It computes the entropies in the model's dtype (bf16); ours are float32.
 
 With OFT's bidirectional attention the cached keys and values were computed in the previous
 step's context: reuse is an approximation, not an exact cache.

@@ -230,13 +230,17 @@ class OFTPolicy(Policy):
         return self._threads
 
     def act(self, observations: Sequence[Observation]) -> list[PolicyOutput]:
-        start = time.perf_counter()
-        prepared = self.prepare(observations)
-        preprocess_ms = (time.perf_counter() - start) * 1e3
+        prepared, preprocess_ms = self.timed_prepare(observations)
         outputs = self.run(*prepared)
         for output in outputs:
             output.stats["preprocess_ms"] = preprocess_ms
         return outputs
+
+    def timed_prepare(self, observations: Sequence[Observation]):
+        """``prepare``'s tensors and the milliseconds it took."""
+        start = time.perf_counter()
+        prepared = self.prepare(observations)
+        return prepared, (time.perf_counter() - start) * 1e3
 
     def run(self, pixels, proprio, prompts) -> list[PolicyOutput]:
         """The model on prepared inputs -> env action chunks with per-query stats."""

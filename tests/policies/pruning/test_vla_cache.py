@@ -178,6 +178,7 @@ def test_policy_resets_per_episode_and_answers_batches_one_by_one(tiny_checkpoin
     b.episode_id = "other"
     first = policy.act([a, b])
     assert [o.stats["reused_tokens"] for o in first] == [0, 0] and first[0].stats["batch_size"] == 1
+    assert all(o.stats["preprocess_ms"] > 0 for o in first)  # the stats of every OFT query, and its own
     second = policy.act([a, b])
     assert all(o.stats["reused_tokens"] > 0 for o in second)
     policy.reset(EpisodeInfo(a.episode_id, "libero_spatial", 0, "t", "i", 0, 0))
