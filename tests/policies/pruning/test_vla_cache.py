@@ -245,12 +245,18 @@ def test_host_reads_per_step_do_not_grow_with_the_depth():
     assert reads[0] == reads[1]
 
 
-def test_after_a_reset_a_query_without_begin_uses_no_cache(model8):
+def reusing_cache(model):
+    """A cache after two queries of one unchanged frame: the second reused tokens."""
     pixels, proprio, prompts = inputs()
     cache = VLACache(similarity=0.99, relevance_layer=4)
     for _ in range(2):
-        query(model8, cache, "ep", pixels, proprio, prompts)
+        query(model, cache, "ep", pixels, proprio, prompts)
     assert cache.reused_tokens > 0
+    return cache, (pixels, proprio, prompts)
+
+
+def test_after_a_reset_a_query_without_begin_uses_no_cache(model8):
+    cache, (pixels, proprio, prompts) = reusing_cache(model8)
     cache.reset()
     with torch.no_grad():
         assert torch.equal(model8(pixels, proprio, prompts, 2, hooks=cache), model8(pixels, proprio, prompts, 2))
@@ -293,11 +299,7 @@ def test_patches_are_compared_as_the_cameras_8_bit_values():
 
 
 def test_forgetting_the_current_episode_clears_its_query_state(model8):
-    pixels, proprio, prompts = inputs()
-    cache = VLACache(similarity=0.99, relevance_layer=4)
-    for _ in range(2):
-        query(model8, cache, "ep", pixels, proprio, prompts)
-    assert cache.reused_tokens > 0
+    cache, (pixels, proprio, prompts) = reusing_cache(model8)
     cache.forget("ep")
     assert cache.current is None and cache.reused_tokens == 0
     with torch.no_grad():  # a query outside any episode runs without the cache
