@@ -212,6 +212,7 @@ def profile(settings: ProfileSettings, shared=None) -> dict:
         "sequence_tokens": traces[0].llm_tokens[0],
         "visual_tokens_llm": traces[0].llm_visual_tokens[0],
         "visual_tokens_per_layer": traces[0].llm_visual_tokens,
+        "visual_tokens_mean": traces[0].mean_visual_tokens,
         "reused_tokens": getattr(hooks, "reused_tokens", None),
         "tokens_per_layer": traces[0].llm_tokens,
         "tflops_per_query": breakdown["total"] / 1e12,
@@ -375,7 +376,8 @@ def format_profile(result: dict) -> str:
         f"parameters: {result['params'] / 1e6:,.1f} M ({result['params_computed'] / 1e6:,.1f} M used by a query)",
         f"tokens: {result['sequence_tokens']} in the LLM sequence = 1 BOS + {result['visual_tokens_llm']} visual + "
         f"1 proprio + {result['prompt_tokens'] - 1} prompt + 56 action slots + 1 stop",
-        f"visual tokens entering the LLM layers: {summarize_layers(result['visual_tokens_per_layer'])}",
+        f"visual tokens entering the LLM layers: {summarize_layers(result['visual_tokens_per_layer'])} "
+        f"(mean {result['visual_tokens_mean']:.1f})",
         "FLOPs per query (analytic):",
     ]
     for key, value in result["tflops_breakdown"].items():
@@ -445,6 +447,19 @@ def summarize_layers(counts: list) -> str:
     return ", ".join(parts)
 
 
+def sparsevlm_budget(budget: int, config) -> dict:
+    """SparseVLM's options for ``budget``: a mean over the LLM layers, as the reference's budgets
+    are, or the count after the last stage where the model is too shallow to reach that mean."""
+    from policies.pruning.adapters import SparseVLMPolicy
+    from policies.pruning.sparsevlm import least_mean, stage_layers
+    from policies.vla.vision import visual_token_count
+
+    layers = config.llm.num_layers
+    stages = stage_layers(SparseVLMPolicy.Options.layers, layers)
+    reachable = budget >= least_mean(stages, layers, visual_token_count(config))
+    return {"budget": str(budget)} if reachable else {"budget": str(budget), "budget_of": "last"}
+
+
 def sweep_methods(config) -> list[tuple[str, dict]]:
     """The methods of ``--sweep``; placements that depend on depth are scaled to the model."""
     from policies.vla.vision import tower_blocks
@@ -457,9 +472,7 @@ def sweep_methods(config) -> list[tuple[str, dict]]:
         ("lightvla_star", {"placement": f"llm:{min(2, layers - 1)}", "keep": "78"}),
         ("lightvla_star", {"placement": f"vision:{vision_block}", "keep": "78"}),
         ("fastv", {"k": str(min(2, layers - 1)), "r": "0.5"}),
-        ("sparsevlm", {"budget": "192"}),
-        ("sparsevlm", {"budget": "128"}),
-        ("sparsevlm", {"budget": "64"}),
+        *(("sparsevlm", sparsevlm_budget(budget, config)) for budget in (192, 128, 64)),
         ("vla_cache", {}),  # real devices only: it needs two frames' values
     ]
 
@@ -508,13 +521,13 @@ def format_sweep(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"size {r0['size']}  device {r0['device_name']}  dtype {r0['dtype']}  batch {r0['batch']}  "
              f"prompt {r0['prompt_tokens']} tokens" + _speedups_note(r0),
-             "| method | visual tokens per LLM layer | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT (p50) "
+             "| method | visual tokens per LLM layer | mean | TFLOPs/query | vs OFT | latency p50 / p90 ms | vs OFT (p50) "
              "| eager p50 / p90 ms | vs OFT (p50) | host reads |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         args = " ".join(f"{k}={v}" for k, v in r["policy_args"].items())
         if "error" in r:
-            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - | - | - | - |")
+            lines.append(f"| {r['policy']} {args} | failed: {r['error']} | - | - | - | - | - | - | - | - |")
             continue
 
         def cells(latency, ratio):
@@ -524,6 +537,7 @@ def format_sweep(results: list[dict]) -> str:
         eager, eager_rel = cells(r.get("latency_eager_ms"), r.get("latency_eager_vs_oft"))
         reads = r.get("host_reads_per_query")
         lines.append(f"| {r['policy']} {args} | {summarize_layers(r['visual_tokens_per_layer'])} | "
+                     f"{r['visual_tokens_mean']:.1f} | "
                      f"{r['tflops_per_query']:.4f} | {r['tflops_vs_oft']:.3f} | {latency} | {rel} | {eager} | {eager_rel} "
                      f"| {'-' if reads is None else reads} |")
     return "\n".join(lines)

@@ -108,11 +108,14 @@ class FastVPolicy(OFTPolicy):
 class SparseVLMPolicy(OFTPolicy):
     name = "sparsevlm"
     keep_option = "budget"
-    revision = 2  # 2: stages rate with their own layer, raters from the embeddings, the reference's recycling
+    # 2: stages rate with their own layer, raters from the embeddings, the reference's recycling;
+    # 3: the budget is a mean over the LLM layers by default (budget_of)
+    revision = 3
 
     @dataclass
     class Options(OFTPolicy.Options):
-        budget: int = 192  # visual tokens left after the last stage
+        budget: int = 192  # visual tokens: the mean entering each LLM layer, or those left after the last stage
+        budget_of: str = "mean"  # mean (the reference's budget tables) or last
         layers: str = "2,6,15,19"  # stage layers of a 32-layer LLM, scaled to the model's depth
         recycle: float = 0.3  # fraction of each stage's removed tokens aggregated back (plus one; 0: none)
         cluster_size: int = 10  # recycled tokens per aggregated token (clusters: recycled // cluster_size + 1)
@@ -121,11 +124,15 @@ class SparseVLMPolicy(OFTPolicy):
     def build_hooks(cls, options, config):
         from policies.pruning.sparsevlm import SparseVLMPruner, stage_layers
         from policies.vla.model import prompt_margins
+        from policies.vla.vision import visual_token_count
 
         try:
-            layers = stage_layers(options.layers, config.llm.num_layers)
+            depth = config.llm.num_layers
+            layers = stage_layers(options.layers, depth)
             return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
-                                   cluster_size=options.cluster_size, text_margins=prompt_margins(config))
+                                   cluster_size=options.cluster_size, text_margins=prompt_margins(config),
+                                   budget_of=options.budget_of, num_layers=depth,
+                                   visual_tokens=visual_token_count(config))
         except ValueError as exc:
             raise PolicyOptionError(f"sparsevlm: {exc}") from None
 

@@ -13,16 +13,31 @@ l + 1 is the first to see fewer.
   those scoring above the mean (always at least one). At each stage only the raters'
   attention rows are computed, so the layers themselves keep using fused SDPA.
 - Importance of a visual token: the raters' attention to it, averaged over raters and heads.
+- The budget is, as in the reference code, the mean number of visual tokens entering each LLM
+  layer (``budget_of=mean``): its budget tables are sized by that sum (its comment counts the
+  table of budget 192 as 2*576 + 4*300 + 10*200 + 16*110 = 32 * 191). ``budget_of=last`` makes
+  the budget the count left after the last stage instead. The reference's sum counts each stage
+  layer as already pruned while its code prunes the stage layer's output, so by the tokens its
+  layers actually see its budgets 192, 128 and 64 give means of about 203, 141 and 79 on
+  LLaVA's 576 (aggregated tokens not counted); ours is the mean of what the layers see.
 - How many go: the paper removes N = lambda * (L_v - rank(M)), M the raters x visual
   attention matrix: the more linearly dependent the raters' views of the image, the more
   visual tokens are redundant. With R raters, rank(M) <= R, and R is far below L_v, so the
   raw L_v - rank(M) would remove most of the image at the first stage whatever it shows.
-  We keep the direction and bound it. A stage with s stages left (this one included) has a
-  geometric share ``step = V - round(V * (budget / V) ** (1 / s))`` of the V visual tokens
-  it sees; M's relative rank deficiency ``rho = 1 - rank(M) / min(R, V)`` (0: full rank,
-  nearly 1: rank one) stretches it: the stage reduces the visual count by
-  ``min(V - budget, round(step * (1 + rho)))``, i.e. between one and two geometric shares,
-  never past the budget. The last stage always reduces to exactly ``budget``.
+  We keep the direction and bound it. A stage seeing V visual tokens shares what is left of
+  the budget geometrically over the stages left: with ``budget_of=mean``, the token-layers
+  left for the layers after it, ``left = budget * layers - (tokens that entered layers 0 to
+  this one)``, are ``sum_j n_j * V * r**j`` for the n_1, n_2, ... layers that see the count
+  after each stage left; with ``budget_of=last``, ``r = (budget / V) ** (1 / stages left)``.
+  The stage's geometric share is ``step = V - round(V * r)``. M's relative rank deficiency
+  ``rho = 1 - rank(M) / min(R, V)`` (0: full rank, nearly 1: rank one) stretches it: the stage
+  reduces the visual count by ``round(step * (1 + rho))``, i.e. between one and two geometric
+  shares, but never below a floor: the budget (``last``), or the count that, kept through every
+  later layer, spends what is left (``mean``: ``left / layers after it``, rounded up), nor above
+  what leaves every later layer a token (``mean``). The last stage lands on the budget exactly
+  (``last``), or on the count that spends what is left (``mean``: the mean is then within
+  n_last / (2 * layers) tokens of the budget, 0.19 for 12 of 32 layers, unless the stages before
+  are down to a token or two).
 - Recycling: a stage removes the d least important visual tokens, of which the most
   important int(recycle * d) + 1 are recycled (the reference's top 30%, plus one), in
   int(recycled / cluster_size) + 1 clusters (the reference's tenth, plus one; at most the
@@ -31,10 +46,12 @@ l + 1 is the first to see fewer.
   its centre's slot (RoPE position, place in order) as a visual token, where the reference
   appends the merged tokens after the kept ones with renumbered positions. The
   aggregated tokens count as visual tokens: d is chosen so that d minus the clusters equals
-  the reduction above, so the budget is met exactly.
+  the reduction above, so every stage meets its target exactly.
 
 On the meta device (cost counting) nothing has values: every importance is equal and M has
-full rank, so the counts follow the geometric schedule, and no scoring runs. On real devices
+full rank, so the counts follow the geometric schedule, and no scoring runs. A mean budget
+below what the layers up to the first stage already spend (each sees every visual token) is
+refused when the plug-in is built. On real devices
 the scoring's own matrix products (the rater choice's visual x text products, text rows over
 all keys, the Gram product of the raters' attention to the visual tokens, the recycled
 tokens' pairwise distances; about 0.01% of a full-size query) are reported as the plug-in's FLOPs,
@@ -130,12 +147,33 @@ def rank_flops(rows: int, columns: int) -> float:
     return 2.0 * small * small * large
 
 
-def stage_target(visual: int, budget: int, stages_left: int, redundancy: float) -> int:
-    """Visual tokens left after a stage (the rule of the module docstring)."""
-    if stages_left == 1:
-        return budget
-    step = visual - round(visual * (budget / visual) ** (1 / stages_left))
-    return visual - min(visual - budget, round(step * (1 + redundancy)))
+BUDGET_OF = ("mean", "last")
+
+
+def geometric_ratio(spans: Sequence[int], level: float) -> float:
+    """r in [0, 1] with ``sum_j spans[j] * r ** (j + 1) == level`` (clamped to the ends); the sum
+    grows with r, so bisection finds it."""
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if sum(n * middle ** (j + 1) for j, n in enumerate(spans)) < level:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def least_mean(layers: Sequence[int], num_layers: int, visual: int) -> float:
+    """The least mean of visual tokens over the LLM layers that stages at ``layers`` can reach:
+    the layers up to the first stage see all ``visual`` tokens, every later layer one."""
+    full = min(layers) + 1
+    return (full * visual + num_layers - full) / num_layers
+
+
+def stage_target(visual: int, geometric: int, floor: int, redundancy: float) -> int:
+    """Visual tokens left after a stage: the geometric share ``visual - geometric`` stretched by
+    the redundancy, never below ``floor`` (the rule of the module docstring)."""
+    return max(floor, visual - round((visual - geometric) * (1 + redundancy)))
 
 
 def density_peaks(members: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +212,10 @@ def cluster_means(members: torch.Tensor, assign: torch.Tensor, clusters: int) ->
 
 class SparseVLMPruner(Hooks):
     def __init__(self, budget: int = 192, layers: Sequence[int] = (2, 6, 15, 19), recycle: float = 0.3,
-                 cluster_size: int = 10, text_margins: tuple[int, int] = (0, 0)):
+                 cluster_size: int = 10, text_margins: tuple[int, int] = (0, 0), budget_of: str = "last",
+                 num_layers: int | None = None, visual_tokens: int | None = None):
+        """``budget_of="mean"`` needs the LLM's ``num_layers``; given the query's ``visual_tokens``,
+        a mean budget out of reach is refused here rather than at the first query."""
         if budget < 1:
             raise ValueError(f"budget must be at least 1 visual token, got {budget}")
         if not layers or min(layers) < 0:
@@ -183,10 +224,57 @@ class SparseVLMPruner(Hooks):
             raise ValueError(f"recycle must be a fraction in [0, 1], got {recycle}")
         if cluster_size < 1:
             raise ValueError(f"cluster_size must be at least 1, got {cluster_size}")
-        self.budget, self.recycle, self.cluster_size = budget, recycle, cluster_size
+        if budget_of not in BUDGET_OF:
+            raise ValueError(f"budget_of must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}")
+        self.budget, self.recycle, self.cluster_size, self.budget_of = budget, recycle, cluster_size, budget_of
         self.layers = sorted(set(layers))
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
         self._raters = None  # (B, M) of the current query, chosen by before_llm
+        if budget_of == "mean":
+            if num_layers is None or self.layers[-1] > num_layers - 2:
+                raise ValueError(f"a mean budget needs the LLM's depth and stage layers before its last layer, "
+                                 f"got layers {self.layers} of {num_layers}")
+            # layers that see the count left after each stage
+            self.spans = [b - a for a, b in zip(self.layers, self.layers[1:] + [num_layers - 1])]
+            self.num_layers = num_layers
+            least = least_mean(self.layers, num_layers, visual_tokens) if visual_tokens else 0
+            if budget < least:
+                raise ValueError(
+                    f"budget {budget} is out of reach as a mean over the {num_layers} LLM layers: layers "
+                    f"0-{self.layers[0]} see all {visual_tokens} visual tokens, so the mean is at least {least:.1f}; "
+                    f"raise the budget, prune from an earlier layer, or give budget_of=last")
+        self._spent: list[int] = []  # per sample of the query: visual tokens that entered the layers accounted
+        self._accounted = 0  # layers accounted (0 to the last stage layer seen, plus one)
+
+    def start(self, batch: int) -> None:
+        super().start(batch)
+        self._spent, self._accounted = [0] * batch, 0
+
+    def target(self, layer: int, sample: int, visual: int, redundancy: float) -> int:
+        """The sample's visual tokens after stage ``layer``, from the ``visual`` tokens it sees and
+        the redundancy of its rater matrix (the rule of the module docstring); ``visual`` when the
+        stage keeps them all, whatever the redundancy is."""
+        stage = self.layers.index(layer)
+        if self.budget_of == "last":
+            if visual <= self.budget:
+                return visual
+            geometric = round(visual * (self.budget / visual) ** (1 / (len(self.layers) - stage)))
+            return stage_target(visual, geometric, self.budget, redundancy)
+        spans = self.spans[stage:]
+        left = self.budget * self.num_layers - self._spent[sample]  # token-layers for the layers after this one
+        if len(spans) == 1:  # the count that comes closest to spending what is left
+            return min(visual, max(1, round(left / spans[0])))
+        geometric = round(visual * geometric_ratio(spans, left / visual))
+        # At least what lets the later layers spend what is left (rounded up), at most what
+        # leaves each of them a token.
+        floor = min(visual, max(1, math.ceil(left / sum(spans))))
+        ceiling = max(1, (left - sum(spans[1:])) // spans[0])
+        return min(visual, ceiling, stage_target(visual, geometric, floor, redundancy))
+
+    def account(self, layer: int, counts: Sequence[int]) -> None:
+        """The visual tokens that entered layers up to ``layer`` (none pruned since the last stage)."""
+        self._spent = [spent + visual * (layer + 1 - self._accounted) for spent, visual in zip(self._spent, counts)]
+        self._accounted = layer + 1
 
     def wants_qk(self, layer: int) -> bool:
         return layer in self.layers
@@ -231,9 +319,10 @@ class SparseVLMPruner(Hooks):
             return stream
         sizes = stream.host_sizes()
         counts, tokens = sizes.visual, sizes.tokens
-        if max(counts) <= self.budget:
+        self.account(layer, counts)
+        # Without redundancy a stage keeps the most; where that is every token, nothing is rated.
+        if all(self.target(layer, b, visual, 0.0) >= visual for b, visual in enumerate(counts)):
             return stream
-        stages_left = len(self.layers) - self.layers.index(layer)
         meta = on_meta(q)
         # The text rows: sample b's are the last text[b] of the m; its visual columns are the
         # last of a right-aligned order.
@@ -247,7 +336,7 @@ class SparseVLMPruner(Hooks):
         slots, aggregates = [], []
         for b, visual in enumerate(counts):
             columns = visual_order[b, longest - visual:]
-            if visual <= self.budget:
+            if self.target(layer, b, visual, 0.0) >= visual:
                 keep[b, columns] = True
                 continue
             if meta:  # equal importances, full rank
@@ -256,7 +345,7 @@ class SparseVLMPruner(Hooks):
                 attention = rows[b, m - text[b]:][:, columns.to(rows.device)]  # (text tokens, V)
                 importance, redundancy, _ = rate_visual(attention, self._raters[b, m - text[b]:])
                 cost[b] += rank_flops(text[b], visual)
-            target = stage_target(visual, self.budget, stages_left, redundancy)
+            target = self.target(layer, b, visual, redundancy)
             kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)
             if not meta:
                 _, recycled, clusters = self.removal_plan(visual, target)

@@ -195,9 +195,17 @@ class QueryTrace:
     llm_keys: list[int | None] = field(default_factory=list)  # keys per layer (own tokens + reused)
     plugin_flops: float = 0.0  # what a plug-in computed itself (scoring, attention rows)
 
+    @property
+    def mean_visual_tokens(self) -> float | None:
+        """Visual tokens entering an LLM layer, averaged over the layers that ran: the count
+        progressive methods (FastV, SparseVLM) state their budgets in."""
+        ran = [v for v in self.llm_visual_tokens if v is not None]
+        return sum(ran) / len(ran) if ran else None
+
     def as_stats(self) -> dict:
         stats = {
             "visual_tokens_llm": self.llm_visual_tokens,
+            "visual_tokens_mean": self.mean_visual_tokens,
             "tokens_llm": self.llm_tokens,
         }
         # Tokens entering each block of each vision tower (prefix tokens included), summed over

@@ -35,6 +35,13 @@ def tower_blocks(config: VLAConfig) -> tuple[tuple[int, ...], tuple[int, ...], t
             tuple(t.num_prefix_tokens for t in towers))
 
 
+def visual_token_count(config: VLAConfig) -> int:
+    """Visual tokens a query of this model has before any pruning (built on the meta device)."""
+    with torch.device("meta"):
+        tower = create_tower(config.timm_model_ids[0], config.image_sizes[0], config.timm_model_overrides[0])
+    return tower.patch_embed.num_patches * config.num_images
+
+
 @dataclass
 class VisualTokens:
     """The fused visual tokens of a batch, with where each came from."""
