@@ -81,6 +81,28 @@ def test_a_mean_budget_is_the_mean_of_the_visual_tokens_entering_each_layer(deep
         assert abs(sum(visual) / 8 - budget) <= 2 / (2 * 8)  # the last stage's count lands it
 
 
+def mean_schedule(budget: int, redundancy: float) -> list[int]:
+    """Visual tokens entering each of 32 layers under a mean budget, counts only: each stage
+    sees what the one before left, and every rater matrix has the given redundancy."""
+    pruner = SparseVLMPruner(budget=budget, budget_of="mean", num_layers=32, visual_tokens=512)
+    pruner.start(1)
+    visual, per_layer = 512, []
+    for layer in pruner.layers:
+        pruner.account(layer, [visual])
+        per_layer += [visual] * (layer + 1 - len(per_layer))
+        visual = pruner.target(layer, 0, visual, redundancy)
+    return per_layer + [visual] * (32 - len(per_layer))
+
+
+@pytest.mark.parametrize("budget", [64, 79, 128, 141, 192, 203, 300])
+@pytest.mark.parametrize("redundancy", [0.0, 0.5, 0.99])
+def test_rank_deficient_raters_delete_more_early_and_the_mean_still_lands(budget, redundancy):
+    visual = mean_schedule(budget, redundancy)
+    assert all(a >= b >= 1 for a, b in pairwise(visual))
+    assert visual[3] <= mean_schedule(budget, 0.0)[3]  # the first stage deletes at least its geometric share
+    assert abs(sum(visual) / 32 - budget) <= 12 / (2 * 32)  # 12 layers see the last stage's count
+
+
 def test_a_mean_budget_out_of_reach_is_refused_by_name(model, deep_model):
     # on 8 layers, stage layer 0 and every later layer at 1 token: a mean of (512 + 7) / 8
     with pytest.raises(PolicyOptionError, match=r"sparsevlm: budget 64 is out of reach .* at least 64\.9"):
