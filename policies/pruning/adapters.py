@@ -109,13 +109,14 @@ class SparseVLMPolicy(OFTPolicy):
     name = "sparsevlm"
     keep_option = "budget"
     # 2: stages rate with their own layer, raters from the embeddings, the reference's recycling;
-    # 3: the budget is a mean over the LLM layers by default (budget_of)
+    # 3: the budget is a mean over the LLM layers (budget_of), positions renumbered after each stage
     revision = 3
 
     @dataclass
     class Options(OFTPolicy.Options):
         budget: int = 192  # visual tokens: the mean entering each LLM layer, or those left after the last stage
         budget_of: str = "mean"  # mean (the reference's budget tables) or last
+        positions: str = "renumber"  # after each stage: renumber (the reference code) or keep the original RoPE positions
         layers: str = "2,6,15,19"  # stage layers of a 32-layer LLM, scaled to the model's depth
         recycle: float = 0.3  # fraction of each stage's removed tokens aggregated back (plus one; 0: none)
         cluster_size: int = 10  # recycled tokens per aggregated token (clusters: recycled // cluster_size + 1)
@@ -132,7 +133,7 @@ class SparseVLMPolicy(OFTPolicy):
             return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
                                    cluster_size=options.cluster_size, text_margins=prompt_margins(config),
                                    budget_of=options.budget_of, num_layers=depth,
-                                   visual_tokens=visual_token_count(config))
+                                   visual_tokens=visual_token_count(config), positions=options.positions)
         except ValueError as exc:
             raise PolicyOptionError(f"sparsevlm: {exc}") from None
 

@@ -42,11 +42,15 @@ l + 1 is the first to see fewer.
   important int(recycle * d) + 1 are recycled (the reference's top 30%, plus one), in
   int(recycled / cluster_size) + 1 clusters (the reference's tenth, plus one; at most the
   stage's target), found as the reference finds them (density peaks, ``density_peaks``):
-  every recycled token joins the nearest centre, and each cluster's mean hidden state takes
-  its centre's slot (RoPE position, place in order) as a visual token, where the reference
-  appends the merged tokens after the kept ones with renumbered positions. The
-  aggregated tokens count as visual tokens: d is chosen so that d minus the clusters equals
-  the reduction above, so every stage meets its target exactly.
+  every recycled token joins the nearest centre, and each cluster's mean hidden state becomes
+  a visual token. The aggregated tokens count as visual tokens: d is chosen so that d minus
+  the clusters equals the reduction above, so every stage meets its target exactly.
+- Positions, as the reference code (its default version, the one with recycling) has them
+  (``positions=renumber``): after a stage the aggregated tokens follow the kept visual tokens,
+  in cluster order, and every token is numbered again from 0 in sequence order (RoPE positions
+  0..n-1), as its truncated ``position_ids`` do. ``positions=keep`` keeps each token's original
+  RoPE position instead, as the reference's later version does (which does not recycle) and as
+  LightVLA and FastV do; an aggregated token then takes its centre's slot.
 
 On the meta device (cost counting) nothing has values: every importance is equal and M has
 full rank, so the counts follow the geometric schedule, and no scoring runs. A mean budget
@@ -210,12 +214,47 @@ def cluster_means(members: torch.Tensor, assign: torch.Tensor, clusters: int) ->
     return (sums / sizes[:, None]).to(members.dtype)
 
 
+def aggregates_last(shape: tuple[int, int], slots: list[torch.Tensor], last_visual: torch.Tensor) -> torch.Tensor:
+    """(B, T) order of a stream's columns that moves each sample's aggregated tokens, in
+    cluster order, to just after its visual block (``last_visual`` (B,): its last column);
+    ``slots`` are (2, clusters) tensors of (sample, centre column), one per sample."""
+    b, t = shape
+    device = last_visual.device
+    key = torch.arange(t, dtype=torch.float64, device=device).expand(b, t).clone()
+    for rows_cols in slots:
+        sample, centres = rows_cols.to(device)
+        step = 1.0 / (centres.numel() + 1)
+        key[sample, centres] = last_visual[sample].double() + step * torch.arange(1, centres.numel() + 1, device=device)
+    return key.argsort(dim=1, stable=True)
+
+
+def reordered(stream: TokenStream, order: torch.Tensor) -> TokenStream:
+    """The stream's columns in ``order`` (B, T); the counts do not change."""
+    device = stream.hidden.device
+    on_device = order.to(device)
+    hidden = stream.hidden.gather(1, on_device[..., None].expand(-1, -1, stream.hidden.shape[2]))
+    padding = None if stream.padding is None else stream.padding.gather(1, order)
+    return TokenStream(hidden, stream.position_ids.gather(1, order.to(stream.position_ids.device)),
+                       stream.visual.gather(1, order), stream.task.gather(1, order), padding, stream.sizes)
+
+
+def renumbered(stream: TokenStream) -> TokenStream:
+    """The stream with its real tokens at RoPE positions 0, 1, ... in sequence order (padding at 0)."""
+    positions = (stream.real().long().cumsum(dim=1) - 1).clamp(min=0)
+    return TokenStream(stream.hidden, positions.to(stream.position_ids.device), stream.visual, stream.task,
+                       stream.padding, stream.sizes)
+
+
+POSITIONS = ("renumber", "keep")
+
+
 class SparseVLMPruner(Hooks):
     def __init__(self, budget: int = 192, layers: Sequence[int] = (2, 6, 15, 19), recycle: float = 0.3,
                  cluster_size: int = 10, text_margins: tuple[int, int] = (0, 0), budget_of: str = "last",
-                 num_layers: int | None = None, visual_tokens: int | None = None):
+                 num_layers: int | None = None, visual_tokens: int | None = None, positions: str = "keep"):
         """``budget_of="mean"`` needs the LLM's ``num_layers``; given the query's ``visual_tokens``,
-        a mean budget out of reach is refused here rather than at the first query."""
+        a mean budget out of reach is refused here rather than at the first query. The policy's
+        defaults (``SparseVLMPolicy.Options``) are the reference's: a mean budget, renumbered positions."""
         if budget < 1:
             raise ValueError(f"budget must be at least 1 visual token, got {budget}")
         if not layers or min(layers) < 0:
@@ -226,7 +265,10 @@ class SparseVLMPruner(Hooks):
             raise ValueError(f"cluster_size must be at least 1, got {cluster_size}")
         if budget_of not in BUDGET_OF:
             raise ValueError(f"budget_of must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         self.budget, self.recycle, self.cluster_size, self.budget_of = budget, recycle, cluster_size, budget_of
+        self.positions = positions
         self.layers = sorted(set(layers))
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
         self._raters = None  # (B, M) of the current query, chosen by before_llm
@@ -360,8 +402,13 @@ class SparseVLMPruner(Hooks):
         if aggregates:  # out of place: the layer's output may be referenced elsewhere
             rows_cols = torch.cat(slots, dim=1).to(hidden.device)
             hidden = hidden.index_put((rows_cols[0], rows_cols[1]), torch.cat(aggregates))
-        return keep_tokens(TokenStream(hidden, stream.position_ids, stream.visual, stream.task, stream.padding,
-                                       stream.sizes), keep)
+        merged = TokenStream(hidden, stream.position_ids, stream.visual, stream.task, stream.padding, stream.sizes)
+        if self.positions == "keep":
+            return keep_tokens(merged, keep)
+        if slots:
+            order = aggregates_last(keep.shape, slots, visual_order[:, -1])
+            merged, keep = reordered(merged, order), keep.gather(1, order)
+        return renumbered(keep_tokens(merged, keep))
 
     def select(self, hidden: torch.Tensor, columns: torch.Tensor, importance: torch.Tensor, target: int,
                meta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ class StreamSizes:
 @dataclass
 class TokenStream:
     hidden: torch.Tensor  # (B, T, D)
-    position_ids: torch.Tensor  # (B, T) RoPE positions; pruning keeps the original ones
+    position_ids: torch.Tensor  # (B, T) RoPE positions; keep_tokens keeps the original ones
     visual: torch.Tensor  # (B, T) bool: a visual patch token
     task: torch.Tensor  # (B, T) bool: a token after the visual block (proprio, prompt, action slots, stop)
     padding: torch.Tensor | None = None  # (B, T) bool: an empty slot, masked out as a key

@@ -257,6 +257,47 @@ def test_the_cluster_takes_its_centres_slot():
     assert torch.allclose(hidden[int(recycled[centre])], stream.hidden[0, recycled].mean(dim=0), atol=1e-6)
 
 
+def test_renumbered_the_cluster_follows_the_kept_visual_tokens_and_positions_count_from_0():
+    stream, q, k = toy_layer(27, 20)
+    outputs = {}
+    for positions in ("keep", "renumber"):
+        pruner = SparseVLMPruner(budget=5, layers=[0], recycle=0.5, cluster_size=100, positions=positions)
+        pruner.start(1)
+        pruner.before_llm(stream)
+        outputs[positions] = pruner.after_layer(0, stream, q, k)
+    kept, out = outputs["keep"], outputs["renumber"]
+    # 16 of 20 visual tokens removed, one aggregated token in the centre's slot: 12 tokens left
+    assert out.position_ids[0].tolist() == list(range(12))
+    rows = list(zip(kept.position_ids[0].tolist(), kept.hidden[0], kept.visual[0].tolist()))
+    (aggregate,) = [row for row in rows if not torch.equal(row[1], stream.hidden[0, row[0]])]
+    others = [row for row in rows if row is not aggregate]
+    after_visual = 1 + sum(visual for _, _, visual in others)  # BOS and the kept visual tokens
+    expected = others[:after_visual] + [aggregate] + others[after_visual:]
+    assert torch.equal(out.hidden[0], torch.stack([hidden for _, hidden, _ in expected]))
+    assert out.visual[0].tolist() == [visual for _, _, visual in expected]
+
+
+def test_renumbered_positions_count_each_samples_real_tokens_from_0(deep_model):
+    pruner = pruner_for(deep_model, budget=128)
+    stages, after_layer = [], pruner.after_layer
+
+    def recorded(layer, *args):
+        out = after_layer(layer, *args)
+        if layer in pruner.layers:
+            stages.append(out)
+        return out
+
+    pruner.after_layer = recorded
+    renumbered, _ = run(deep_model, pruner, (9, 14, 6))
+    # the samples' prompts differ in length: their streams are padded
+    assert len(stages) == 4 and all(out.padding is not None for out in stages)
+    for out in stages:
+        for b, real in enumerate(out.real()):
+            assert out.position_ids[b][real].tolist() == list(range(int(real.sum())))
+    kept, _ = run(deep_model, pruner_for(deep_model, budget=128, positions="keep"), (9, 14, 6))
+    assert not torch.equal(renumbered, kept)
+
+
 def test_removal_plan_counts_aggregates_towards_the_target():
     # The reference's counts: the top 30% of the removed tokens plus one, in a tenth of them plus one clusters.
     pruner = SparseVLMPruner(budget=64, layers=[0], recycle=0.3, cluster_size=10)
@@ -316,7 +357,8 @@ def test_a_budget_of_every_token_changes_nothing(model):
 
 
 @pytest.mark.parametrize("option, value", [("budget", "0"), ("layers", "2,x"), ("layers", "6,31"),
-                                           ("recycle", "1.5"), ("cluster_size", "0"), ("budget_of", "first")])
+                                           ("recycle", "1.5"), ("cluster_size", "0"), ("budget_of", "first"),
+                                           ("positions", "shift")])
 def test_invalid_options_are_named(model, option, value):
     with pytest.raises(PolicyOptionError, match=f"sparsevlm: {option}"):
         pruner_for(model, **{option: value})
