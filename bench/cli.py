@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                       help="policy option, repeatable (e.g. k=2, r=0.5)")
     prof.add_argument("--keep", type=POSITIVE, help="force the visual tokens a pruning policy keeps (random weights "
-                      "cannot show a learned count)")
+                      "cannot show a learned count); sparsevlm's budget, a mean over the LLM layers")
     prof.add_argument("--sweep", action="store_true", help="every method in one table, relative to OFT")
     prof.add_argument("--size", default="full", choices=["full", "tiny"])
     prof.add_argument("--device", default="meta", help="meta (FLOPs only, no memory), cpu, cuda")
