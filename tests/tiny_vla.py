@@ -95,6 +95,21 @@ def toy_layer(t: int, visual: int, seed: int = 0):
     return stream, torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
 
 
+def recorded_streams(hooks, layers=None) -> list:
+    """The streams ``hooks.after_layer`` returns from now on (after the given layers, or all),
+    appended to the list returned."""
+    streams, after_layer = [], hooks.after_layer
+
+    def recorded(layer, *args):
+        out = after_layer(layer, *args)
+        if layers is None or layer in layers:
+            streams.append(out)
+        return out
+
+    hooks.after_layer = recorded
+    return streams
+
+
 def fake_observation(seed: int = 0, instruction: str = INSTRUCTIONS[0], size: int = 256):
     from policies.base import Observation
 

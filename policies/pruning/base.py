@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from policies.vla.hooks import TokenStream, read_sizes, right_aligned
+from policies.vla.hooks import StreamSizes, TokenStream, read_sizes, right_aligned
 
 
 REFERENCE_DEPTH = 32  # the LLM depth (Llama-2 7B) the reference methods give their layers for
@@ -39,12 +39,14 @@ def scale_layers(layers: Sequence[int], num_layers: int, lowest: int, highest: i
     return sorted({min(max(layer, lowest), highest) for layer in scaled})
 
 
-def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:
+def keep_tokens(stream: TokenStream, keep: torch.Tensor, sizes: StreamSizes | None = None) -> TokenStream:
     """The stream restricted to tokens where ``keep`` (B, T) is true, left-padded to the longest
-    sample. Its new length is read on the host, together with the new stream's counts."""
+    sample. Its new length is read on the host, together with the new stream's counts, unless
+    the caller knows those counts (``sizes``, see ``dropped_sizes``)."""
     if stream.padding is not None:
         keep = keep & ~stream.padding
-    sizes = read_sizes(keep, stream.visual, stream.task)
+    if sizes is None:
+        sizes = read_sizes(keep, stream.visual, stream.task)
     longest = max(sizes.tokens)
     order = right_aligned(keep, longest)
     padding = None if min(sizes.tokens) == longest else ~keep.gather(1, order)
@@ -59,6 +61,12 @@ def keep_tokens(stream: TokenStream, keep: torch.Tensor) -> TokenStream:
         padding=padding,
         sizes=sizes,
     )
+
+
+def dropped_sizes(sizes: StreamSizes, dropped: Sequence[int]) -> StreamSizes:
+    """The counts of a stream from which each sample drops ``dropped[b]`` visual tokens."""
+    return StreamSizes(tuple(t - d for t, d in zip(sizes.tokens, dropped)),
+                       tuple(v - d for v, d in zip(sizes.visual, dropped)), sizes.task)
 
 
 def visual_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:

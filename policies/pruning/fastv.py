@@ -3,14 +3,18 @@
 Layers 0..K-1 see the full sequence. The ranking uses layer K-1's own queries and keys:
 one attention row (the last token, ``</s>`` in OFT's layout) averaged over heads, so the
 layer itself keeps using fused SDPA. The lowest ``floor(r * visual)`` visual tokens are
-dropped for layers K onwards; the rest keep their order and RoPE positions.
+dropped for layers K onwards; the rest keep their order and RoPE positions. The counts are
+known on the host, so a query reads nothing back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
-from policies.pruning.base import keep_tokens, last_token_attention, on_meta
+from policies.pruning.base import dropped_sizes, keep_tokens, last_token_attention, on_meta
 from policies.vla.hooks import Hooks, TokenStream
 
 
@@ -39,17 +43,30 @@ class FastVPruner(Hooks):
         if layer != self.k - 1:
             return stream
         visual, sizes = stream.visual, stream.host_sizes()
-        counts = visual.sum(dim=1)  # on the device: a count copied there from the host would wait for the GPU
-        if self.keep:
-            drop = (counts - self.keep).clamp(min=0)
-        else:
-            # floor(r * V) of the decimal r as written: float32 gives 52 for 0.53 * 100, and
-            # double 28 for 0.29 * 100 (28.999999999999996) unless rounded first.
-            drop = torch.round(counts.double() * self.r, decimals=9).floor().long()
+        # The same counts on the device and on the host, so that nothing is read back: a count
+        # copied to the device would wait for the GPU, one read from it too.
+        drop = self.dropped(visual.sum(dim=1))
+        host_drop = self.dropped_on_host(sizes.visual)
         attention = last_token_attention(q, k, stream.padding)
         if on_meta(attention):  # no values: any tokens, the same count
             scores = torch.zeros(visual.shape, device=visual.device)
         else:
             scores = attention.to(visual.device)
         self.add_cost([2 * n * q.shape[1] * q.shape[3] for n in sizes.tokens])  # one attention row
-        return keep_tokens(stream, ~lowest_visual(scores, visual, drop))
+        return keep_tokens(stream, ~lowest_visual(scores, visual, drop), dropped_sizes(sizes, host_drop))
+
+    def dropped(self, counts: torch.Tensor) -> torch.Tensor:
+        """Visual tokens each sample drops, of its ``counts`` (on the device)."""
+        if self.keep:
+            return (counts - self.keep).clamp(min=0)
+        # floor(r * V) of the decimal r as written: float32 gives 52 for 0.53 * 100, and
+        # double 28 for 0.29 * 100 (28.999999999999996) unless rounded first.
+        return torch.round(counts.double() * self.r, decimals=9).floor().long()
+
+    def dropped_on_host(self, counts: Sequence[int]) -> list[int]:
+        """``dropped`` of counts on the host, by the same double operations (x * 1e9, round half
+        to even, / 1e9, floor), so that both sides agree."""
+        counts = np.asarray(counts, dtype=np.int64)
+        if self.keep:
+            return np.maximum(counts - self.keep, 0).tolist()
+        return np.floor(np.round(counts.astype(np.float64) * self.r, 9)).astype(np.int64).tolist()

@@ -70,8 +70,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from policies.pruning.base import (REFERENCE_DEPTH, keep_tokens, on_meta, parse_layers, rows_attention,
-                                   scale_layers, text_counts, text_rows)
+from policies.pruning.base import (REFERENCE_DEPTH, dropped_sizes, keep_tokens, on_meta, parse_layers,
+                                   rows_attention, scale_layers, text_counts, text_rows)
 from policies.vla.hooks import Hooks, TokenStream, right_aligned
 
 def stage_layers(text: str, num_layers: int) -> list[int]:
@@ -101,22 +101,31 @@ def choose_raters(visual: torch.Tensor, visual_valid: torch.Tensor, text: torch.
     return text_valid & ((score > mean) | (score == best))
 
 
-def rate_visual(attention: torch.Tensor, raters: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """One sample's visual importances (V,), the relative rank deficiency of its rater matrix,
-    and its number of raters; ``attention`` (text tokens, V) is the text tokens' attention to
-    the visual tokens, ``raters`` (text tokens,) bool the raters among them.
+def rate_visual(attention: torch.Tensor, raters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sample's visual importances (V,), the Gram matrix of its rater matrix and its number
+    of raters, all on the device; ``attention`` (text tokens, V) is the text tokens' attention
+    to the visual tokens, ``raters`` (text tokens,) bool the raters among them.
 
-    Raters are averaged with a mask, not picked out, so that the only value read on the host
-    is one copy of the rater matrix's Gram matrix and the rater count.
+    Raters are averaged with a mask, not picked out, so that nothing is read on the host here:
+    ``redundancies`` reads the Gram matrices and counts of a stage's samples in one copy.
     """
     rated = attention * raters[:, None]  # non-raters' rows zeroed: the raters' rank
     count = raters.sum()
-    gram = gram_matrix(rated)
-    host = torch.cat([gram.flatten(), count[None].double()]).cpu().numpy()
-    raters_read, visual = int(host[-1]), attention.shape[1]
-    shape = (raters_read, visual)
-    rank = gram_rank(host[:-1].reshape(gram.shape), shape, torch.finfo(attention.dtype).eps)
-    return rated.sum(dim=0) / count, 1.0 - rank / min(shape), raters_read
+    return rated.sum(dim=0) / count, gram_matrix(rated), count
+
+
+def redundancies(grams: Sequence[torch.Tensor], counts: Sequence[torch.Tensor], visual: Sequence[int],
+                 eps: float) -> list[float]:
+    """Each sample's relative rank deficiency of its rater matrix (raters x ``visual[i]``), from
+    its Gram matrix and rater count (``rate_visual``), read on the host in one copy."""
+    host = torch.cat([g.flatten() for g in grams] + [torch.stack(list(counts)).double()]).cpu().numpy()
+    raters, start, result = host[-len(counts):].astype(int), 0, []
+    for gram, rows, columns in zip(grams, raters, visual):
+        values = host[start:start + gram.numel()].reshape(gram.shape)
+        start += gram.numel()
+        shape = (int(rows), columns)
+        result.append(1.0 - gram_rank(values, shape, eps) / min(shape))
+    return result
 
 
 def last_of(counts: torch.Tensor, width: int) -> torch.Tensor:
@@ -360,38 +369,26 @@ class SparseVLMPruner(Hooks):
         if layer not in self.layers:
             return stream
         sizes = stream.host_sizes()
-        counts, tokens = sizes.visual, sizes.tokens
+        counts, longest = sizes.visual, max(sizes.visual)
         self.account(layer, counts)
-        # Without redundancy a stage keeps the most; where that is every token, nothing is rated.
-        if all(self.target(layer, b, visual, 0.0) >= visual for b, visual in enumerate(counts)):
+        visual_order = right_aligned(stream.visual, longest)  # each sample's visual columns, in order, at the end
+        # Without redundancy a stage keeps the most: samples that would keep every token are not rated.
+        columns = {b: visual_order[b, longest - visual:] for b, visual in enumerate(counts)
+                   if self.target(layer, b, visual, 0.0) < visual}
+        if not columns:
             return stream
-        meta = on_meta(q)
-        # The text rows: sample b's are the last text[b] of the m; its visual columns are the
-        # last of a right-aligned order.
-        q_text, text = text_rows(q, stream, self.text_margins)
-        m, longest = q_text.shape[2], max(counts)
-        rows = None if meta else rows_attention(q_text, k, stream.padding)  # (B, m, T)
-        width = q.shape[1] * q.shape[3]
-        cost = [0.0 if meta else 2.0 * m * t * width for t in tokens]  # the rater rows
-        visual_order = right_aligned(stream.visual, longest)
+        importance, redundancy = self.rate(stream, q, k, columns)
         keep = ~stream.visual
-        slots, aggregates = [], []
-        for b, visual in enumerate(counts):
-            columns = visual_order[b, longest - visual:]
-            if self.target(layer, b, visual, 0.0) >= visual:
-                keep[b, columns] = True
-                continue
-            if meta:  # equal importances, full rank
-                importance, redundancy = torch.zeros(visual), 0.0
-            else:
-                attention = rows[b, m - text[b]:][:, columns.to(rows.device)]  # (text tokens, V)
-                importance, redundancy, _ = rate_visual(attention, self._raters[b, m - text[b]:])
-                cost[b] += rank_flops(text[b], visual)
-            target = self.target(layer, b, visual, redundancy)
-            kept, centres, merged = self.select(stream.hidden[b], columns, importance, target, meta)
-            if not meta:
-                _, recycled, clusters = self.removal_plan(visual, target)
-                cost[b] += 2.0 * recycled * recycled * stream.hidden.shape[2] if clusters else 0.0  # distances
+        for b in set(range(len(counts))) - set(columns):
+            keep[b, visual_order[b, longest - counts[b]:]] = True
+        slots, aggregates, dropped, cost = [], [], [0] * len(counts), [0.0] * len(counts)
+        for b, sample_columns in columns.items():
+            target = self.target(layer, b, counts[b], redundancy[b])
+            dropped[b] = counts[b] - target
+            kept, centres, merged = self.select(stream.hidden[b], sample_columns, importance[b], target, on_meta(q))
+            _, recycled, clusters = self.removal_plan(counts[b], target)
+            if clusters and not on_meta(q):
+                cost[b] = 2.0 * recycled * recycled * stream.hidden.shape[2]  # the recycled tokens' distances
             keep[b, kept] = True
             if centres.numel():
                 keep[b, centres] = True
@@ -403,12 +400,36 @@ class SparseVLMPruner(Hooks):
             rows_cols = torch.cat(slots, dim=1).to(hidden.device)
             hidden = hidden.index_put((rows_cols[0], rows_cols[1]), torch.cat(aggregates))
         merged = TokenStream(hidden, stream.position_ids, stream.visual, stream.task, stream.padding, stream.sizes)
+        kept_sizes = dropped_sizes(sizes, dropped)  # known here: keep_tokens reads nothing
         if self.positions == "keep":
-            return keep_tokens(merged, keep)
+            return keep_tokens(merged, keep, kept_sizes)
         if slots:
             order = aggregates_last(keep.shape, slots, visual_order[:, -1])
             merged, keep = reordered(merged, order), keep.gather(1, order)
-        return renumbered(keep_tokens(merged, keep))
+        return renumbered(keep_tokens(merged, keep, kept_sizes))
+
+    def rate(self, stream: TokenStream, q: torch.Tensor, k: torch.Tensor,
+             columns: dict[int, torch.Tensor]) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+        """The visual importances and the redundancy of the rater matrix of each sample in
+        ``columns`` (sample -> its visual columns), from the stage layer's text rows; one host
+        read for all of them. Reports the products' FLOPs."""
+        counts = stream.host_sizes().visual
+        if on_meta(q):  # no values: equal importances, full rank
+            return {b: torch.zeros(counts[b]) for b in columns}, dict.fromkeys(columns, 0.0)
+        # sample b's text rows are the last text[b] of the m
+        q_text, text = text_rows(q, stream, self.text_margins)
+        m = q_text.shape[2]
+        rows = rows_attention(q_text, k, stream.padding)  # (B, m, T)
+        rated = {b: rate_visual(rows[b, m - text[b]:][:, c.to(rows.device)], self._raters[b, m - text[b]:])
+                 for b, c in columns.items()}
+        read = redundancies([r[1] for r in rated.values()], [r[2] for r in rated.values()],
+                            [counts[b] for b in rated], torch.finfo(rows.dtype).eps)
+        width = q.shape[1] * q.shape[3]
+        cost = [2.0 * m * t * width for t in stream.host_sizes().tokens]  # the text rows
+        for b in columns:
+            cost[b] += rank_flops(text[b], counts[b])
+        self.add_cost(cost)
+        return {b: r[0] for b, r in rated.items()}, dict(zip(rated, read))
 
     def select(self, hidden: torch.Tensor, columns: torch.Tensor, importance: torch.Tensor, target: int,
                meta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

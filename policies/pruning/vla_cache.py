@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from policies.pruning.base import keep_tokens, rows_attention, text_counts
+from policies.pruning.base import dropped_sizes, keep_tokens, rows_attention, text_counts
 from policies.vla.hooks import ExtraKeys, Hooks, TokenStream, right_aligned
 
 PATCH = 14
@@ -217,7 +217,8 @@ class VLACache(Hooks):
         leaving = self.reuse_order[now:later]
         visual_index = stream.position_ids[0] - VISUAL_START
         drop = stream.visual[0] & torch.isin(visual_index.to(stream.visual.device), leaving.to(stream.visual.device))
-        return keep_tokens(stream, ~drop[None])
+        # the leaving tokens are all still in the stream: its counts are known, nothing is read
+        return keep_tokens(stream, ~drop[None], dropped_sizes(stream.host_sizes(), [later - now]))
 
     def extra_keys(self, layer: int, stream: TokenStream) -> ExtraKeys | None:
         n = self.reused_at(layer)

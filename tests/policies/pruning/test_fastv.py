@@ -101,3 +101,12 @@ def test_invalid_settings_are_named():
         FastVPruner(0, 0.5)
     with pytest.raises(ValueError, match=r"r must be in \[0, 1\)"):
         FastVPruner(2, 1.0)
+
+
+@pytest.mark.parametrize("r", [0.29, 0.3, 0.5, 0.53, 0.75, 0.1, 0.9, 0.333, 0.6667, 0.125])
+def test_the_host_and_the_device_drop_the_same_counts(r):
+    counts = torch.arange(0, 4097)
+    for pruner in (FastVPruner(2, r), FastVPruner(2, keep=int(r * 1000))):
+        assert pruner.dropped(counts).tolist() == pruner.dropped_on_host(counts.tolist())
+    assert FastVPruner(2, 0.29).dropped_on_host([100]) == [29]  # not 28: 0.29 * 100 is 28.999999999999996
+

@@ -12,12 +12,12 @@ from policies.base import PolicyOptionError, parse_options
 from policies.pruning.adapters import SparseVLMPolicy
 from policies.pruning.base import rows_attention
 from policies.pruning.sparsevlm import (SparseVLMPruner, choose_raters, cluster_means, density_peaks, numerical_rank,
-                                        rank_flops, rate_visual, stage_layers)
+                                        rank_flops, rate_visual, redundancies, stage_layers)
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace
 from policies.vla.model import OFTModel
-from tests.tiny_vla import inputs, tiny_model, toy_layer
+from tests.tiny_vla import inputs, recorded_streams, tiny_model, toy_layer
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +123,17 @@ def test_deeper_models_prune_progressively(deep_model):
         assert visual[6:] == [64] * 2  # after the last stage
 
 
-def test_each_stage_reads_the_host_twice(deep_model):
-    # On a GPU each read waits for the queued layers: a stage reads the rank of its rater matrix
-    # with the rater count (one copy), then the kept counts; the stream carries its counts.
+@pytest.mark.parametrize("prompt_lengths", [(9,), (9, 14, 6)])
+def test_each_stage_reads_the_host_once_whatever_the_batch(deep_model, prompt_lengths):
+    # On a GPU each read waits for the queued layers: a stage reads the Gram matrices of its
+    # samples' rater matrices with their rater counts (one copy); it knows the kept counts.
     from policies.vla.graphs import HostReads
 
     pruner = pruner_for(deep_model, budget=128)
-    pixels, proprio, prompts = inputs()
+    pixels, proprio, prompts = inputs(batch=len(prompt_lengths), prompt_lengths=prompt_lengths)
     with torch.no_grad(), HostReads() as reads:
         deep_model(pixels, proprio, prompts, 2, hooks=pruner)  # no trace: its counts are one more read
-    assert len(pruner.layers) == 4 and reads.count == 2 * 4
+    assert len(pruner.layers) == 4 and reads.count == 4
 
 
 def test_the_raters_are_chosen_among_the_prompts_text_tokens(model, monkeypatch):
@@ -190,9 +191,13 @@ def test_importance_is_the_raters_mean_attention_and_the_rank_their_redundancy()
                          [0.1, 0.3, 0.2, 0.2, 0.1, 0.1],
                          [0.5, 0.1, 0.3, 0.1, 0.0, 0.0]])
     raters = torch.tensor([False, True, True, False])
-    importance, redundancy, count = rate_visual(rows[:, 1:4], raters)
+    importance, gram, count = rate_visual(rows[:, 1:4], raters)
     assert torch.equal(importance, torch.tensor([0.3, 0.2, 0.2]))  # row 3's 0.3 on token 1 is not a rater's
-    assert (redundancy, count) == (0.5, 2)  # two raters, rank one
+    assert int(count) == 2
+    # with a second sample whose two raters see the image differently: rank two, no redundancy
+    other = rate_visual(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]), torch.tensor([True, True]))
+    eps = torch.finfo(rows.dtype).eps
+    assert redundancies([gram, other[1]], [count, other[2]], [3, 3], eps) == [0.5, 0.0]  # rank one of two
 
 
 def test_raters_are_the_text_tokens_the_image_looks_at_most():
@@ -279,15 +284,7 @@ def test_renumbered_the_cluster_follows_the_kept_visual_tokens_and_positions_cou
 
 def test_renumbered_positions_count_each_samples_real_tokens_from_0(deep_model):
     pruner = pruner_for(deep_model, budget=128)
-    stages, after_layer = [], pruner.after_layer
-
-    def recorded(layer, *args):
-        out = after_layer(layer, *args)
-        if layer in pruner.layers:
-            stages.append(out)
-        return out
-
-    pruner.after_layer = recorded
+    stages = recorded_streams(pruner, pruner.layers)
     renumbered, _ = run(deep_model, pruner, (9, 14, 6))
     # the samples' prompts differ in length: their streams are padded
     assert len(stages) == 4 and all(out.padding is not None for out in stages)

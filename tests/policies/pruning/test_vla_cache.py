@@ -16,7 +16,7 @@ from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace
 from policies.vla.model import OFTModel
-from tests.tiny_vla import fake_observation, inputs
+from tests.tiny_vla import fake_observation, inputs, recorded_streams
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +243,27 @@ def test_host_reads_per_step_do_not_grow_with_the_depth():
         assert cache.reused_tokens > 0
         reads.append(counter.count)
     assert reads[0] == reads[1]
+
+
+def test_a_step_that_reuses_reads_the_patches_and_the_readings_and_knows_its_counts(model8):
+    # The patches (for the similarity), the previous step's readings (entropies and relevance);
+    # the tokens leaving at each stage are counted on the host, so nothing else is read.
+    from policies.vla.graphs import HostReads
+    from policies.vla.hooks import read_sizes
+
+    cache = VLACache(similarity=0.99, relevance_layer=4)
+    streams = recorded_streams(cache)
+    pixels, proprio, prompts = inputs()
+    query(model8, cache, "ep", pixels, proprio, prompts)
+    streams.clear()
+    with torch.no_grad(), HostReads() as reads:
+        cache.begin("ep", pixels[0])
+        model8(pixels, proprio, prompts, 2, hooks=cache)
+    assert cache.reused_tokens > 0 and reads.count == 2
+    pruned = [s for s in streams if s.sizes is not None and s.sizes.visual != (512,)]
+    assert pruned
+    for stream in pruned:
+        assert stream.sizes == read_sizes(stream.real(), stream.visual, stream.task)
 
 
 def reusing_cache(model):
