@@ -350,16 +350,16 @@ def _yardstick(model, embeds, positions, device, dtype, settings) -> dict:
     b, t = embeds.shape[:2]
     bidirectional = torch.ones(b, 1, t, t, dtype=torch.bool, device=device)
 
-    def run(mask):
+    def run(llm, mask):
         def call():
             with torch.inference_mode():
-                hf(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False)
+                llm(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False)
         return call
 
     out = {
         "library": "transformers",
-        "bidirectional_ms": percentiles(time_calls(run(bidirectional), device, settings.repeats, settings.warmup)),
-        "causal_ms": percentiles(time_calls(run(None), device, settings.repeats, settings.warmup)),
+        "bidirectional_ms": percentiles(time_calls(run(hf, bidirectional), device, settings.repeats, settings.warmup)),
+        "causal_ms": percentiles(time_calls(run(hf, None), device, settings.repeats, settings.warmup)),
     }
     del hf
     gc.collect()
