@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -447,17 +448,16 @@ def summarize_layers(counts: list) -> str:
     return ", ".join(parts)
 
 
-def sparsevlm_budget(budget: int, config) -> dict:
-    """SparseVLM's options for ``budget``: a mean over the LLM layers, as the reference's budgets
-    are, or the count after the last stage where the model is too shallow to reach that mean."""
+def sparsevlm_budgets(budgets: Sequence[int], config) -> list[dict]:
+    """SparseVLM's options for each budget: a mean over the LLM layers, as the reference's
+    budgets are, or the count after the last stage where the model is too shallow to reach that mean."""
     from policies.pruning.adapters import SparseVLMPolicy
     from policies.pruning.sparsevlm import least_mean, stage_layers
     from policies.vla.vision import visual_token_count
 
     layers = config.llm.num_layers
-    stages = stage_layers(SparseVLMPolicy.Options.layers, layers)
-    reachable = budget >= least_mean(stages, layers, visual_token_count(config))
-    return {"budget": str(budget)} if reachable else {"budget": str(budget), "budget_of": "last"}
+    least = least_mean(stage_layers(SparseVLMPolicy.Options.layers, layers), layers, visual_token_count(config))
+    return [{"budget": str(b)} if b >= least else {"budget": str(b), "budget_of": "last"} for b in budgets]
 
 
 def sweep_methods(config) -> list[tuple[str, dict]]:
@@ -472,7 +472,7 @@ def sweep_methods(config) -> list[tuple[str, dict]]:
         ("lightvla_star", {"placement": f"llm:{min(2, layers - 1)}", "keep": "78"}),
         ("lightvla_star", {"placement": f"vision:{vision_block}", "keep": "78"}),
         ("fastv", {"k": str(min(2, layers - 1)), "r": "0.5"}),
-        *(("sparsevlm", sparsevlm_budget(budget, config)) for budget in (192, 128, 64)),
+        *(("sparsevlm", options) for options in sparsevlm_budgets((192, 128, 64), config)),
         ("vla_cache", {}),  # real devices only: it needs two frames' values
     ]
 

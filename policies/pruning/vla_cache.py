@@ -166,13 +166,13 @@ class VLACache(Hooks):
         self.current = episode_id
         self._slots = None
         self.reuse_order, self.counts = None, []
-        patches = patch_vectors(pixels, self.images, self.levels)
+        patches = patch_vectors(pixels, self.images, self.levels)  # a new array: never a view of the frame
         cache = self.episodes.get(episode_id)
         if cache is None:
-            self.episodes[episode_id] = EpisodeCache(patches.copy())
+            self.episodes[episode_id] = EpisodeCache(patches)
             return
         self._choose(cache, patches)
-        cache.patches = patches.copy()
+        cache.patches = patches
 
     def _choose(self, cache: EpisodeCache, patches: np.ndarray) -> None:
         if not cache.keys or cache.relevance is None or not cache.entropy:
