@@ -9,8 +9,9 @@ integration:
   similarity >= ``similarity`` (0.996) with the previous frame's, at most the ``static`` (150)
   most similar (the reference compares the prepared 224x224 images).
 - Task-relevant, never reused: per camera image, the ``relevant`` (100) patches the text
-  tokens (the prompt, ``text_margins``) attended to most at ``relevance_layer`` (15 of 32) in
-  the previous query, averaged over text tokens and heads. There the text rows attend to the
+  tokens (the prompt, ``text_margins``; or with ``text_window`` = N the N tokens right after
+  the visual block, as the reference) attended to most at ``relevance_layer`` (15 of 32) in
+  the previous query, averaged over those tokens and heads. There the text rows attend to the
   tokens still in the sequence and to the reused ones' cached keys, as the layer itself does.
 - Reusable: static and not relevant, in token order (first camera first), R of them.
 - Layer schedule: the previous query's attention entropy of each layer (its head-averaged
@@ -28,7 +29,8 @@ Nothing is reused at an episode's first query. Where this differs from the refer
   not by motion. Ours compares with the previous query's frame, the one the cached keys and
   values were computed from.
 - Its text rows are a fixed window of 34 positions after the visual block (the proprio
-  token, the prompt and, for a prompt shorter than 33 tokens, the first action slots).
+  token, the prompt and, for a prompt shorter than 33 tokens, the first action slots);
+  ``text_window=34`` does the same, the default (0) takes the prompt's text tokens.
 - It computes the entropies in the model's dtype (bf16); ours are float32.
 
 With OFT's bidirectional attention the cached keys and values were computed in the previous
@@ -136,7 +138,7 @@ class VLACache(Hooks):
     def __init__(self, similarity: float = 0.996, static: int = 150, relevant: int = 100,
                  layers: Sequence[int] = (2, 6, 9, 11), growth: float = 0.55, relevance_layer: int = 15,
                  images: int = 2, text_margins: tuple[int, int] = (0, 0),
-                 levels: tuple[Sequence[float], Sequence[float]] | None = None):
+                 levels: tuple[Sequence[float], Sequence[float]] | None = None, text_window: int = 0):
         if not layers or min(layers) < 1:
             raise ValueError(f"VLA-Cache's stage layers must be 1 or later (tokens leave before them), "
                              f"got {list(layers)}")
@@ -144,6 +146,7 @@ class VLACache(Hooks):
         self.layers, self.growth = sorted(set(layers)), growth
         self.relevance_layer, self.images = relevance_layer, images
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
+        self.text_window = text_window  # 0: the text rows are the prompt; N: the N tokens after the visual block
         self.levels = levels  # the first tower's (means, stds): patches compared as 8-bit values (patch_vectors)
         self.episodes: dict[str, EpisodeCache] = {}
         self.current: str | None = None
@@ -265,12 +268,20 @@ class VLACache(Hooks):
         cache.entropy[layer] = attention_entropy(attention)
         if layer != self.relevance_layer:
             return
-        (text,) = text_counts(stream, self.text_margins)
-        end = q.shape[2] - self.text_margins[1]
-        text_attention = attention[end - text:end].mean(dim=0)
+        text_attention = attention[self._text_rows(stream, q.shape[2])].mean(dim=0)
         columns, index = self._visual_slots(stream, q.device)
         relevance = text_attention.new_zeros(cache.patches.shape[0])
         relevance[index] = text_attention[columns]
         if extra is not None:
             relevance[self.reuse_order[:extra.k.shape[2]].to(relevance.device)] = text_attention[k.shape[2]:]
         cache.relevance = relevance
+
+    def _text_rows(self, stream: TokenStream, length: int) -> slice:
+        """The rows whose attention ranks relevance. Every task token follows the visual block
+        and none ever leaves, so with one sample and no padding the rows are known on the host."""
+        if self.text_window:
+            first = length - stream.host_sizes().task[0]  # the first token after the visual block
+            return slice(first, min(first + self.text_window, length))
+        (text,) = text_counts(stream, self.text_margins)
+        end = length - self.text_margins[1]
+        return slice(end - text, end)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from policies.base import EpisodeInfo
+from policies.base import EpisodeInfo, PolicyOptionError
 from policies.pruning.vla_cache import (VLACache, attention_entropy, patch_vectors, reusable_tokens, reuse_schedule,
                                         stage_counts)
 from policies.registry import make_policy
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace
-from policies.vla.model import OFTModel
+from policies.vla.model import OFTModel, prompt_margins
 from tests.tiny_vla import fake_observation, inputs, recorded_streams
 
 
@@ -325,3 +325,33 @@ def test_forgetting_the_current_episode_clears_its_query_state(model8):
     assert cache.current is None and cache.reused_tokens == 0
     with torch.no_grad():  # a query outside any episode runs without the cache
         model8(pixels, proprio, prompts, 2, hooks=cache)
+
+
+@pytest.mark.parametrize("window", [5, 1000])
+def test_a_text_window_ranks_relevance_by_the_tokens_right_after_the_visual_block(model8, monkeypatch, window):
+    # The reference's rows: positions from the one after the last visual token on, a window of
+    # them (clipped to the sequence); found here from the position ids, as the reference does.
+    import policies.pruning.vla_cache as vla_cache
+
+    seen = []
+    original = vla_cache.rows_attention
+    monkeypatch.setattr(vla_cache, "rows_attention", lambda q, k, p: seen.append(original(q, k, p)) or seen[-1])
+    pixels, proprio, prompts = inputs()
+    cache = VLACache(similarity=0.99, relevance_layer=4, text_window=window)
+    streams = recorded_streams(cache, layers=[4])
+    query(model8, cache, "ep", pixels, proprio, prompts)
+    (stream,) = streams
+    attention = seen[4][0]  # layer 4: (T, T), nothing reused at a first query
+    positions = stream.position_ids[0]
+    first = 1 + 512  # BOS, then the visual block
+    expected = attention[(positions >= first) & (positions < first + window)].mean(dim=0)[stream.visual[0]]
+    error = (cache.episodes["ep"].relevance - expected).abs().max()
+    prompt_only = VLACache(similarity=0.99, relevance_layer=4, text_margins=prompt_margins(model8.config))
+    query(model8, prompt_only, "ep", pixels, proprio, prompts)
+    other_rows = (prompt_only.episodes["ep"].relevance - expected).abs().max()
+    assert float(error) <= 1e-9 and float(other_rows) > 1e-7
+
+
+def test_vla_cache_refuses_a_negative_text_window(tiny_checkpoint):
+    with pytest.raises(PolicyOptionError, match="text_window"):
+        make_policy("vla_cache", {"checkpoint": str(tiny_checkpoint), "text_window": -1})
