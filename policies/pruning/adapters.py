@@ -105,6 +105,29 @@ class FastVPolicy(OFTPolicy):
             raise PolicyOptionError(f"fastv: {exc}") from None
 
 
+class DivPrunePolicy(OFTPolicy):
+    name = "divprune"
+    keep_option = "keep"
+
+    @dataclass
+    class Options(OFTPolicy.Options):
+        ratio: float = 0.098  # fraction of the visual tokens kept (the reference's default), rounded
+        keep: int = 0  # instead of ratio: keep exactly this many visual tokens
+        positions: str = "renumber"  # after the choice: renumber (the reference code) or keep the original RoPE positions
+
+    @classmethod
+    def build_hooks(cls, options, config):
+        from policies.pruning.divprune import DivPrunePruner
+        from policies.vla.vision import visual_token_count
+
+        try:
+            pruner = DivPrunePruner(ratio=options.ratio, keep=options.keep, positions=options.positions)
+            pruner.count(visual_token_count(config))  # a count the model cannot keep is refused now
+            return pruner
+        except ValueError as exc:
+            raise PolicyOptionError(f"divprune: {exc}") from None
+
+
 class SparseVLMPolicy(OFTPolicy):
     name = "sparsevlm"
     keep_option = "budget"

@@ -63,6 +63,16 @@ def keep_tokens(stream: TokenStream, keep: torch.Tensor, sizes: StreamSizes | No
     )
 
 
+POSITIONS = ("renumber", "keep")  # after a plug-in drops tokens: RoPE positions 0, 1, ... again, or the original ones
+
+
+def renumbered(stream: TokenStream) -> TokenStream:
+    """The stream with its real tokens at RoPE positions 0, 1, ... in sequence order (padding at 0)."""
+    positions = (stream.real().long().cumsum(dim=1) - 1).clamp(min=0)
+    return TokenStream(stream.hidden, positions.to(stream.position_ids.device), stream.visual, stream.task,
+                       stream.padding, stream.sizes)
+
+
 def dropped_sizes(sizes: StreamSizes, dropped: Sequence[int]) -> StreamSizes:
     """The counts of a stream from which each sample drops ``dropped[b]`` visual tokens."""
     return StreamSizes(tuple(t - d for t, d in zip(sizes.tokens, dropped)),

@@ -70,8 +70,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from policies.pruning.base import (REFERENCE_DEPTH, dropped_sizes, keep_tokens, on_meta, parse_layers,
-                                   rows_attention, scale_layers, text_counts, text_rows)
+from policies.pruning.base import (POSITIONS, REFERENCE_DEPTH, dropped_sizes, keep_tokens, on_meta, parse_layers,
+                                   renumbered, rows_attention, scale_layers, text_counts, text_rows)
 from policies.vla.hooks import Hooks, TokenStream, right_aligned
 
 def stage_layers(text: str, num_layers: int) -> list[int]:
@@ -245,16 +245,6 @@ def reordered(stream: TokenStream, order: torch.Tensor) -> TokenStream:
     padding = None if stream.padding is None else stream.padding.gather(1, order)
     return TokenStream(hidden, stream.position_ids.gather(1, order.to(stream.position_ids.device)),
                        stream.visual.gather(1, order), stream.task.gather(1, order), padding, stream.sizes)
-
-
-def renumbered(stream: TokenStream) -> TokenStream:
-    """The stream with its real tokens at RoPE positions 0, 1, ... in sequence order (padding at 0)."""
-    positions = (stream.real().long().cumsum(dim=1) - 1).clamp(min=0)
-    return TokenStream(stream.hidden, positions.to(stream.position_ids.device), stream.visual, stream.task,
-                       stream.padding, stream.sizes)
-
-
-POSITIONS = ("renumber", "keep")
 
 
 class SparseVLMPruner(Hooks):

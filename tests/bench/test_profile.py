@@ -72,8 +72,8 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     results = run_json(capsys, "--sweep", "--size", "tiny", "--device", "cpu", "--dtype", "bf16",
                        "--repeats", "1", "--warmup", "0")
     methods = [r["policy"] for r in results]
-    assert methods[0] == "oft" and set(methods) == {"oft", "lightvla", "lightvla_star", "fastv", "sparsevlm",
-                                                    "vla_cache"}
+    assert methods[0] == "oft" and set(methods) == {"oft", "lightvla", "lightvla_star", "fastv", "divprune",
+                                                    "sparsevlm", "vla_cache"}
     for r in results:
         assert r["dtype"] == "bfloat16" and r["latency_ms"]["n"] == 1
         assert r["tflops_counted"] == pytest.approx(r["tflops_per_query"], rel=1e-9)
@@ -84,10 +84,14 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     # the LLM alone is timed once, without a plug-in, beside the yardstick's
     assert results[0]["llm_latency_ms"]["n"] == 1 and lightvla["llm_latency_ms"] is None
     assert results[0]["vision_latency_ms"]["n"] == 1 and lightvla["vision_latency_ms"] is None
-    # an unpruned query reads nothing on the host, nor does FastV (its counts follow from r); a
-    # learned selection needs at least its kept count, SparseVLM its rater matrices' ranks
+    divprune = next(r for r in results if r["policy"] == "divprune")
+    assert divprune["visual_tokens_llm"] == 78 and divprune["tflops_vs_oft"] < 1
+    # an unpruned query reads nothing on the host, nor do FastV and DivPrune (their counts follow
+    # from r or keep); a learned selection needs at least its kept count, SparseVLM its rater
+    # matrices' ranks
     reads = {r["policy"]: r["host_reads_per_query"] for r in results}
-    assert reads.pop("oft") == 0 and reads.pop("fastv") == 0 and min(reads.values()) >= 1
+    assert reads.pop("oft") == 0 and reads.pop("fastv") == 0 and reads.pop("divprune") == 0
+    assert min(reads.values()) >= 1
 
 
 def test_a_failing_method_is_recorded_and_the_sweep_goes_on(capsys, monkeypatch):
@@ -151,3 +155,5 @@ def test_a_sweep_hands_over_its_rows_as_they_are_measured():
                  on_row=lambda so_far: seen.append((len(so_far), so_far[-1].get("tflops_vs_oft"))))
     assert [count for count, _ in seen] == list(range(1, len(rows) + 1)) and len(rows) >= 8
     assert seen[0][1] == 1.0 and all(ratio is not None for _, ratio in seen)
+    # on the meta device too, every plug-in runs the products it reports (no values needed)
+    assert all(r["tflops_counted"] == pytest.approx(r["tflops_per_query"], rel=1e-12) for r in rows)

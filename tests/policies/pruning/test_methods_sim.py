@@ -14,6 +14,7 @@ METHODS = {
     "fastv": ["k=1", "r=0.5"],
     "sparsevlm": ["budget=300"],  # a mean over the 2 layers: 512, then 88
     "vla_cache": ["similarity=0.9"],
+    "divprune": [],  # the reference's ratio: round(0.098 * 512) = 50
 }
 
 
@@ -39,6 +40,8 @@ def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, 
         assert "| fastv checkpoint=tiny-oft k=1 r=0.5 | libero_spatial |" in capsys.readouterr().out
     elif method == "sparsevlm":
         assert per_layer == [512, 88]
+    elif method == "divprune":
+        assert per_layer == [50, 50]
     elif method == "vla_cache":
         assert stats["reused_tokens"] > 0  # mean over the 3 queries; the first reuses nothing
         capsys.readouterr()
