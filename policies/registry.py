@@ -19,6 +19,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "lightvla": ("policies.pruning.adapters:LightVLAPolicy", "OpenVLA-OFT + LightVLA query-based visual token selection"),
     "lightvla_star": ("policies.pruning.adapters:LightVLAStarPolicy", "LightVLA with learnable queries, after LLM layer L (llm:L) or vision block B (vision:B)"),
     "fastv": ("policies.pruning.adapters:FastVPolicy", "OpenVLA-OFT + FastV: drop visual tokens after layer k-1 (k, r)"),
+    "pyramiddrop": ("policies.pruning.adapters:PyramidDropPolicy", "OpenVLA-OFT + PyramidDrop: staged drops ranked by the instruction's last token (layers, ratios)"),
     "divprune": ("policies.pruning.adapters:DivPrunePolicy", "OpenVLA-OFT + DivPrune: keep the most diverse visual tokens (max-min, ratio or keep)"),
     "vla_cache": ("policies.pruning.adapters:VLACachePolicy", "OpenVLA-OFT + VLA-Cache: reuse static visual tokens' K/V across steps"),
     "sparsevlm": ("policies.pruning.adapters:SparseVLMPolicy", "OpenVLA-OFT + SparseVLM: text-rated progressive pruning with recycling (budget)"),

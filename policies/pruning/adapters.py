@@ -105,6 +105,41 @@ class FastVPolicy(OFTPolicy):
             raise PolicyOptionError(f"fastv: {exc}") from None
 
 
+class PyramidDropPolicy(OFTPolicy):
+    name = "pyramiddrop"
+
+    @dataclass
+    class Options(OFTPolicy.Options):
+        layers: str = "8,16,24"  # stage layers of a 32-layer LLM (scaled to the model): tokens leave before each
+        ratios: str = "0.5,0.25,0.125"  # per stage: the share of the query's visual tokens kept from it on
+        query: str = "instruction"  # the ranking token: the prompt's last (instruction) or the sequence's last
+        positions: str = "renumber"  # after each stage: renumber (the reference code) or keep the original RoPE positions
+
+    @classmethod
+    def build_hooks(cls, options, config):
+        from policies.pruning.base import REFERENCE_DEPTH, parse_layers
+        from policies.pruning.pyramiddrop import PyramidDropPruner
+        from policies.vla.model import prompt_margins
+
+        depth = config.llm.num_layers
+        try:
+            stages = parse_layers(options.layers, 1, REFERENCE_DEPTH - 1, "tokens leave before a stage layer")
+            try:
+                ratios = [float(part) for part in options.ratios.split(",")]
+            except ValueError:
+                raise ValueError(f"ratios must be comma-separated fractions, got {options.ratios!r}") from None
+            if len(ratios) != len(stages):
+                raise ValueError(f"give one ratio per stage layer, got layers {options.layers!r} and ratios "
+                                 f"{options.ratios!r}")
+            scaled = [min(max(round(layer * depth / REFERENCE_DEPTH), 1), depth - 1) for layer in stages]
+            if len(set(scaled)) != len(scaled):
+                raise ValueError(f"the stage layers {stages} fall on layers {scaled} of this {depth}-layer LLM; "
+                                 "give fewer stages")
+            return PyramidDropPruner(scaled, ratios, prompt_margins(config), options.query, options.positions)
+        except ValueError as exc:
+            raise PolicyOptionError(f"pyramiddrop: {exc}") from None
+
+
 class DivPrunePolicy(OFTPolicy):
     name = "divprune"
     keep_option = "keep"

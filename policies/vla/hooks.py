@@ -11,6 +11,7 @@ sequence, where the action slots are, stay valid).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -97,7 +98,7 @@ class VisionSlots:
     patches: torch.Tensor  # (B*images, S) patch index of every slot
 
 
-_LAYER_POINTS = ("skip_layer", "extra_keys", "wants_kv", "on_kv", "wants_qk", "after_layer")
+_LAYER_POINTS = ("before_layer", "skip_layer", "extra_keys", "wants_kv", "on_kv", "wants_qk", "after_layer")
 
 
 class Hooks:
@@ -155,6 +156,13 @@ class Hooks:
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
         """Between the projector (plus proprio and prompt assembly) and LLM layer 0."""
+        return stream
+
+    def before_layer(self, layer: int, stream: TokenStream,
+                     queries_keys: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> TokenStream:
+        """Before LLM layer ``layer`` (and after ``before_llm``). ``queries_keys()`` computes the
+        layer's post-RoPE q (B, H, T, hd) and k (B, KVH, T, hd) of the stream as given: two
+        products, which a plug-in that calls it reports with ``add_cost``."""
         return stream
 
     def skip_layer(self, layer: int) -> bool:

@@ -149,8 +149,7 @@ class Attention(nn.Module):
             q, k = self.kernels.rope(qkv[:, :, :h + kvh], cos, sin).split([h, kvh], dim=2)  # one RoPE for both
             v = qkv[:, :, h + kvh:]
         else:
-            q = self.kernels.rope(self.q_proj(x).view(b, t, h, hd), cos, sin)
-            k = self.kernels.rope(self.k_proj(x).view(b, t, kvh, hd), cos, sin)
+            q, k = self.rotated(x, cos, sin)
             v = self.v_proj(x).view(b, t, kvh, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         keys, values = k, v
@@ -165,6 +164,14 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), q, k, v
+
+
+    def rotated(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys after RoPE, (B, T, heads, hd), from separate products."""
+        b, t, _ = x.shape
+        q = self.kernels.rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = self.kernels.rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k
 
 
 def _extend_mask(attn_mask, extra: ExtraKeys, b: int, t: int, device) -> torch.Tensor | None:
@@ -279,6 +286,9 @@ class LanguageModel(nn.Module):
                                            stream.hidden, stream.position_ids, stream.padding)
                 index = end
                 continue
+            # A plug-in may change the tokens before this layer, from the layer's own queries and
+            # keys of them (computed only if it asks).
+            stream = hooks.before_layer(index, stream, functools.partial(self.queries_keys, index, stream))
             skipped = hooks.skip_layer(index)
             extra = None if skipped else hooks.extra_keys(index, stream)
             if recorder is not None:
@@ -313,6 +323,13 @@ class LanguageModel(nn.Module):
         """RoPE cos and signed sin for the tokens' positions, and the attention mask of the padding."""
         cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
         return cos, sin, key_mask(padding, hidden.device, causal)
+
+    def queries_keys(self, index: int, stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s post-RoPE queries (B, H, T, hd) and keys (B, KVH, T, hd) of the stream."""
+        layer = self.model.layers[index]
+        cos, sin = rope_cos_sin(stream.position_ids, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
+        q, k = layer.self_attn.rotated(layer.input_layernorm(stream.hidden), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2)
 
     def one_layer(self, index: int, causal: bool, outputs: bool, hidden: torch.Tensor, position_ids: torch.Tensor,
                   padding: torch.Tensor | None, extra_k: torch.Tensor | None, extra_v: torch.Tensor | None,

@@ -72,8 +72,8 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     results = run_json(capsys, "--sweep", "--size", "tiny", "--device", "cpu", "--dtype", "bf16",
                        "--repeats", "1", "--warmup", "0")
     methods = [r["policy"] for r in results]
-    assert methods[0] == "oft" and set(methods) == {"oft", "lightvla", "lightvla_star", "fastv", "divprune",
-                                                    "sparsevlm", "vla_cache"}
+    assert methods[0] == "oft" and set(methods) == {"oft", "lightvla", "lightvla_star", "fastv", "pyramiddrop",
+                                                    "divprune", "sparsevlm", "vla_cache"}
     for r in results:
         assert r["dtype"] == "bfloat16" and r["latency_ms"]["n"] == 1
         assert r["tflops_counted"] == pytest.approx(r["tflops_per_query"], rel=1e-9)
@@ -86,11 +86,11 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     assert results[0]["vision_latency_ms"]["n"] == 1 and lightvla["vision_latency_ms"] is None
     divprune = next(r for r in results if r["policy"] == "divprune")
     assert divprune["visual_tokens_llm"] == 78 and divprune["tflops_vs_oft"] < 1
-    # an unpruned query reads nothing on the host, nor do FastV and DivPrune (their counts follow
-    # from r or keep); a learned selection needs at least its kept count, SparseVLM its rater
-    # matrices' ranks
+    # an unpruned query reads nothing on the host, nor do FastV, PyramidDrop and DivPrune (their
+    # counts follow from their options); a learned selection needs at least its kept count,
+    # SparseVLM its rater matrices' ranks
     reads = {r["policy"]: r["host_reads_per_query"] for r in results}
-    assert reads.pop("oft") == 0 and reads.pop("fastv") == 0 and reads.pop("divprune") == 0
+    assert [reads.pop(m) for m in ("oft", "fastv", "pyramiddrop", "divprune")] == [0, 0, 0, 0]
     assert min(reads.values()) >= 1
 
 

@@ -15,6 +15,7 @@ METHODS = {
     "sparsevlm": ["budget=300"],  # a mean over the 2 layers: 512, then 88
     "vla_cache": ["similarity=0.9"],
     "divprune": [],  # the reference's ratio: round(0.098 * 512) = 50
+    "pyramiddrop": ["layers=16", "ratios=0.25"],  # one stage, before layer 1 of 2
 }
 
 
@@ -42,6 +43,8 @@ def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, 
         assert per_layer == [512, 88]
     elif method == "divprune":
         assert per_layer == [50, 50]
+    elif method == "pyramiddrop":
+        assert per_layer == [512, 128]
     elif method == "vla_cache":
         assert stats["reused_tokens"] > 0  # mean over the 3 queries; the first reuses nothing
         capsys.readouterr()

@@ -106,6 +106,31 @@ def test_a_skipped_layer_is_not_computed_and_is_traced_as_none(model):
     assert not torch.allclose(skipped, plain)
 
 
+def test_before_a_layer_its_queries_and_keys_are_those_the_layer_computes(model):
+    # A plug-in that only looks changes nothing, and sees what the layer itself computes next.
+    class Look(Hooks):
+        def before_layer(self, layer, stream, queries_keys):
+            if layer == 1:
+                self.before = queries_keys()
+            return stream
+
+        def wants_qk(self, layer):
+            return layer == 1
+
+        def after_layer(self, layer, stream, q, k):
+            if layer == 1:
+                self.after = (q, k)
+            return stream
+
+    pixels, proprio, prompts = inputs()
+    look = Look()
+    with torch.no_grad():
+        plain = model(pixels, proprio, prompts, 2)
+        looked = model(pixels, proprio, prompts, 2, hooks=look)
+    assert torch.equal(plain, looked)
+    assert all(torch.equal(a, b) for a, b in zip(look.before, look.after))
+
+
 def test_bad_inputs_are_named(model):
     pixels, proprio, prompts = inputs()
     with pytest.raises(ValueError, match="proprio has shape"):

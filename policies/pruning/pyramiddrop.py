@@ -1,0 +1,90 @@
+"""PyramidDrop: drop visual tokens in stages, ranked by the last instruction token's attention.
+
+The reference (PyramidDrop, its LLaVA code) splits the LLM into stages at layers 8, 16 and 24
+of 32. Before each stage layer L, it computes layer L's own queries and keys of the tokens
+still there (its input norm, q and k products and RoPE), takes the attention of the last
+instruction token over them, averaged over heads, and keeps the visual tokens it attends to
+most: ``int(V * ratio)`` of the V visual tokens the query started with, the ratios 0.5, 0.25
+and 0.125. Layer L and the later ones run on what is kept, in the original order; the
+reference renumbers the positions of what is left (``positions=renumber``), ``positions=keep``
+keeps the original ones.
+
+In OFT's layout the instruction ends before the action slots: ``query=instruction`` (the
+default) ranks by the prompt's last token, ``query=last`` by the sequence's last token (the
+stop token, which FastV uses). Where this differs from the reference code: its ranking row
+sees a causal mask and softmax in float32 rounded to the model's dtype; OFT is bidirectional,
+and ours stays in float32. It also computes the stage layer's value products for nothing;
+ours does not, so the method's own cost is the q and k products of every token plus one
+attention row per stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from policies.pruning.base import (POSITIONS, dropped_sizes, keep_tokens, on_meta, renumbered, rows_attention,
+                                   text_counts)
+from policies.pruning.fastv import lowest_visual
+from policies.vla.hooks import Hooks, TokenStream
+
+QUERIES = ("instruction", "last")
+
+
+class PyramidDropPruner(Hooks):
+    def __init__(self, layers: Sequence[int] = (8, 16, 24), ratios: Sequence[float] = (0.5, 0.25, 0.125),
+                 text_margins: tuple[int, int] = (0, 0), query: str = "instruction", positions: str = "renumber"):
+        if len(layers) != len(ratios) or not layers:
+            raise ValueError(f"give one ratio per stage layer, got layers {list(layers)} and ratios {list(ratios)}")
+        if min(layers) < 1 or list(layers) != sorted(set(layers)):
+            raise ValueError(f"stage layers must be increasing and 1 or later (tokens leave before them), "
+                             f"got {list(layers)}")
+        if not all(0.0 <= r <= 1.0 for r in ratios) or list(ratios) != sorted(ratios, reverse=True):
+            raise ValueError(f"ratios must be fractions in [0, 1] that do not grow from stage to stage, "
+                             f"got {list(ratios)}")
+        if query not in QUERIES:
+            raise ValueError(f"query must be one of {', '.join(QUERIES)}, got {query!r}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        self.stages = dict(zip(layers, ratios))
+        self.text_margins, self.query, self.positions = text_margins, query, positions
+        self.visual_at_start: tuple[int, ...] = ()
+
+    def plain_layer(self, layer: int) -> bool:
+        return layer not in self.stages
+
+    def before_llm(self, stream: TokenStream) -> TokenStream:
+        self.visual_at_start = stream.host_sizes().visual  # each stage keeps a share of these
+        return stream
+
+    def kept(self, layer: int) -> list[int]:
+        """Visual tokens each sample keeps from stage layer ``layer`` on."""
+        return [int(v * self.stages[layer]) for v in self.visual_at_start]
+
+    def before_layer(self, layer, stream: TokenStream, queries_keys) -> TokenStream:
+        if layer not in self.stages:
+            return stream
+        sizes = stream.host_sizes()
+        keep = self.kept(layer)
+        if len(set(keep)) != 1:
+            raise ValueError(f"PyramidDrop needs the samples of a batch to start with the same number of visual "
+                             f"tokens, got {list(self.visual_at_start)}")
+        q, k = queries_keys()
+        h, hd, kvh = q.shape[1], q.shape[3], k.shape[1]
+        self.add_cost([2 * n * hd * (h + kvh) * stream.hidden.shape[2] + 2 * n * h * hd for n in sizes.tokens])
+        attention = rows_attention(q[:, :, self._query_row(stream, q.shape[2])][:, :, None], k, stream.padding)[:, 0]
+        visual = stream.visual
+        scores = torch.zeros(visual.shape, device=visual.device) if on_meta(attention) else attention.to(visual.device)
+        # The kept count is the same for every sample: the drop follows on the device without a read.
+        drop = (visual.sum(dim=1) - keep[0]).clamp(min=0)
+        host_drop = [max(v - n, 0) for v, n in zip(sizes.visual, keep)]
+        kept = keep_tokens(stream, ~lowest_visual(scores, visual, drop), dropped_sizes(sizes, host_drop))
+        return renumbered(kept) if self.positions == "renumber" else kept
+
+    def _query_row(self, stream: TokenStream, length: int) -> int:
+        """The ranking token's column: samples are left-padded, so it is the same for all."""
+        if self.query == "last":
+            return length - 1
+        text_counts(stream, self.text_margins)  # every sample has an instruction to end
+        return length - self.text_margins[1] - 1
