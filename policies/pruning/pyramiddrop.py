@@ -27,7 +27,7 @@ import torch
 from policies.pruning.base import (POSITIONS, dropped_sizes, keep_tokens, on_meta, renumbered, rows_attention,
                                    text_counts)
 from policies.pruning.fastv import lowest_visual
-from policies.vla.hooks import Hooks, TokenStream
+from policies.vla.hooks import Hooks, QueriesKeys, TokenStream
 
 QUERIES = ("instruction", "last")
 
@@ -62,7 +62,7 @@ class PyramidDropPruner(Hooks):
         """Visual tokens each sample keeps from stage layer ``layer`` on."""
         return [int(v * self.stages[layer]) for v in self.visual_at_start]
 
-    def before_layer(self, layer, stream: TokenStream, queries_keys) -> TokenStream:
+    def before_layer(self, layer, stream: TokenStream, queries_keys: QueriesKeys) -> TokenStream:
         if layer not in self.stages:
             return stream
         sizes = stream.host_sizes()
@@ -70,16 +70,27 @@ class PyramidDropPruner(Hooks):
         if len(set(keep)) != 1:
             raise ValueError(f"PyramidDrop needs the samples of a batch to start with the same number of visual "
                              f"tokens, got {list(self.visual_at_start)}")
-        q, k = queries_keys()
-        h, hd, kvh = q.shape[1], q.shape[3], k.shape[1]
-        self.add_cost([2 * n * hd * (h + kvh) * stream.hidden.shape[2] + 2 * n * h * hd for n in sizes.tokens])
-        attention = rows_attention(q[:, :, self._query_row(stream, q.shape[2])][:, :, None], k, stream.padding)[:, 0]
-        visual = stream.visual
-        scores = torch.zeros(visual.shape, device=visual.device) if on_meta(attention) else attention.to(visual.device)
-        # The kept count is the same for every sample: the drop follows on the device without a read.
-        drop = (visual.sum(dim=1) - keep[0]).clamp(min=0)
-        host_drop = [max(v - n, 0) for v, n in zip(sizes.visual, keep)]
-        kept = keep_tokens(stream, ~lowest_visual(scores, visual, drop), dropped_sizes(sizes, host_drop))
+        row = self._query_row(stream, stream.hidden.shape[1])
+        drop = [max(v - n, 0) for v, n in zip(sizes.visual, keep)]
+
+        def dropped(hidden, position_ids, padding, visual):
+            """(B, T) bool: the visual tokens that leave (fixed shapes: one graph on a GPU)."""
+            q, k = queries_keys(hidden, position_ids)
+            attention = rows_attention(q[:, :, row, None], k, padding)[:, 0]
+            if on_meta(attention):  # no values: any tokens, the same count
+                attention = torch.zeros(visual.shape, device=visual.device)
+            # The count is the same for every sample: it follows on the device without a read.
+            return lowest_visual(attention.to(visual.device), visual, (visual.sum(dim=1) - keep[0]).clamp(min=0))
+
+        args = (stream.hidden, stream.position_ids, stream.padding, stream.visual)
+        if self.graphs is not None and not on_meta(stream.hidden):
+            name = f"pyramiddrop layer={layer} row={row - stream.hidden.shape[1]} keep={keep[0]}"
+            leaving = self.graphs.run(name, dropped, *args)
+        else:
+            leaving = dropped(*args)
+        heads = queries_keys.sizes.num_heads * queries_keys.sizes.head_dim
+        self.add_cost([queries_keys.flops(n) + 2 * n * heads for n in sizes.tokens])  # q, k and one attention row
+        kept = keep_tokens(stream, ~leaving, dropped_sizes(sizes, drop))
         return renumbered(kept) if self.positions == "renumber" else kept
 
     def _query_row(self, stream: TokenStream, length: int) -> int:

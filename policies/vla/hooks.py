@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from policies.vla.config import LlamaSizes
+
 
 @dataclass(frozen=True)
 class StreamSizes:
@@ -84,6 +86,23 @@ class ExtraKeys:
         if self.valid is None:
             return torch.full((self.k.shape[0],), self.k.shape[2], dtype=torch.long)
         return self.valid.sum(dim=1).cpu()
+
+
+@dataclass(frozen=True)
+class QueriesKeys:
+    """A layer's post-RoPE queries (B, H, T, hd) and keys (B, KVH, T, hd) of given tokens:
+    ``queries_keys(hidden, position_ids)``, a pure function of its tensors (so a plug-in may
+    run it in a graph). Its two products are the plug-in's cost to report (``flops``)."""
+
+    compute: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    sizes: LlamaSizes
+
+    def __call__(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compute(hidden, position_ids)
+
+    def flops(self, tokens: int) -> int:
+        s = self.sizes
+        return 2 * tokens * s.hidden_size * (s.num_heads + s.num_kv_heads) * s.head_dim
 
 
 @dataclass
@@ -158,11 +177,9 @@ class Hooks:
         """Between the projector (plus proprio and prompt assembly) and LLM layer 0."""
         return stream
 
-    def before_layer(self, layer: int, stream: TokenStream,
-                     queries_keys: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> TokenStream:
-        """Before LLM layer ``layer`` (and after ``before_llm``). ``queries_keys()`` computes the
-        layer's post-RoPE q (B, H, T, hd) and k (B, KVH, T, hd) of the stream as given: two
-        products, which a plug-in that calls it reports with ``add_cost``."""
+    def before_layer(self, layer: int, stream: TokenStream, queries_keys: QueriesKeys) -> TokenStream:
+        """Before LLM layer ``layer`` (and after ``before_llm``), with the means to compute that
+        layer's queries and keys of the tokens it is about to see."""
         return stream
 
     def skip_layer(self, layer: int) -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 from policies.vla.config import LlamaSizes
 from policies.vla.graphs import is_recording
-from policies.vla.hooks import ExtraKeys, Hooks, QueryTrace, TokenStream
+from policies.vla.hooks import ExtraKeys, Hooks, QueriesKeys, QueryTrace, TokenStream
 
 
 def weighted_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -288,7 +288,8 @@ class LanguageModel(nn.Module):
                 continue
             # A plug-in may change the tokens before this layer, from the layer's own queries and
             # keys of them (computed only if it asks).
-            stream = hooks.before_layer(index, stream, functools.partial(self.queries_keys, index, stream))
+            queries_keys = QueriesKeys(functools.partial(self.queries_keys, index), self.sizes)
+            stream = hooks.before_layer(index, stream, queries_keys)
             skipped = hooks.skip_layer(index)
             extra = None if skipped else hooks.extra_keys(index, stream)
             if recorder is not None:
@@ -324,11 +325,12 @@ class LanguageModel(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
         return cos, sin, key_mask(padding, hidden.device, causal)
 
-    def queries_keys(self, index: int, stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``index``'s post-RoPE queries (B, H, T, hd) and keys (B, KVH, T, hd) of the stream."""
+    def queries_keys(self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """Layer ``index``'s post-RoPE queries (B, H, T, hd) and keys (B, KVH, T, hd) of the
+        tokens ``hidden`` at ``position_ids``: a pure function of its tensors (graphable)."""
         layer = self.model.layers[index]
-        cos, sin = rope_cos_sin(stream.position_ids, self.sizes.head_dim, self.sizes.rope_theta, stream.hidden.dtype)
-        q, k = layer.self_attn.rotated(layer.input_layernorm(stream.hidden), cos, sin)
+        cos, sin = rope_cos_sin(position_ids, self.sizes.head_dim, self.sizes.rope_theta, hidden.dtype)
+        q, k = layer.self_attn.rotated(layer.input_layernorm(hidden), cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2)
 
     def one_layer(self, index: int, causal: bool, outputs: bool, hidden: torch.Tensor, position_ids: torch.Tensor,

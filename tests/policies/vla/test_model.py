@@ -111,7 +111,7 @@ def test_before_a_layer_its_queries_and_keys_are_those_the_layer_computes(model)
     class Look(Hooks):
         def before_layer(self, layer, stream, queries_keys):
             if layer == 1:
-                self.before = queries_keys()
+                self.before = queries_keys(stream.hidden, stream.position_ids)
             return stream
 
         def wants_qk(self, layer):
