@@ -472,10 +472,10 @@ def sweep_methods(config) -> list[tuple[str, dict]]:
         ("lightvla_star", {"placement": f"llm:{min(2, layers - 1)}", "keep": "78"}),
         ("lightvla_star", {"placement": f"vision:{vision_block}", "keep": "78"}),
         ("fastv", {"k": str(min(2, layers - 1)), "r": "0.5"}),
-        ("pyramiddrop", {} if layers >= 4 else {"layers": "16", "ratios": "0.25"}),  # distinct stage layers
-        ("divprune", {"keep": "78"}),
         *(("sparsevlm", options) for options in sparsevlm_budgets((192, 128, 64), config)),
         ("vla_cache", {}),  # real devices only: it needs two frames' values
+        ("pyramiddrop", {} if layers >= 4 else {"layers": "16", "ratios": "0.25"}),  # distinct stage layers
+        ("divprune", {"keep": "78"}),
     ]
 
 
