@@ -134,7 +134,7 @@ class PyramidDropPolicy(OFTPolicy):
             scaled = [min(max(round(layer * depth / REFERENCE_DEPTH), 1), depth - 1) for layer in stages]
             if len(set(scaled)) != len(scaled):
                 raise ValueError(f"the stage layers {stages} fall on layers {scaled} of this {depth}-layer LLM; "
-                                 "give fewer stages")
+                                 "give fewer stages (e.g. layers=16 ratios=0.25)")
             return PyramidDropPruner(scaled, ratios, prompt_margins(config), options.query, options.positions)
         except ValueError as exc:
             raise PolicyOptionError(f"pyramiddrop: {exc}") from None
