@@ -48,14 +48,14 @@ def max_min_diverse(distance: torch.Tensor, count: int) -> torch.Tensor:
         raise ValueError(f"DivPrune keeps 1..{v} of {v} visual tokens, got {count}")
     # Farthest from its nearest neighbour: the second-smallest of a column (the smallest is itself).
     score = distance.topk(min(2, v), dim=1, largest=False).values[:, -1]
-    taken = torch.zeros(b, v, dtype=torch.bool, device=distance.device)
     chosen = []
     for step in range(count):
         pick = score.argmax(dim=1)  # the first of equal scores, as torch.argmax in the reference
         chosen.append(pick)
-        taken = taken.scatter(1, pick[:, None], True)
         row = distance.gather(1, pick[:, None, None].expand(b, 1, v))[:, 0]  # the new token's distances
-        score = (row if step == 0 else torch.minimum(score, row)).masked_fill(taken, float("-inf"))
+        score = row if step == 0 else torch.minimum(score, row)
+        # A chosen token scores -inf from now on (the minimum keeps it there): four kernels a step.
+        score = score.scatter(1, pick[:, None], float("-inf"))
     return torch.stack(chosen, dim=1)
 
 
