@@ -79,6 +79,14 @@ def dropped_sizes(sizes: StreamSizes, dropped: Sequence[int]) -> StreamSizes:
                        tuple(v - d for v, d in zip(sizes.visual, dropped)), sizes.task)
 
 
+def lowest_visual(scores: torch.Tensor, visual: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the ``drop[b]`` visual tokens of lowest score in each sample."""
+    ranked = scores.masked_fill(~visual, float("inf")).argsort(dim=1)
+    positions = torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, positions)
+    return (rank < drop[:, None]) & visual
+
+
 def visual_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V, D) visual tokens and their (B, V) column indices, for a stream whose samples
     all hold the same number V of visual tokens (before any pruning)."""

@@ -14,15 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from policies.pruning.base import dropped_sizes, keep_tokens, last_token_attention, on_meta
+from policies.pruning.base import dropped_sizes, keep_tokens, last_token_attention, lowest_visual, on_meta
 from policies.vla.hooks import Hooks, TokenStream
-
-
-def lowest_visual(scores: torch.Tensor, visual: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the ``drop[b]`` visual tokens of lowest score in each sample."""
-    ranked = scores.masked_fill(~visual, float("inf")).argsort(dim=1)
-    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked))
-    return (rank < drop[:, None]) & visual
 
 
 class FastVPruner(Hooks):

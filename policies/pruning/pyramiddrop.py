@@ -24,9 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from policies.pruning.base import (POSITIONS, dropped_sizes, keep_tokens, on_meta, renumbered, rows_attention,
-                                   text_counts)
-from policies.pruning.fastv import lowest_visual
+from policies.pruning.base import (POSITIONS, dropped_sizes, keep_tokens, lowest_visual, on_meta, renumbered,
+                                   rows_attention, text_counts)
 from policies.vla.hooks import Hooks, QueriesKeys, TokenStream
 
 QUERIES = ("instruction", "last")
