@@ -216,6 +216,7 @@ class VLACachePolicy(OFTPolicy):
         growth: float = 0.55  # a rise of the entropy schedule from one layer to the next is damped to this share
         relevance_layer: int = -1  # layer whose text-token attention ranks relevance (-1: layer 15 of 32, scaled)
         text_window: int = 0  # relevance from 0: the prompt's text tokens; N: the N after the visual block (reference 34)
+        entropy_dtype: str = "float32"  # attention maps, entropies, schedule: float32, or rounded as the reference (model)
 
     @classmethod
     def build_hooks(cls, options, config):
@@ -236,12 +237,13 @@ class VLACachePolicy(OFTPolicy):
                                  f"relevant={options.relevant}, growth={options.growth}")
             if options.text_window < 0:
                 raise ValueError(f"text_window must be 0 (the prompt) or a token count, got {options.text_window}")
+            return VLACache(options.similarity, options.static, options.relevant,
+                            scale_layers(stages, depth, 1, depth - 1), options.growth, relevance,
+                            config.num_images, prompt_margins(config),
+                            levels=(config.image_means[0], config.image_stds[0]), text_window=options.text_window,
+                            entropy_dtype=options.entropy_dtype)
         except ValueError as exc:
             raise PolicyOptionError(f"vla_cache: {exc}") from None
-        return VLACache(options.similarity, options.static, options.relevant,
-                        scale_layers(stages, depth, 1, depth - 1), options.growth, relevance,
-                        config.num_images, prompt_margins(config),
-                        levels=(config.image_means[0], config.image_stds[0]), text_window=options.text_window)
 
     def reset(self, episode) -> None:
         self._hooks.forget(episode.episode_id)

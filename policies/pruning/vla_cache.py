@@ -31,7 +31,9 @@ Nothing is reused at an episode's first query. Where this differs from the refer
 - Its text rows are a fixed window of 34 positions after the visual block (the proprio
   token, the prompt and, for a prompt shorter than 33 tokens, the first action slots);
   ``text_window=34`` does the same, the default (0) takes the prompt's text tokens.
-- It computes the entropies in the model's dtype (bf16); ours are float32.
+- It computes the attention maps as eager attention does (logits in the model's dtype, bf16,
+  softmax in float32 rounded back to it) and its entropies and schedule in the model's
+  dtype; ours are float32 unless ``entropy_dtype="model"``, which rounds as it does.
 
 With OFT's bidirectional attention the cached keys and values were computed in the previous
 step's context: reuse is an approximation, not an exact cache.
@@ -42,6 +44,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 import torch
 
@@ -49,6 +53,7 @@ from policies.pruning.base import dropped_sizes, keep_tokens, rows_attention, te
 from policies.vla.hooks import ExtraKeys, Hooks, TokenStream, right_aligned
 
 PATCH = 14
+ENTROPY_DTYPES = ("float32", "model")
 VISUAL_START = 1  # RoPE position of visual token 0 (BOS is position 0)
 
 
@@ -94,6 +99,21 @@ def reusable_tokens(similarity: np.ndarray, relevance: np.ndarray, images: int, 
     return (chosen & is_static).reshape(-1)
 
 
+def layer_attention(q: torch.Tensor, keys: torch.Tensor, rounded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's head-averaged attention (T, K) of every row over ``keys``, twice: for the
+    entropy and for the relevance. ``rounded``: as the reference's eager attention maps
+    (logits in q's dtype, softmax in float32 rounded back to it), averaged over heads in q's
+    dtype for the entropy and in float32 for the relevance, as it averages them."""
+    if not rounded:
+        attention = rows_attention(q, keys, None)[0]
+        return attention, attention
+    heads, kv_heads = q.shape[1], keys.shape[1]
+    keys = keys.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else keys
+    logits = (q @ keys.to(q.dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    probabilities = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)[0]  # (H, T, K)
+    return probabilities.mean(dim=0), probabilities.float().mean(dim=0)
+
+
 def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
     """Mean over rows of each row's entropy, for head-averaged attention rows (T, K), as the
     reference computes it (rows renormalised, 1e-10 inside the log)."""
@@ -101,12 +121,16 @@ def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
     return -(attention * torch.log(attention + 1e-10)).sum(dim=-1).mean()
 
 
-def reuse_schedule(entropies: Sequence[float], growth: float) -> np.ndarray:
-    """Each layer's reuse proportion (L,) from its attention entropy: 1 - the min-max
-    normalised entropy (float32, as the reference), a rise from one layer to the next damped to
-    ``growth`` of itself."""
-    entropy = np.asarray(entropies, dtype=np.float32)
-    proportion = (1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)).tolist()
+def reuse_proportions(entropy: torch.Tensor) -> torch.Tensor:
+    """Each layer's reuse proportion (L,) before damping: 1 - its min-max normalised attention
+    entropy, computed in the entropies' dtype (the reference's: the model's)."""
+    return 1.0 - (entropy - entropy.min()) / (entropy.max() - entropy.min() + 1e-10)
+
+
+def reuse_schedule(proportions: Sequence[float], growth: float) -> np.ndarray:
+    """The proportions (L,) with each rise from one layer to the next damped to ``growth`` of
+    itself (in double, as the reference), as float32."""
+    proportion = [float(p) for p in proportions]
     for i in range(1, len(proportion)):
         rise = proportion[i] - proportion[i - 1]
         if rise > 0:
@@ -138,7 +162,8 @@ class VLACache(Hooks):
     def __init__(self, similarity: float = 0.996, static: int = 150, relevant: int = 100,
                  layers: Sequence[int] = (2, 6, 9, 11), growth: float = 0.55, relevance_layer: int = 15,
                  images: int = 2, text_margins: tuple[int, int] = (0, 0),
-                 levels: tuple[Sequence[float], Sequence[float]] | None = None, text_window: int = 0):
+                 levels: tuple[Sequence[float], Sequence[float]] | None = None, text_window: int = 0,
+                 entropy_dtype: str = "float32"):
         if not layers or min(layers) < 1:
             raise ValueError(f"VLA-Cache's stage layers must be 1 or later (tokens leave before them), "
                              f"got {list(layers)}")
@@ -147,6 +172,9 @@ class VLACache(Hooks):
         self.relevance_layer, self.images = relevance_layer, images
         self.text_margins = text_margins  # task tokens before and after the text (model.prompt_margins)
         self.text_window = text_window  # 0: the text rows are the prompt; N: the N tokens after the visual block
+        if entropy_dtype not in ENTROPY_DTYPES:
+            raise ValueError(f"entropy_dtype must be one of {', '.join(ENTROPY_DTYPES)}, got {entropy_dtype!r}")
+        self.rounded = entropy_dtype == "model"  # attention maps, entropies and schedule rounded as the reference's
         self.levels = levels  # the first tower's (means, stds): patches compared as 8-bit values (patch_vectors)
         self.episodes: dict[str, EpisodeCache] = {}
         self.current: str | None = None
@@ -181,8 +209,8 @@ class VLACache(Hooks):
         if not cache.keys or cache.relevance is None or not cache.entropy:
             return
         layers = sorted(cache.entropy)
-        entropy = torch.stack([cache.entropy[layer] for layer in layers]).float()
-        readings = torch.cat([entropy, cache.relevance.float()]).cpu().numpy()  # the one host read
+        proportions = reuse_proportions(torch.stack([cache.entropy[layer] for layer in layers]))
+        readings = torch.cat([proportions.float(), cache.relevance.float()]).cpu().numpy()  # the one host read
         reusable = reusable_tokens(patch_similarity(patches, cache.patches), readings[len(layers):], self.images,
                                    self.similarity, self.static, self.relevant)
         order = np.flatnonzero(reusable)  # in token order
@@ -263,12 +291,12 @@ class VLACache(Hooks):
         cache = self.episodes[self.current]
         extra = self.extra_keys(layer, stream)
         keys = k if extra is None else torch.cat([k, extra.k.to(k.dtype)], dim=2)
-        attention = rows_attention(q, keys, None)[0]  # (T, own + reused keys)
+        attention, for_relevance = layer_attention(q, keys, self.rounded)  # (T, own + reused keys)
         self.add_cost([2 * q.shape[1] * q.shape[2] * keys.shape[2] * q.shape[3]])
-        cache.entropy[layer] = attention_entropy(attention)
+        cache.entropy[layer] = attention_entropy(attention)  # in the dtype the schedule is computed in
         if layer != self.relevance_layer:
             return
-        text_attention = attention[self._text_rows(stream, q.shape[2])].mean(dim=0)
+        text_attention = for_relevance[self._text_rows(stream, q.shape[2])].mean(dim=0)
         columns, index = self._visual_slots(stream, q.device)
         relevance = text_attention.new_zeros(cache.patches.shape[0])
         relevance[index] = text_attention[columns]

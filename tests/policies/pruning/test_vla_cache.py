@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from policies.base import EpisodeInfo, PolicyOptionError
-from policies.pruning.vla_cache import (VLACache, attention_entropy, patch_vectors, reusable_tokens, reuse_schedule,
-                                        stage_counts)
+from policies.pruning.vla_cache import (VLACache, attention_entropy, layer_attention, patch_vectors, reusable_tokens,
+                                        reuse_proportions, reuse_schedule, stage_counts)
 from policies.registry import make_policy
 from policies.vla import flops
 from policies.vla.config import replace_llm, tiny_config
@@ -53,7 +53,8 @@ def test_first_step_reuses_nothing_and_an_unchanged_frame_reuses_exactly(model8)
                 for i in reference_selection(similarity[image * 256:(image + 1) * 256],
                                              relevance[image * 256:(image + 1) * 256].tolist(), 0.99, 150, 100)]
     assert cache.reuse_order.tolist() == expected and len(expected) >= 100
-    assert cache.counts == stage_counts(reuse_schedule(entropies, 0.55), [2, 4], cache.reusable_tokens)
+    schedule = reuse_schedule(reuse_proportions(torch.tensor(entropies)).tolist(), 0.55)
+    assert cache.counts == stage_counts(schedule, [2, 4], cache.reusable_tokens)
     assert 0 < cache.reused_tokens <= cache.reusable_tokens
     assert trace2.llm_visual_tokens == [512 - cache.reused_at(layer) for layer in range(8)]
     assert trace2.llm_visual_tokens[:2] == [512, 512] and trace2.llm_visual_tokens[2] < 512
@@ -132,9 +133,10 @@ def test_reusable_tokens_are_chosen_per_image_as_the_reference_chooses_them():
 def test_the_schedule_follows_each_layers_attention_entropy():
     # Entropies 3, 2, 1, 2.5 normalise to 1, 0.5, 0, 0.75: proportions 0, 0.5, 1, 0.25, where
     # each rise is damped to 0.55 of itself: 0.5 -> 0.275, 1 -> 0.275 + 0.725 * 0.55.
-    proportion = reuse_schedule([3.0, 2.0, 1.0, 2.5], 0.55)
+    undamped = reuse_proportions(torch.tensor([3.0, 2.0, 1.0, 2.5])).tolist()
+    proportion = reuse_schedule(undamped, 0.55)
     assert np.allclose(proportion, [0.0, 0.275, 0.67375, 0.25])
-    assert np.array_equal(reuse_schedule([3.0, 2.0, 1.0, 2.5], 1.0), [0.0, 0.5, 1.0, 0.25])
+    assert np.array_equal(reuse_schedule(undamped, 1.0), [0.0, 0.5, 1.0, 0.25])
     # A stage reuses max(1, int(p * R)); one that would reuse fewer than an earlier stage keeps its count.
     assert stage_counts(proportion, [0, 1, 2, 3], 100) == [(0, 1), (1, 27), (2, 67), (3, 67)]
     assert stage_counts(proportion, [3], 100) == [(3, 25)]
@@ -355,3 +357,57 @@ def test_a_text_window_ranks_relevance_by_the_tokens_right_after_the_visual_bloc
 def test_vla_cache_refuses_a_negative_text_window(tiny_checkpoint):
     with pytest.raises(PolicyOptionError, match="text_window"):
         make_policy("vla_cache", {"checkpoint": str(tiny_checkpoint), "text_window": -1})
+
+
+def reference_eager_attention(q, k):
+    """The attention maps the reference's eager attention returns (1, H, T, K): logits in the
+    model's dtype, softmax in float32, rounded back."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    return torch.nn.functional.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def reference_schedule(maps, growth):
+    """The reference's layer schedule from its attention maps, written out (bf16 throughout,
+    the damping in Python floats)."""
+    entropies = []
+    for attn in maps:
+        attn = attn.mean(dim=1)[0]
+        attn /= attn.sum(dim=-1, keepdim=True) + 1e-10
+        attn = torch.nan_to_num(attn, nan=0.0)
+        entropies.append((-torch.sum(attn * torch.log(attn + 1e-10), dim=-1)).mean())
+    entropies = torch.stack(entropies)
+    reuse = (1.0 - (entropies - entropies.min()) / (entropies.max() - entropies.min() + 1e-10)).tolist()
+    for i in range(1, len(reuse)):
+        if reuse[i] - reuse[i - 1] > 0:
+            reuse[i] = reuse[i - 1] + (reuse[i] - reuse[i - 1]) * growth
+    return np.asarray(reuse, dtype=np.float32)
+
+
+def test_rounded_attention_and_schedule_are_the_references_in_bf16():
+    gen = torch.Generator().manual_seed(0)
+    maps, entropies = [], []
+    for layer in range(8):  # grouped key heads, as the tiny model's
+        q = (torch.randn(1, 4, 30, 16, generator=gen) * (1 + layer)).bfloat16()
+        k = torch.randn(1, 2, 30, 16, generator=gen).bfloat16()
+        for_entropy, for_relevance = layer_attention(q, k, rounded=True)
+        reference = reference_eager_attention(q, k)
+        assert torch.equal(for_entropy, reference.mean(dim=1)[0]) and for_entropy.dtype == torch.bfloat16
+        assert torch.equal(for_relevance, reference.to(torch.float32).squeeze(0).mean(dim=0))
+        maps.append(reference)
+        entropies.append(attention_entropy(for_entropy))
+    proportions = reuse_proportions(torch.stack(entropies))
+    assert proportions.dtype == torch.bfloat16
+    ours = reuse_schedule(proportions.tolist(), 0.55)
+    assert np.array_equal(ours, reference_schedule(maps, 0.55))
+
+
+def test_a_bf16_model_rounds_its_entropies_only_when_asked(tiny_checkpoint):
+    for dtype_option, expected in (("model", torch.bfloat16), ("float32", torch.float32)):
+        policy = make_policy("vla_cache", {"checkpoint": str(tiny_checkpoint), "dtype": "bf16",
+                                           "entropy_dtype": dtype_option, "similarity": "0.9"})
+        policy.act([fake_observation(0)])
+        (cache,) = policy.hooks().episodes.values()
+        assert {e.dtype for e in cache.entropy.values()} == {expected}
+    with pytest.raises(PolicyOptionError, match="entropy_dtype must be one of float32, model"):
+        make_policy("vla_cache", {"checkpoint": str(tiny_checkpoint), "entropy_dtype": "bf16"})
