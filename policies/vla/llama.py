@@ -165,7 +165,6 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), q, k, v
 
-
     def rotated(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys after RoPE, (B, T, heads, hd), from separate products."""
         b, t, _ = x.shape
