@@ -95,6 +95,22 @@ def toy_layer(t: int, visual: int, seed: int = 0):
     return stream, torch.randn(1, 2, t, 4, generator=gen), torch.randn(1, 1, t, 4, generator=gen)
 
 
+def toy_stream(batch=1, visual=16, task=6, d=8, seed=0):
+    """A random stream: BOS, ``visual`` visual tokens, ``task`` task tokens, positions 0, 1, ..."""
+    import torch
+
+    from policies.vla.hooks import TokenStream
+
+    gen = torch.Generator().manual_seed(seed)
+    t = 1 + visual + task
+    hidden = torch.randn(batch, t, d, generator=gen)
+    is_visual = torch.zeros(batch, t, dtype=torch.bool)
+    is_visual[:, 1:1 + visual] = True
+    is_task = torch.zeros(batch, t, dtype=torch.bool)
+    is_task[:, 1 + visual:] = True
+    return TokenStream(hidden, torch.arange(t).expand(batch, t).clone(), is_visual, is_task)
+
+
 def recorded_streams(hooks, layers=None) -> list:
     """The streams ``hooks.after_layer`` returns from now on (after the given layers, or all),
     appended to the list returned."""

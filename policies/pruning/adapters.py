@@ -117,7 +117,7 @@ class PyramidDropPolicy(OFTPolicy):
 
     @classmethod
     def build_hooks(cls, options, config):
-        from policies.pruning.base import REFERENCE_DEPTH, parse_layers
+        from policies.pruning.base import REFERENCE_DEPTH, parse_layers, scale_layer
         from policies.pruning.pyramiddrop import PyramidDropPruner
         from policies.vla.model import prompt_margins
 
@@ -131,7 +131,7 @@ class PyramidDropPolicy(OFTPolicy):
             if len(ratios) != len(stages):
                 raise ValueError(f"give one ratio per stage layer, got layers {options.layers!r} and ratios "
                                  f"{options.ratios!r}")
-            scaled = [min(max(round(layer * depth / REFERENCE_DEPTH), 1), depth - 1) for layer in stages]
+            scaled = [scale_layer(layer, depth, 1, depth - 1) for layer in stages]
             if len(set(scaled)) != len(scaled):
                 raise ValueError(f"the stage layers {stages} fall on layers {scaled} of this {depth}-layer LLM; "
                                  "give fewer stages (e.g. layers=16 ratios=0.25)")

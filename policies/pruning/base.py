@@ -32,11 +32,15 @@ def parse_layers(text: str, lowest: int, highest: int, why: str) -> list[int]:
     return layers
 
 
+def scale_layer(layer: int, num_layers: int, lowest: int, highest: int) -> int:
+    """A reference layer placed at the same relative depth of a ``num_layers`` LLM, clamped to
+    lowest..highest."""
+    return min(max(round(layer * num_layers / REFERENCE_DEPTH), lowest), highest)
+
+
 def scale_layers(layers: Sequence[int], num_layers: int, lowest: int, highest: int) -> list[int]:
-    """The reference's layers placed at the same relative depth of a ``num_layers`` LLM, clamped
-    to lowest..highest; layers that land on one merge."""
-    scaled = (round(layer * num_layers / REFERENCE_DEPTH) for layer in layers)
-    return sorted({min(max(layer, lowest), highest) for layer in scaled})
+    """``scale_layer`` of each of the reference's layers; layers that land on one merge."""
+    return sorted({scale_layer(layer, num_layers, lowest, highest) for layer in layers})
 
 
 def keep_tokens(stream: TokenStream, keep: torch.Tensor, sizes: StreamSizes | None = None) -> TokenStream:
@@ -61,6 +65,15 @@ def keep_tokens(stream: TokenStream, keep: torch.Tensor, sizes: StreamSizes | No
         padding=padding,
         sizes=sizes,
     )
+
+
+def keep_chosen(stream: TokenStream, columns: torch.Tensor, chosen: torch.Tensor,
+                sizes: StreamSizes | None = None) -> TokenStream:
+    """The stream with only the chosen visual tokens (``chosen`` (B, V) over ``columns``) and all
+    others; ``sizes`` as for ``keep_tokens``."""
+    keep = ~stream.visual.clone()
+    keep.scatter_(1, columns, chosen.to(keep.device))
+    return keep_tokens(stream, keep, sizes)
 
 
 POSITIONS = ("renumber", "keep")  # after a plug-in drops tokens: RoPE positions 0, 1, ... again, or the original ones
@@ -144,11 +157,14 @@ def last_token_attention(q: torch.Tensor, k: torch.Tensor, padding: torch.Tensor
     return rows_attention(q[:, :, -1:], k, padding).squeeze(1)
 
 
+def per_query_head(k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys (B, KVH, T, hd) repeated to one head per query head (grouped key/value heads)."""
+    return k if k.shape[1] == heads else k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
 def rows_attention(q_rows: torch.Tensor, k: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
     """Head-averaged attention (B, R, T) of the query rows q_rows (B, H, R, hd) over all keys."""
-    h, kvh = q_rows.shape[1], k.shape[1]
-    if kvh != h:
-        k = k.repeat_interleave(h // kvh, dim=1)
+    k = per_query_head(k, q_rows.shape[1])
     scores = (q_rows.float() @ k.float().transpose(-1, -2)) / math.sqrt(q_rows.shape[-1])
     if padding is not None:
         scores = scores.masked_fill(padding.to(scores.device)[:, None, None, :], float("-inf"))

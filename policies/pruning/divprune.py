@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from policies.pruning.base import POSITIONS, dropped_sizes, keep_tokens, on_meta, renumbered, visual_block
+from policies.pruning.base import POSITIONS, dropped_sizes, keep_chosen, on_meta, renumbered, visual_block
 from policies.vla.hooks import Hooks, TokenStream
 
 
@@ -85,10 +85,8 @@ class DivPrunePruner(Hooks):
             chosen = self.graphs.run(f"divprune choice keep={count}", lambda x: self.chosen(x, count), visual)
         else:
             chosen = self.chosen(visual, count)
-        keep = ~stream.visual.clone()
-        keep.scatter_(1, columns, chosen.to(keep.device))
         # Every sample keeps ``count``: its counts are known, nothing is read on the host.
-        kept = keep_tokens(stream, keep, dropped_sizes(stream.host_sizes(), [v - count] * b))
+        kept = keep_chosen(stream, columns, chosen, dropped_sizes(stream.host_sizes(), [v - count] * b))
         return renumbered(kept) if self.positions == "renumber" else kept
 
     @staticmethod

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from policies.pruning.base import keep_tokens, on_meta, rms_norm, task_block, visual_block
+from policies.pruning.base import keep_chosen, on_meta, rms_norm, task_block, visual_block
 from policies.vla.hooks import Hooks, TokenStream
 
 
@@ -95,13 +95,6 @@ def choose(scores: torch.Tensor, keep: int, method: str) -> torch.Tensor:
         chosen[:, :keep] = True
         return chosen
     return top_voted(scores, keep) if keep else union_of_argmax(scores)
-
-
-def keep_chosen(stream: TokenStream, columns: torch.Tensor, chosen: torch.Tensor) -> TokenStream:
-    """The stream with only the chosen visual tokens (``chosen`` (B, V) over ``columns``) and all others."""
-    keep = ~stream.visual.clone()
-    keep.scatter_(1, columns, chosen.to(keep.device))
-    return keep_tokens(stream, keep)
 
 
 class LightVLAPruner(Hooks):

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from policies.pruning.base import keep_tokens, rms_norm, visual_block
-from policies.pruning.lightvla import (choose, keep_chosen, noise_scale, replace_visual, selected_positions,
-                                       straight_through)
+from policies.pruning.base import keep_chosen, keep_tokens, rms_norm, visual_block
+from policies.pruning.lightvla import choose, noise_scale, replace_visual, selected_positions, straight_through
 from policies.vla.hooks import Hooks, TokenStream, VisionSlots
 
 QUERIES_FILE = "token_queries--{step}_checkpoint.pt"

@@ -48,29 +48,26 @@ class PyramidDropPruner(Hooks):
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
         self.stages = dict(zip(layers, ratios))
         self.text_margins, self.query, self.positions = text_margins, query, positions
-        self.visual_at_start: tuple[int, ...] = ()
+        self.visual_at_start = 0  # each sample's visual tokens when the query started: stages keep shares of it
 
     def plain_layer(self, layer: int) -> bool:
         return layer not in self.stages
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
-        self.visual_at_start = stream.host_sizes().visual  # each stage keeps a share of these
+        counts = set(stream.host_sizes().visual)
+        if len(counts) != 1:
+            raise ValueError(f"PyramidDrop needs the samples of a batch to start with the same number of visual "
+                             f"tokens, got {sorted(counts)}")
+        self.visual_at_start = counts.pop()
         return stream
-
-    def kept(self, layer: int) -> list[int]:
-        """Visual tokens each sample keeps from stage layer ``layer`` on."""
-        return [int(v * self.stages[layer]) for v in self.visual_at_start]
 
     def before_layer(self, layer, stream: TokenStream, queries_keys: QueriesKeys) -> TokenStream:
         if layer not in self.stages:
             return stream
         sizes = stream.host_sizes()
-        keep = self.kept(layer)
-        if len(set(keep)) != 1:
-            raise ValueError(f"PyramidDrop needs the samples of a batch to start with the same number of visual "
-                             f"tokens, got {list(self.visual_at_start)}")
+        keep = int(self.visual_at_start * self.stages[layer])  # the same for every sample
         row = self._query_row(stream, stream.hidden.shape[1])
-        drop = [max(v - n, 0) for v, n in zip(sizes.visual, keep)]
+        drop = [max(v - keep, 0) for v in sizes.visual]
 
         def dropped(hidden, position_ids, padding, visual):
             """(B, T) bool: the visual tokens that leave (fixed shapes: one graph on a GPU)."""
@@ -79,11 +76,11 @@ class PyramidDropPruner(Hooks):
             if on_meta(attention):  # no values: any tokens, the same count
                 attention = torch.zeros(visual.shape, device=visual.device)
             # The count is the same for every sample: it follows on the device without a read.
-            return lowest_visual(attention.to(visual.device), visual, (visual.sum(dim=1) - keep[0]).clamp(min=0))
+            return lowest_visual(attention.to(visual.device), visual, (visual.sum(dim=1) - keep).clamp(min=0))
 
         args = (stream.hidden, stream.position_ids, stream.padding, stream.visual)
         if self.graphs is not None and not on_meta(stream.hidden):
-            name = f"pyramiddrop layer={layer} row={row - stream.hidden.shape[1]} keep={keep[0]}"
+            name = f"pyramiddrop layer={layer} row={row - stream.hidden.shape[1]} keep={keep}"
             leaving = self.graphs.run(name, dropped, *args)
         else:
             leaving = dropped(*args)

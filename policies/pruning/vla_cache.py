@@ -41,15 +41,14 @@ step's context: reuse is an approximation, not an exact cache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import math
 
 import numpy as np
 import torch
 
-from policies.pruning.base import dropped_sizes, keep_tokens, rows_attention, text_counts
+from policies.pruning.base import dropped_sizes, keep_tokens, per_query_head, rows_attention, text_counts
 from policies.vla.hooks import ExtraKeys, Hooks, TokenStream, right_aligned
 
 PATCH = 14
@@ -107,8 +106,7 @@ def layer_attention(q: torch.Tensor, keys: torch.Tensor, rounded: bool) -> tuple
     if not rounded:
         attention = rows_attention(q, keys, None)[0]
         return attention, attention
-    heads, kv_heads = q.shape[1], keys.shape[1]
-    keys = keys.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else keys
+    keys = per_query_head(keys, q.shape[1])
     logits = (q @ keys.to(q.dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
     probabilities = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)[0]  # (H, T, K)
     return probabilities.mean(dim=0), probabilities.float().mean(dim=0)

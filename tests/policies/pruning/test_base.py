@@ -6,17 +6,9 @@ import torch
 
 from policies.pruning.fastv import FastVPruner
 from policies.pruning.sparsevlm import SparseVLMPruner
-from policies.vla.config import replace_llm, tiny_config
 from policies.vla.graphs import HostReads
 from policies.vla.hooks import read_sizes
-from policies.vla.model import OFTModel
 from tests.tiny_vla import inputs, recorded_streams
-
-
-@pytest.fixture(scope="module")
-def model8():
-    torch.manual_seed(0)
-    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
 
 
 def sparsevlm(positions):

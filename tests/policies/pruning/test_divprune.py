@@ -9,8 +9,8 @@ from policies.base import PolicyOptionError
 from policies.pruning.divprune import DivPrunePruner, cosine_distances, max_min_diverse
 from policies.registry import make_policy
 from policies.vla import flops
-from policies.vla.hooks import QueryTrace, TokenStream
-from tests.tiny_vla import inputs, tiny_model
+from policies.vla.hooks import QueryTrace
+from tests.tiny_vla import inputs, tiny_model, toy_stream
 
 
 def reference_choice(features: np.ndarray, count: int) -> list[int]:
@@ -42,15 +42,6 @@ def test_each_token_is_chosen_once_even_among_duplicates():
     picks = max_min_diverse(cosine_distances(features), 10)[0].tolist()
     assert len(set(picks)) == 10
     assert sorted(p % 4 for p in picks[:4]) == [0, 1, 2, 3]  # the four directions come first
-
-
-def toy_stream(visual=16, task=6, d=8, seed=0):
-    hidden = torch.randn(1, 1 + visual + task, d, generator=torch.Generator().manual_seed(seed))
-    is_visual = torch.zeros(1, hidden.shape[1], dtype=torch.bool)
-    is_visual[:, 1:1 + visual] = True
-    is_task = torch.zeros_like(is_visual)
-    is_task[:, 1 + visual:] = True
-    return TokenStream(hidden, torch.arange(hidden.shape[1])[None], is_visual, is_task)
 
 
 @pytest.mark.parametrize("positions", ["renumber", "keep"])

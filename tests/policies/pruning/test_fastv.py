@@ -5,16 +5,8 @@ import torch
 
 from policies.pruning.fastv import FastVPruner
 from policies.vla import flops
-from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import QueryTrace
-from policies.vla.model import OFTModel
 from tests.tiny_vla import inputs, toy_layer
-
-
-@pytest.fixture(scope="module")
-def model8():
-    torch.manual_seed(0)
-    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
 
 
 @pytest.mark.parametrize("k, r", [(2, 0.5), (3, 0.75), (1, 0.3)])

@@ -8,8 +8,8 @@ import torch
 from policies.pruning.base import keep_tokens
 from policies.pruning.lightvla import LightVLAPruner, lightvla_scores, straight_through, union_of_argmax
 from policies.vla import flops
-from policies.vla.hooks import QueryTrace, TokenStream
-from tests.tiny_vla import inputs, tiny_model
+from policies.vla.hooks import QueryTrace
+from tests.tiny_vla import inputs, tiny_model, toy_stream
 
 
 def direct_scores(p, t):
@@ -19,17 +19,6 @@ def direct_scores(p, t):
     p, t = norm(p), norm(t)
     queries = norm(torch.softmax(p @ t.T / math.sqrt(p.shape[-1]), dim=-1) @ t)
     return queries @ p.T / math.sqrt(p.shape[-1])
-
-
-def toy_stream(batch=1, visual=16, task=6, d=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    t = 1 + visual + task
-    hidden = torch.randn(batch, t, d, generator=gen)
-    is_visual = torch.zeros(batch, t, dtype=torch.bool)
-    is_visual[:, 1:1 + visual] = True
-    is_task = torch.zeros(batch, t, dtype=torch.bool)
-    is_task[:, 1 + visual:] = True
-    return TokenStream(hidden, torch.arange(t).expand(batch, t).clone(), is_visual, is_task)
 
 
 def test_scores_follow_the_reference_formula():

@@ -10,18 +10,11 @@ from policies.base import PolicyOptionError
 from policies.pruning.pyramiddrop import PyramidDropPruner
 from policies.registry import make_policy
 from policies.vla import flops
-from policies.vla.config import replace_llm, tiny_config
 from policies.vla.hooks import Hooks, QueryTrace
-from policies.vla.model import OFTModel, prompt_margins
+from policies.vla.model import prompt_margins
 from tests.tiny_vla import inputs
 
 STAGES = dict(layers=(2, 4, 6), ratios=(0.5, 0.25, 0.125))
-
-
-@pytest.fixture(scope="module")
-def model8():
-    torch.manual_seed(0)
-    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
 
 
 def pruner(model, **options):

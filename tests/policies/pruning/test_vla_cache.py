@@ -19,12 +19,6 @@ from policies.vla.model import OFTModel, prompt_margins
 from tests.tiny_vla import fake_observation, inputs, recorded_streams
 
 
-@pytest.fixture(scope="module")
-def model8():
-    torch.manual_seed(0)
-    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
-
-
 def query(model, cache, episode, pixels, proprio, prompts):
     cache.begin(episode, pixels[0])
     trace = QueryTrace()

@@ -13,10 +13,9 @@ from policies.pruning.fastv import FastVPruner
 from policies.pruning.lightvla import LightVLAPruner
 from policies.pruning.lightvla_star import LightVLAStarPruner
 from policies.pruning.sparsevlm import SparseVLMPruner
-from policies.vla.config import replace_llm, tiny_config
+from policies.vla.config import tiny_config
 from policies.vla.graphs import Graphs
 from policies.vla.hooks import QueryTrace
-from policies.vla.model import OFTModel
 from policies.vla.vision import tower_blocks
 from tests.tiny_vla import inputs
 
@@ -84,12 +83,6 @@ def test_host_reads_are_counted_once_each():
         int(x.sum())  # a value already on the host
     assert on_a_gpu.count == 0
     assert x.tolist() == [-2.0, -1.0, 0.0, 1.0, 2.0] and x.numpy().shape == (5,)  # restored
-
-
-@pytest.fixture(scope="module")
-def model8():
-    torch.manual_seed(0)
-    return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
 
 
 HOOKS = {
