@@ -3,6 +3,9 @@
     from bench.analysis import load_results
     df = load_results("results/*")
     df.groupby(["policy", "suite"]).success.mean()
+
+Success rates published by others are in ``load_published()``, a separate frame: they were
+measured elsewhere, often on another base model, and are never rows of our results.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from bench.records import MANIFEST, read_episodes, read_manifest
+
+PUBLISHED = Path(__file__).with_name("published.csv")
+PUBLISHED_COLUMNS = ("method", "base_model", "suite", "success_pct", "visual_tokens", "source", "note")
+AVERAGE = "average"  # a published row for the mean over the four LIBERO suites
 
 
 def find_run_dirs(spec: str | Path) -> list[Path]:
@@ -98,3 +105,25 @@ def distinct_runs(df):
     df["run_id"] = [rename.get(d, r) for d, r in zip(df["run_dir"], df["run_id"])]
     return df
 
+
+
+def load_published(path: str | Path = PUBLISHED) -> pd.DataFrame:
+    """Published success rates, one row per (method, source, suite), with their base model.
+
+    A malformed file is refused, naming the row, rather than read into wrong comparisons."""
+    from suites.registry import SUITES
+
+    table = pd.read_csv(path, dtype={"note": str}, keep_default_na=False, na_values={"visual_tokens": [""]})
+    missing = [c for c in PUBLISHED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    for line, row in zip(range(2, len(table) + 2), table.itertuples()):
+        if row.suite not in SUITES and row.suite != AVERAGE:
+            raise ValueError(f"{path}, line {line}: unknown suite {row.suite!r}")
+        if not 0.0 <= pd.to_numeric(row.success_pct, errors="coerce") <= 100.0:
+            raise ValueError(f"{path}, line {line}: success_pct {row.success_pct} is not a percentage")
+        if not (row.method and row.base_model and row.source):
+            raise ValueError(f"{path}, line {line}: method, base_model and source are required")
+    table["success_pct"] = table["success_pct"].astype(float)
+    table["visual_tokens"] = pd.to_numeric(table["visual_tokens"], errors="raise")
+    return table[list(PUBLISHED_COLUMNS)]

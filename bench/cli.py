@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (or globs)")
     rep.add_argument("--csv", type=Path, help="also write the table as CSV to this file ('-' for stdout only)")
+    rep.add_argument("--published", action="store_true",
+                     help="also list the success rates published elsewhere for the runs' suites, apart")
 
     cmp = sub.add_parser("compare", help="exit non-zero if CANDIDATE regresses against BASELINE")
     cmp.add_argument("baseline")
@@ -301,14 +303,14 @@ def cmd_list(args) -> int:
 def cmd_report(args) -> int:
     import pandas as pd
 
-    from bench.analysis import distinct_runs, load_results
+    from bench.analysis import distinct_runs, load_published, load_results
     from bench.report import markdown_report, success_table
 
     frames = [f for f in (load_results(spec) for spec in args.runs) if not f.empty]
     if not frames:
         raise ValueError("the run directories hold no recorded episodes yet")
     df = distinct_runs(pd.concat(frames, ignore_index=True))
-    print(markdown_report(df))
+    print(markdown_report(df, load_published() if args.published else None))
     if args.csv:
         table = success_table(df)
         if str(args.csv) == "-":

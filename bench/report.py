@@ -146,7 +146,23 @@ def presentable(table: pd.DataFrame) -> pd.DataFrame:
     return out[first + [c for c in out.columns if c not in first]]
 
 
-def markdown_report(df: pd.DataFrame) -> str:
+# The four suites whose mean a published "average" row gives.
+LIBERO_FOUR = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
+
+
+def published_rows(published: pd.DataFrame, suites) -> pd.DataFrame:
+    """The published rows for the given suites; the averages only when all four are there."""
+    suites = set(suites)
+    wanted = suites | ({"average"} if set(LIBERO_FOUR) <= suites else set())
+    rows = published[published["suite"].isin(wanted)].copy()
+    rows["visual_tokens"] = ["" if math.isnan(v) else f"{v:g}" for v in rows["visual_tokens"]]
+    rows["success_pct"] = [f"{v:.1f}" for v in rows["success_pct"]]
+    return rows.rename(columns={"success_pct": "success_%"})
+
+
+def markdown_report(df: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
+    """The runs' tables; with ``published``, the published rows for their suites in a section
+    of their own, never in the runs' tables."""
     table = presentable(success_table(df))
     parts = ["## Success by task and suite", "", to_markdown(table)]
     runs = list(dict.fromkeys(df["run_id"]))
@@ -172,6 +188,16 @@ def markdown_report(df: pd.DataFrame) -> str:
         if not caveats.empty:
             parts += ["", "## Caveats", ""]
             parts += [f"- {r.run_id} ({r.policy}): {r.policy_caveat}" for r in caveats.itertuples()]
+    if published is not None:
+        rows = published_rows(published, df["suite"].unique())
+        parts += ["", "## Published elsewhere (not measured by these runs)", ""]
+        if rows.empty:
+            parts.append("No published rows for these suites.")
+        else:
+            parts += [
+                "Other models, checkpoints, hardware and episode counts: read beside the tables "
+                "above, not as rows of them.", "", to_markdown(rows),
+            ]
     errors = df[df["outcome"] == "error"]
     if not errors.empty:
         parts += ["", f"## Errors ({len(errors)}; not counted as failures)", ""]

@@ -278,3 +278,56 @@ def test_a_watchdog_must_be_a_finite_number_of_seconds(capsys):
         with pytest.raises(SystemExit):
             main(["run", "--suite", "libero_goal", "--watchdog", value])
         assert "--watchdog" in capsys.readouterr().err
+
+
+def test_published_rates_are_well_formed_and_their_averages_add_up():
+    from bench.analysis import load_published
+    from bench.report import LIBERO_FOUR
+
+    table = load_published()
+    assert not table.duplicated(["method", "source", "suite", "note"]).any()
+    checked = 0
+    for (method, source), rows in table.groupby(["method", "source"]):
+        by_suite = rows.set_index("suite")
+        if set(LIBERO_FOUR) <= set(by_suite.index) and "average" in by_suite.index:
+            # Published to one decimal: the mean of the four can differ from the average by rounding only.
+            mean = by_suite.loc[list(LIBERO_FOUR), "success_pct"].mean()
+            assert abs(mean - by_suite.loc["average", "success_pct"]) <= 0.05 + 1e-9, (method, source)
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("row, problem", [
+    ("X,base,libero_100,50.0,,paper,", "line 2: unknown suite 'libero_100'"),
+    ("X,base,libero_goal,120,,paper,", "line 2: success_pct 120 is not a percentage"),
+    ("X,base,libero_goal,high,,paper,", "line 2: success_pct high is not a percentage"),
+    ("X,,libero_goal,50,,paper,", "line 2: method, base_model and source are required"),
+])
+def test_a_malformed_published_file_is_refused_naming_the_line(tmp_path, row, problem):
+    from bench.analysis import PUBLISHED_COLUMNS, load_published
+
+    path = tmp_path / "published.csv"
+    path.write_text(",".join(PUBLISHED_COLUMNS) + "\n" + row + "\n")
+    with pytest.raises(ValueError, match=problem):
+        load_published(path)
+
+
+def test_published_rows_are_listed_apart_and_only_for_the_runs_suites(tmp_path, capsys):
+    from bench.analysis import load_published
+    from bench.report import LIBERO_FOUR, published_rows
+
+    write_run(tmp_path / "a", {(0, 0): "success", (0, 1): "failure"})
+    csv_path = tmp_path / "t.csv"
+    assert main(["report", str(tmp_path / "a"), "--published", "--csv", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    ours, published = out.split("## Published elsewhere (not measured by these runs)")
+    assert "OpenVLA-OFT" not in ours and "| a | noop | libero_goal | all | 2 | 50.0 |" in ours
+    assert "| OpenVLA-OFT | OpenVLA-OFT (Llama-2-7B) | libero_goal | 97.9 | 512 |" in published
+    assert "libero_spatial" not in published and "average" not in published
+    assert "OpenVLA-OFT" not in csv_path.read_text()  # the CSV is the runs' table only
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert "Published" not in capsys.readouterr().out
+
+    table = load_published()
+    assert set(published_rows(table, ["libero_90"]).suite) == set()
+    assert set(published_rows(table, LIBERO_FOUR).suite) == set(LIBERO_FOUR) | {"average"}
