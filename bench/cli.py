@@ -4,42 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
+from bench.argtypes import NON_NEGATIVE, POSITIVE, key_value, positive_seconds
+
 DEFAULT_POLICY = "scripted"
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), value
-
-
-def _at_least(minimum: int, kind=int):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-POSITIVE, NON_NEGATIVE = _at_least(1), _at_least(0)
-
-
-def _positive_seconds(text: str) -> float:
-    value = _at_least(0, float)(text)
-    if not 0 < value < math.inf:  # nan fails both comparisons
-        raise argparse.ArgumentTypeError(f"must be a number of seconds more than 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run episodes and record them")
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help="settings from a YAML or JSON file (or a run's manifest.json); flags given override them")
     run.add_argument("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 (libero_long), libero_90")
     run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}); see 'bench list policies'")
-    run.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+    run.add_argument("--policy-arg", action="append", type=key_value, metavar="KEY=VALUE",
                      help="policy option, repeatable")
     run.add_argument("--checkpoint", help="model checkpoint directory (same as --policy-arg checkpoint=DIR)")
     run.add_argument("--unnorm-key", help="dataset statistics entry of the checkpoint (policy option unnorm_key)")
@@ -65,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-length", type=POSITIVE,
                      help="execute the first K actions of each chunk (default: the policy's)")
     run.add_argument("--max-steps", type=POSITIVE, help="override the suite's step budget (smoke tests only)")
-    run.add_argument("--watchdog", type=_positive_seconds, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
+    run.add_argument("--watchdog", type=positive_seconds, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
     run.add_argument("--video", action="store_true", default=None,
                      help="write an MP4 per episode (runs episodes in this process)")
     run.add_argument("--workers", type=POSITIVE, help=f"env worker processes (default: the {os.cpu_count()} cores)")
@@ -78,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec = sub.add_parser("record-demos", help="record a policy's successful episodes as LIBERO-style HDF5")
     rec.add_argument("--suite", required=True)
     rec.add_argument("--policy", default="scripted")
-    rec.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE")
+    rec.add_argument("--policy-arg", action="append", type=key_value, metavar="KEY=VALUE")
     rec.add_argument("--tasks")
     rsel = rec.add_mutually_exclusive_group()
     rsel.add_argument("--episodes-per-task", type=POSITIVE)
@@ -99,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = sub.add_parser("profile", help="FLOPs, parameters, latency and memory of one policy query")
     prof.add_argument("--policy", default="oft")
-    prof.add_argument("--policy-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+    prof.add_argument("--policy-arg", action="append", type=key_value, metavar="KEY=VALUE",
                       help="policy option, repeatable (e.g. k=2, r=0.5)")
     prof.add_argument("--keep", type=POSITIVE, help="force the visual tokens a pruning policy keeps (random weights "
                       "cannot show a learned count); sparsevlm's budget, a mean over the LLM layers")
@@ -144,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args):
     from bench.config import RunConfig
+    from bench.config_file import read_config_file
     from bench.plan import parse_index_list
     from bench.records import read_manifest
 
@@ -169,18 +143,26 @@ def _config_from_args(args):
     }
     given = {k: v for k, v in given.items() if v is not None}
     if args.resume:
+        if args.config:
+            raise ValueError("--config and --resume: a resumed run keeps its recorded settings")
         # Settings not given again are those recorded; settings given again must match them.
-        base = read_manifest(args.resume)["config"]
-        if "episodes_per_task" in given or "init_states" in given:
-            base = {**base, "episodes_per_task": None, "init_states": None}
-        if "policy_args" in given:  # options given again join the recorded ones
-            given["policy_args"] = {**(base.get("policy_args") or {}), **given["policy_args"]}
-        return RunConfig.from_dict({**base, **given})
+        return RunConfig.from_dict(_given_over(read_manifest(args.resume)["config"], given))
+    if args.config:
+        given = _given_over(read_config_file(args.config), given)
     if "suite" not in given:
-        raise ValueError("--suite is required (or --resume DIR)")
+        raise ValueError("--suite is required (or --resume DIR, or a config file that names it)")
     given.setdefault("policy", DEFAULT_POLICY)
     given.setdefault("workers", os.cpu_count() or 1)
     return RunConfig(**given)
+
+
+def _given_over(base: dict, given: dict) -> dict:
+    """Settings given on the command line over those of a file or a recorded run."""
+    if "episodes_per_task" in given or "init_states" in given:  # one episode selection replaces the other
+        base = {**base, "episodes_per_task": None, "init_states": None}
+    if "policy_args" in given:  # options given join the base's
+        given = {**given, "policy_args": {**(base.get("policy_args") or {}), **given["policy_args"]}}
+    return {**base, **given}
 
 
 def cmd_run(args) -> int:
