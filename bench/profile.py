@@ -476,6 +476,7 @@ def sweep_methods(config) -> list[tuple[str, dict]]:
         ("vla_cache", {}),  # real devices only: it needs two frames' values
         ("pyramiddrop", {} if layers >= 4 else {"layers": "16", "ratios": "0.25"}),  # distinct stage layers
         ("divprune", {"keep": "78"}),
+        ("adp", {"ratio": "0.75"}),  # a query that prunes (which do is the motion gate's choice in a run)
     ]
 
 

@@ -21,6 +21,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "fastv": ("policies.pruning.adapters:FastVPolicy", "OpenVLA-OFT + FastV: drop visual tokens after layer k-1 (k, r)"),
     "pyramiddrop": ("policies.pruning.adapters:PyramidDropPolicy", "OpenVLA-OFT + PyramidDrop: staged drops ranked by the instruction's last token (layers, ratios)"),
     "divprune": ("policies.pruning.adapters:DivPrunePolicy", "OpenVLA-OFT + DivPrune: keep the most diverse visual tokens (max-min, ratio or keep)"),
+    "adp": ("policies.pruning.adapters:ADPPolicy", "OpenVLA-OFT + ADP: text-relevant visual tokens on the queries the end effector's motion selects (ratio, gate)"),
     "vla_cache": ("policies.pruning.adapters:VLACachePolicy", "OpenVLA-OFT + VLA-Cache: reuse static visual tokens' K/V across steps"),
     "sparsevlm": ("policies.pruning.adapters:SparseVLMPolicy", "OpenVLA-OFT + SparseVLM: text-rated progressive pruning with recycling (budget)"),
 }

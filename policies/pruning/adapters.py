@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from policies.base import PolicyOptionError
 from policies.vla.policy import OFTPolicy
 
@@ -161,6 +163,83 @@ class DivPrunePolicy(OFTPolicy):
             return pruner
         except ValueError as exc:
             raise PolicyOptionError(f"divprune: {exc}") from None
+
+
+class ADPPolicy(OFTPolicy):
+    """A gate per episode decides, from the end effector's motion, which queries prune."""
+
+    name = "adp"
+    keep_option = "keep"
+
+    @dataclass
+    class Options(OFTPolicy.Options):
+        ratio: float = 0.75  # fraction of the visual tokens a pruning query keeps (the released configuration)
+        split: str = "0.4,0.6"  # how the kept tokens are shared among the camera images (third-person, wrist)
+        keep: int = 0  # instead of ratio: keep exactly this many visual tokens on a pruning query
+        gate: str = "motion"  # motion: the end effector's motion chooses the queries that prune; static: all prune
+        decision: str = "extrema"  # motion gate: extrema (the released configuration) or avg
+        window: int = 3  # extrema: the last displacement against the window - 1 before it
+        initial: int = 0  # the state before the gate has decided: 0 every token, 1 prune
+        last_state: bool = False  # extrema, between the bounds: repeat the previous state (false: prune)
+        max_pruned: int = 3  # at most this many pruning queries in a row (0: no limit)
+        positions: str = "renumber"  # after the choice: renumber (the reference code) or keep the original RoPE positions
+
+    @classmethod
+    def build_hooks(cls, options, config):
+        from policies.pruning.adp import DECISIONS, GATES, ADPPruner
+        from policies.vla.model import prompt_margins
+        from policies.vla.vision import visual_token_count
+
+        try:
+            if options.gate not in GATES:
+                raise ValueError(f"gate must be one of {', '.join(GATES)}, got {options.gate!r}")
+            if options.decision not in DECISIONS:
+                raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got {options.decision!r}")
+            if options.window < 3:
+                raise ValueError(f"window must be at least 3 (the reference raises smaller ones to 3), got {options.window}")
+            if options.initial not in (0, 1) or options.max_pruned < 0:
+                raise ValueError(f"initial must be 0 or 1 and max_pruned at least 0, got initial={options.initial}, "
+                                 f"max_pruned={options.max_pruned}")
+            try:
+                split = [float(part) for part in options.split.split(",")]
+            except ValueError:
+                raise ValueError(f"split must be comma-separated weights, got {options.split!r}") from None
+            pruner = ADPPruner(options.ratio, split, config.num_images, prompt_margins(config), options.keep,
+                               options.positions)
+            pruner.counts(visual_token_count(config))  # a count the model cannot keep is refused now
+            return pruner
+        except ValueError as exc:
+            raise PolicyOptionError(f"adp: {exc}") from None
+
+    def __init__(self, options, seed: int = 0):
+        super().__init__(options, seed)
+        self.gates: dict = {}  # episode id -> its MotionGate
+
+    def reset(self, episode) -> None:
+        self.gates.pop(episode.episode_id, None)
+
+    def end(self, episode) -> None:
+        self.gates.pop(episode.episode_id, None)
+
+    def act(self, observations):
+        from policies.pruning.adp import MotionGate
+
+        o = self.options
+        if o.gate == "static":
+            pruning = [True] * len(observations)
+        else:
+            pruning = []
+            for obs in observations:
+                gate = self.gates.get(obs.episode_id)
+                if gate is None:
+                    gate = self.gates[obs.episode_id] = MotionGate(o.decision, o.window, o.initial, o.last_state,
+                                                                   o.max_pruned)
+                pruning.append(gate.prunes(np.asarray(obs.proprio, dtype=np.float64)[:3]))
+        self._hooks.pruning = pruning
+        outputs = super().act(observations)
+        for output, pruned in zip(outputs, pruning):
+            output.stats["pruned"] = float(pruned)
+        return outputs
 
 
 class SparseVLMPolicy(OFTPolicy):

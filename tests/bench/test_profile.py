@@ -73,7 +73,7 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
                        "--repeats", "1", "--warmup", "0")
     methods = [r["policy"] for r in results]
     assert methods[0] == "oft" and set(methods) == {"oft", "lightvla", "lightvla_star", "fastv", "pyramiddrop",
-                                                    "divprune", "sparsevlm", "vla_cache"}
+                                                    "divprune", "sparsevlm", "vla_cache", "adp"}
     for r in results:
         assert r["dtype"] == "bfloat16" and r["latency_ms"]["n"] == 1
         assert r["tflops_counted"] == pytest.approx(r["tflops_per_query"], rel=1e-9)
@@ -86,11 +86,13 @@ def test_sweep_runs_every_method_in_bf16_relative_to_oft(capsys):
     assert results[0]["vision_latency_ms"]["n"] == 1 and lightvla["vision_latency_ms"] is None
     divprune = next(r for r in results if r["policy"] == "divprune")
     assert divprune["visual_tokens_llm"] == 78 and divprune["tflops_vs_oft"] < 1
-    # an unpruned query reads nothing on the host, nor do FastV, PyramidDrop and DivPrune (their
-    # counts follow from their options); a learned selection needs at least its kept count,
-    # SparseVLM its rater matrices' ranks
+    adp = next(r for r in results if r["policy"] == "adp")
+    assert adp["visual_tokens_llm"] == 384 and adp["tflops_breakdown"]["plugin"] > 0
+    # an unpruned query reads nothing on the host, nor do FastV, PyramidDrop, DivPrune and ADP
+    # (their counts follow from their options); a learned selection needs at least its kept
+    # count, SparseVLM its rater matrices' ranks
     reads = {r["policy"]: r["host_reads_per_query"] for r in results}
-    assert [reads.pop(m) for m in ("oft", "fastv", "pyramiddrop", "divprune")] == [0, 0, 0, 0]
+    assert [reads.pop(m) for m in ("oft", "fastv", "pyramiddrop", "divprune", "adp")] == [0] * 5
     assert min(reads.values()) >= 1
 
 

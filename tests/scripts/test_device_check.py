@@ -32,7 +32,7 @@ def test_every_step_runs_and_writes_its_results(tmp_path):
     assert variants["all"]["speedups"] == every
     for name in ("sweep.json", "sweep_plain.json"):  # the default on a CPU is no speedups
         rows = json.loads((tmp_path / name).read_text())
-        assert len(rows) == 11 and not [r for r in rows if "error" in r]
+        assert len(rows) == 12 and not [r for r in rows if "error" in r]
         assert all(r["speedups"] == [] for r in rows)
     assert json.loads((tmp_path / "oft.json").read_text())["yardstick"]["library"] == "transformers"
     summary = (tmp_path / "summary.txt").read_text()

@@ -16,6 +16,7 @@ METHODS = {
     "vla_cache": ["similarity=0.9"],
     "divprune": [],  # the reference's ratio: round(0.098 * 512) = 50
     "pyramiddrop": ["layers=16", "ratios=0.25"],  # one stage, before layer 1 of 2
+    "adp": ["gate=static"],  # every query prunes (the motion gate lets none of an episode's first three)
 }
 
 
@@ -45,6 +46,8 @@ def test_method_runs_an_episode_and_records_its_tokens(method, tiny_checkpoint, 
         assert per_layer == [50, 50]
     elif method == "pyramiddrop":
         assert per_layer == [512, 128]
+    elif method == "adp":
+        assert per_layer == [384, 384] and stats["pruned"] == 1
     elif method == "vla_cache":
         assert stats["reused_tokens"] > 0  # mean over the 3 queries; the first reuses nothing
         capsys.readouterr()
