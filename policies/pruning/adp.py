@@ -170,6 +170,8 @@ class ADPPruner(Hooks):
         total = self.keep or max(1, int(round(visual * self.ratio)))
         if total > visual:
             raise ValueError(f"keep={total} exceeds the query's {visual} visual tokens")
+        if total < len(self.weights):  # each image keeps at least one (the reference would loop forever)
+            raise ValueError(f"keep={total} leaves fewer than one token per camera image ({len(self.weights)})")
         patches = visual // len(self.weights)
         if total == visual:  # the reference selects nothing at ratio 1
             return [patches] * len(self.weights)

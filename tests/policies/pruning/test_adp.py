@@ -243,6 +243,7 @@ def test_bad_settings_are_named(tiny_checkpoint):
     for options, problem in (
         ({"keep": "600"}, "keep=600 exceeds the query's 512 visual tokens"),
         ({"ratio": "0"}, "ratio must be a fraction"),
+        ({"keep": "1"}, "keep=1 leaves fewer than one token per camera image"),
         ({"split": "a,b"}, "split must be comma-separated weights"),
         ({"split": "0.2,0.3,0.5"}, "split needs one weight per camera image"),
         ({"split": "-1,2"}, "split weights must be non-negative"),
