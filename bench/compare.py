@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from bench.report import paired_comparison, protocol_differences
@@ -36,6 +37,7 @@ def compare_runs(df: pd.DataFrame, baseline: str, candidate: str, max_drop: floa
         f"discordant pairs: baseline-only {cmp.only_baseline}, candidate-only {cmp.only_candidate}; "
         f"exact McNemar p = {cmp.p_value:.4g}",
     ]
+    lines += cost_lines(df, baseline, candidate)
     a, b = (df[df["run_id"] == run].set_index("key")["outcome"] for run in (baseline, candidate))
     shared = a.index.intersection(b.index)
     errors_a, errors_b = int((a[shared] == "error").sum()), int((b[shared] == "error").sum())
@@ -59,3 +61,28 @@ def compare_runs(df: pd.DataFrame, baseline: str, candidate: str, max_drop: floa
     if not regressed:
         lines.append(f"OK: drop {cmp.drop_points:.1f} points (allowed {max_drop:g}), not significant at {alpha:g}")
     return Verdict(regressed, lines)
+
+
+# Per-query figures a policy reports that say what a query costs: compared, never judged.
+COST_STATS = (("tflops", "TFLOPs", "{:.4g}"), ("visual_tokens", "visual tokens", "{:.1f}"))
+
+
+def cost_lines(df: pd.DataFrame, baseline: str, candidate: str) -> list[str]:
+    """What a query cost in each run, over the episodes both judged: per-query means of the
+    policy's cost figures (weighted by each episode's queries) and the latency median."""
+    judged = df[df["outcome"] != "error"]
+    runs = [judged[judged["run_id"] == run] for run in (baseline, candidate)]
+    shared = set(runs[0]["key"]) & set(runs[1]["key"])
+    runs = [r[r["key"].isin(shared)] for r in runs]
+    parts = []
+    for stat, label, fmt in COST_STATS:
+        column = f"stats.{stat}"
+        if all(column in r and r[column].notna().all() and r["queries"].sum() > 0 for r in runs):
+            a, b = (float(np.average(r[column], weights=r["queries"])) for r in runs)
+            ratio = f" ({b / a:.3f}x)" if a else ""
+            parts.append(f"{label} {fmt.format(a)} -> {fmt.format(b)}{ratio}")
+    latencies = [[x for lst in r["query_latency_ms"] for x in (lst or [])] for r in runs]
+    if all(latencies):
+        a, b = (float(np.median(lat)) for lat in latencies)
+        parts.append(f"latency p50 {a:.3g} -> {b:.3g} ms" + (f" ({b / a:.3f}x)" if a else ""))
+    return [f"cost per query, baseline -> candidate: {'; '.join(parts)}"] if parts else []

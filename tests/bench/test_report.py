@@ -90,6 +90,20 @@ def test_compare_verdicts(tmp_path):
     assert verdict.regressed and any("significant" in line for line in verdict.lines)
 
 
+def test_the_verdict_shows_what_a_query_costs_in_each_run(tmp_path):
+    write_run(tmp_path / "base", {(0, i): "success" for i in range(4)}, latency=[10.0, 20.0, 30.0],
+              stats={"tflops": 8.0, "visual_tokens": 512.0})
+    write_run(tmp_path / "pruned", {(0, i): "success" for i in range(4)} | {(0, 4): "success"},
+              latency=[5.0, 10.0, 15.0], stats={"tflops": 4.0, "visual_tokens": 256.0})
+    verdict = compare_runs(load_results(tmp_path), "base", "pruned", max_drop=5)
+    assert not verdict.regressed
+    assert ("cost per query, baseline -> candidate: TFLOPs 8 -> 4 (0.500x); visual tokens 512.0 -> 256.0 "
+            "(0.500x); latency p50 20 -> 10 ms (0.500x)") in verdict.lines
+    write_run(tmp_path / "plain", {(0, i): "success" for i in range(4)})  # no cost figures: latency only
+    lines = compare_runs(load_results(tmp_path), "plain", "base", max_drop=5).lines
+    assert "cost per query, baseline -> candidate: latency p50 2 -> 20 ms (10.000x)" in lines
+
+
 def test_a_candidate_cannot_pass_the_gate_by_erring(tmp_path):
     write_run(tmp_path / "base", {(0, i): "success" for i in range(10)})
     write_run(tmp_path / "errs", {(0, i): ("error" if i < 8 else "success") for i in range(10)})
