@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables from run directories")
     rep.add_argument("runs", nargs="+", help="run directories (or globs)")
     rep.add_argument("--csv", type=Path, help="also write the table as CSV to this file ('-' for stdout only)")
+    rep.add_argument("--suites-only", action="store_true",
+                     help="one row per run and suite (each suite's pooled episodes), no row per task")
     rep.add_argument("--published", action="store_true",
                      help="also list the success rates published elsewhere for the runs' suites, apart")
 
@@ -292,7 +294,7 @@ def cmd_report(args) -> int:
     if not frames:
         raise ValueError("the run directories hold no recorded episodes yet")
     df = distinct_runs(pd.concat(frames, ignore_index=True))
-    print(markdown_report(df, load_published() if args.published else None))
+    print(markdown_report(df, load_published() if args.published else None, by_task=not args.suites_only))
     if args.csv:
         table = success_table(df)
         if str(args.csv) == "-":

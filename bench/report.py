@@ -160,11 +160,14 @@ def published_rows(published: pd.DataFrame, suites) -> pd.DataFrame:
     return rows.rename(columns={"success_pct": "success_%"})
 
 
-def markdown_report(df: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
+def markdown_report(df: pd.DataFrame, published: pd.DataFrame | None = None, by_task: bool = True) -> str:
     """The runs' tables; with ``published``, the published rows for their suites in a section
-    of their own, never in the runs' tables."""
+    of their own, never in the runs' tables; without ``by_task``, one row per run and suite."""
     table = presentable(success_table(df))
-    parts = ["## Success by task and suite", "", to_markdown(table)]
+    if not by_task:
+        table = table[table["task"] == ALL_TASKS].drop(columns="task")
+    title = "## Success by task and suite" if by_task else "## Success by suite"
+    parts = [title, "", to_markdown(table)]
     runs = list(dict.fromkeys(df["run_id"]))
     if len(runs) > 1:
         parts += ["", f"## Paired episodes (baseline: {runs[0]})", ""]

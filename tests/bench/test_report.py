@@ -139,6 +139,19 @@ def test_cli_report_markdown_and_csv(tmp_path, capsys):
     assert {"success_rate", "ci95_low", "ci95_high", "errors", "latency_p99_ms"} <= set(header)
 
 
+def test_the_suites_only_table_has_one_row_per_run_and_suite(tmp_path, capsys):
+    write_run(tmp_path / "a", {(0, 0): "success", (1, 0): "failure", (2, 0): "success"},
+              stats={"visual_tokens": 78.0, "tflops": 2.9})
+    write_run(tmp_path / "b", {(0, 0): "failure", (1, 0): "failure"})
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--suites-only"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.split("## Paired")[0].splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| run | policy | suite | episodes | success_% |") and len(rows) == 3
+    (a,) = [row for row in rows if row.startswith("| a | noop | libero_goal | 3 | 66.7 |")]
+    assert a.endswith("| 2.9 | 78.0 |")  # tflops, visual_tokens
+    assert [row for row in rows if row.startswith("| b | noop | libero_goal | 2 | 0.0 |")]
+
+
 def test_a_run_of_errors_only_is_reported_with_empty_rates(tmp_path, capsys):
     write_run(tmp_path / "a", {(0, 0): "error", (0, 1): "error"})
     assert main(["report", str(tmp_path / "a")]) == 0
