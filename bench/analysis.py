@@ -106,7 +106,6 @@ def distinct_runs(df):
     return df
 
 
-
 def load_published(path: str | Path = PUBLISHED) -> pd.DataFrame:
     """Published success rates, one row per (method, source, suite), with their base model.
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bench.report import paired_comparison, protocol_differences
+from bench.report import paired_comparison, pooled_latencies, protocol_differences
 
 
 @dataclass
@@ -81,7 +81,7 @@ def cost_lines(df: pd.DataFrame, baseline: str, candidate: str) -> list[str]:
             a, b = (float(np.average(r[column], weights=r["queries"])) for r in runs)
             ratio = f" ({b / a:.3f}x)" if a else ""
             parts.append(f"{label} {fmt.format(a)} -> {fmt.format(b)}{ratio}")
-    latencies = [[x for lst in r["query_latency_ms"] for x in (lst or [])] for r in runs]
+    latencies = [pooled_latencies(r) for r in runs]
     if all(latencies):
         a, b = (float(np.median(lat)) for lat in latencies)
         parts.append(f"latency p50 {a:.3g} -> {b:.3g} ms" + (f" ({b / a:.3f}x)" if a else ""))

@@ -146,7 +146,7 @@ def build_hooks(settings: ProfileSettings, config):
         if cls.keep_option is None:
             raise ValueError(f"policy {settings.policy!r} has no visual-token count to force with --keep")
         args[cls.keep_option] = str(settings.keep)
-    return cls.build_hooks(parse_options(cls.Options, args, settings.policy), config)
+    return cls.plugin(parse_options(cls.Options, args, settings.policy), config)
 
 
 def profile(settings: ProfileSettings, shared=None) -> dict:

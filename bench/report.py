@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from bench.analysis import AVERAGE
 from bench.stats import mcnemar_exact, wilson_interval
 
 ALL_TASKS = "all"
@@ -23,12 +24,17 @@ def _stat_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in cols if pd.api.types.is_numeric_dtype(df[c])]
 
 
+def pooled_latencies(episodes: pd.DataFrame) -> list[float]:
+    """Every query latency of the episodes, in one list."""
+    return [x for lst in episodes["query_latency_ms"] for x in (lst or [])]
+
+
 def _group_row(group: pd.DataFrame, stat_cols: list[str]) -> dict:
     n_success = int((group["outcome"] == "success").sum())
     n_failure = int((group["outcome"] == "failure").sum())
     judged = n_success + n_failure
     low, high = wilson_interval(n_success, judged)
-    latencies = [x for lst in group["query_latency_ms"] for x in (lst or [])]
+    latencies = pooled_latencies(group)
     row = {
         "episodes": len(group),
         "success": n_success,
@@ -153,7 +159,7 @@ LIBERO_FOUR = ("libero_spatial", "libero_object", "libero_goal", "libero_10")
 def published_rows(published: pd.DataFrame, suites) -> pd.DataFrame:
     """The published rows for the given suites; the averages only when all four are there."""
     suites = set(suites)
-    wanted = suites | ({"average"} if set(LIBERO_FOUR) <= suites else set())
+    wanted = suites | ({AVERAGE} if set(LIBERO_FOUR) <= suites else set())
     rows = published[published["suite"].isin(wanted)].copy()
     rows["visual_tokens"] = ["" if math.isnan(v) else f"{v:g}" for v in rows["visual_tokens"]]
     rows["success_pct"] = [f"{v:.1f}" for v in rows["success_pct"]]

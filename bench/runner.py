@@ -179,6 +179,20 @@ def episode_info(planned: PlannedEpisode, task: TaskSpec, run_seed: int) -> Epis
     )
 
 
+def run_task_episode(suite, task_index: int, policy: Policy, chunk_length: int,
+                     init_state_index: int = 0) -> EpisodeResult:
+    """One episode of a task under the suite's protocol, outside a run (nothing is recorded):
+    for measurement scripts that watch a policy's observations."""
+    task = suite.task(task_index)
+    planned = PlannedEpisode(suite.name, task_index, init_state_index)
+    settings = EpisodeSettings(max_steps=suite.max_steps, settle_steps=suite.settle_steps, chunk_length=chunk_length)
+    env = make_libero_env(task, RunConfig.camera_size)  # cameras render only for policies that read images
+    try:
+        return run_episode(env, policy, episode_info(planned, task, 0), task.init_states()[init_state_index], settings)
+    finally:
+        env.close()
+
+
 def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: TaskEnv, config, run_dir, warm):
     episode = episode_info(planned, task, config.seed)
     video = None

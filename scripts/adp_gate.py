@@ -17,12 +17,9 @@ import argparse
 
 import numpy as np
 
-from bench.episode import EpisodeSettings, run_episode
-from bench.runner import make_libero_env
-from policies.base import EpisodeInfo
+from bench.runner import run_task_episode
 from policies.pruning.adp import MotionGate
 from policies.registry import make_policy
-from suites.libero_env import CAMERA_SIZE
 from suites.registry import get_suite
 
 CHUNK = 8
@@ -71,18 +68,10 @@ def main() -> None:
     suite = get_suite(args.suite)
     policy = make_policy("scripted", {"chunk_length": str(CHUNK)})
     positions = recorded_positions(policy)
-    settings = EpisodeSettings(max_steps=suite.max_steps, settle_steps=suite.settle_steps, chunk_length=CHUNK)
     shares = []
     for index in (int(t) for t in args.tasks.split(",")):
-        task = suite.task(index)
-        env = make_libero_env(task, CAMERA_SIZE)  # rendered only for policies that read images
         positions.clear()
-        info = EpisodeInfo(f"{suite.name}/{index}/0", suite.name, index, task.name, task.instruction, 0, 0)
-        policy.reset(info)
-        try:
-            result = run_episode(env, policy, info, task.init_states()[0], settings)
-        finally:
-            env.close()
+        result = run_task_episode(suite, index, policy, CHUNK)
         states = gate_states(positions)
         share = float(np.mean(states))
         shares.append(share)

@@ -15,15 +15,12 @@ import argparse
 import numpy as np
 import torch
 
-from bench.episode import EpisodeSettings, run_episode
-from bench.runner import make_libero_env
-from policies.base import EpisodeInfo
+from bench.runner import run_task_episode
 from policies.pruning.vla_cache import patch_similarity, patch_vectors
 from policies.registry import make_policy
 from policies.vla.config import preset
 from policies.vla.policy import CAMERAS
 from policies.vla.preprocess import pixel_values, prepare_image
-from suites.libero_env import CAMERA_SIZE
 from suites.registry import get_suite
 
 CHUNK = 8
@@ -67,17 +64,9 @@ def main() -> None:
     suite = get_suite(args.suite)
     policy = make_policy("scripted", {"with_images": "true", "chunk_length": str(CHUNK)})
     frames = recorded_frames(policy)
-    settings = EpisodeSettings(max_steps=suite.max_steps, settle_steps=suite.settle_steps, chunk_length=CHUNK)
     for index in (int(t) for t in args.tasks.split(",")):
-        task = suite.task(index)
-        env = make_libero_env(task, CAMERA_SIZE)
         frames.clear()
-        info = EpisodeInfo(f"{suite.name}/{index}/0", suite.name, index, task.name, task.instruction, 0, 0)
-        policy.reset(info)
-        try:
-            result = run_episode(env, policy, info, task.init_states()[0], settings)
-        finally:
-            env.close()
+        result = run_task_episode(suite, index, policy, CHUNK)
         counts, patches = static_counts(frames, args.threshold)
         print(f"{suite.name} task {index}: {result.outcome} in {result.steps} steps, {len(frames)} queries; "
               f"static patches of {patches} per camera {CAMERAS}: "

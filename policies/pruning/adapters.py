@@ -1,7 +1,9 @@
 """Policies that run the OpenVLA-OFT core with a token-reduction plug-in.
 
 Each adapter adds its plug-in's options to ``oft``'s (checkpoint, device, action_slice ...)
-and returns the plug-in from ``build_hooks``; ``bench profile`` builds the same plug-in.
+and returns the plug-in from ``build_hooks``, raising ValueError for options that cannot work
+(``OFTPolicy.plugin`` names it as the policy's option error); ``bench profile`` builds the
+same plug-in.
 """
 
 from __future__ import annotations
@@ -49,14 +51,11 @@ class LightVLAStarPolicy(OFTPolicy):
         from policies.vla.vision import tower_blocks
 
         blocks, widths, prefixes = tower_blocks(config)
-        try:
-            kind, where = parse_placement(options.placement, config.llm.num_layers, min(blocks) - 1)
-        except ValueError as exc:
-            raise PolicyOptionError(f"lightvla_star: {exc}") from None
+        kind, where = parse_placement(options.placement, config.llm.num_layers, min(blocks) - 1)
         if options.queries < 1:
-            raise PolicyOptionError(f"lightvla_star: queries must be positive, got {options.queries}")
+            raise ValueError(f"queries must be positive, got {options.queries}")
         if not options.query_std > 0:
-            raise PolicyOptionError(f"lightvla_star: query_std must be positive, got {options.query_std}")
+            raise ValueError(f"query_std must be positive, got {options.query_std}")
         init = {"seed": options.query_seed, "init_std": options.query_std}
         if kind == "llm":
             return LightVLAStarPruner(config.llm.hidden_size, options.queries, where, options.keep, **init)
@@ -100,11 +99,8 @@ class FastVPolicy(OFTPolicy):
         from policies.pruning.fastv import FastVPruner
 
         if not 1 <= options.k < config.llm.num_layers:
-            raise PolicyOptionError(f"fastv: k must be in 1..{config.llm.num_layers - 1}, got {options.k}")
-        try:
-            return FastVPruner(k=options.k, r=options.r, keep=options.keep)
-        except ValueError as exc:
-            raise PolicyOptionError(f"fastv: {exc}") from None
+            raise ValueError(f"k must be in 1..{config.llm.num_layers - 1}, got {options.k}")
+        return FastVPruner(k=options.k, r=options.r, keep=options.keep)
 
 
 class PyramidDropPolicy(OFTPolicy):
@@ -119,27 +115,21 @@ class PyramidDropPolicy(OFTPolicy):
 
     @classmethod
     def build_hooks(cls, options, config):
-        from policies.pruning.base import REFERENCE_DEPTH, parse_layers, scale_layer
+        from policies.pruning.base import REFERENCE_DEPTH, parse_layers, parse_numbers, scale_layer
         from policies.pruning.pyramiddrop import PyramidDropPruner
         from policies.vla.model import prompt_margins
 
         depth = config.llm.num_layers
-        try:
-            stages = parse_layers(options.layers, 1, REFERENCE_DEPTH - 1, "tokens leave before a stage layer")
-            try:
-                ratios = [float(part) for part in options.ratios.split(",")]
-            except ValueError:
-                raise ValueError(f"ratios must be comma-separated fractions, got {options.ratios!r}") from None
-            if len(ratios) != len(stages):
-                raise ValueError(f"give one ratio per stage layer, got layers {options.layers!r} and ratios "
-                                 f"{options.ratios!r}")
-            scaled = [scale_layer(layer, depth, 1, depth - 1) for layer in stages]
-            if len(set(scaled)) != len(scaled):
-                raise ValueError(f"the stage layers {stages} fall on layers {scaled} of this {depth}-layer LLM; "
-                                 "give fewer stages (e.g. layers=16 ratios=0.25)")
-            return PyramidDropPruner(scaled, ratios, prompt_margins(config), options.query, options.positions)
-        except ValueError as exc:
-            raise PolicyOptionError(f"pyramiddrop: {exc}") from None
+        stages = parse_layers(options.layers, 1, REFERENCE_DEPTH - 1, "tokens leave before a stage layer")
+        ratios = parse_numbers(options.ratios, "ratios", "fractions")
+        if len(ratios) != len(stages):
+            raise ValueError(f"give one ratio per stage layer, got layers {options.layers!r} and ratios "
+                             f"{options.ratios!r}")
+        scaled = [scale_layer(layer, depth, 1, depth - 1) for layer in stages]
+        if len(set(scaled)) != len(scaled):
+            raise ValueError(f"the stage layers {stages} fall on layers {scaled} of this {depth}-layer LLM; "
+                             "give fewer stages (e.g. layers=16 ratios=0.25)")
+        return PyramidDropPruner(scaled, ratios, prompt_margins(config), options.query, options.positions)
 
 
 class DivPrunePolicy(OFTPolicy):
@@ -157,12 +147,9 @@ class DivPrunePolicy(OFTPolicy):
         from policies.pruning.divprune import DivPrunePruner
         from policies.vla.vision import visual_token_count
 
-        try:
-            pruner = DivPrunePruner(ratio=options.ratio, keep=options.keep, positions=options.positions)
-            pruner.count(visual_token_count(config))  # a count the model cannot keep is refused now
-            return pruner
-        except ValueError as exc:
-            raise PolicyOptionError(f"divprune: {exc}") from None
+        pruner = DivPrunePruner(ratio=options.ratio, keep=options.keep, positions=options.positions)
+        pruner.count(visual_token_count(config))  # a count the model cannot keep is refused now
+        return pruner
 
 
 class ADPPolicy(OFTPolicy):
@@ -187,29 +174,24 @@ class ADPPolicy(OFTPolicy):
     @classmethod
     def build_hooks(cls, options, config):
         from policies.pruning.adp import DECISIONS, GATES, ADPPruner
+        from policies.pruning.base import parse_numbers
         from policies.vla.model import prompt_margins
         from policies.vla.vision import visual_token_count
 
-        try:
-            if options.gate not in GATES:
-                raise ValueError(f"gate must be one of {', '.join(GATES)}, got {options.gate!r}")
-            if options.decision not in DECISIONS:
-                raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got {options.decision!r}")
-            if options.window < 3:
-                raise ValueError(f"window must be at least 3 (the reference raises smaller ones to 3), got {options.window}")
-            if options.initial not in (0, 1) or options.max_pruned < 0:
-                raise ValueError(f"initial must be 0 or 1 and max_pruned at least 0, got initial={options.initial}, "
-                                 f"max_pruned={options.max_pruned}")
-            try:
-                split = [float(part) for part in options.split.split(",")]
-            except ValueError:
-                raise ValueError(f"split must be comma-separated weights, got {options.split!r}") from None
-            pruner = ADPPruner(options.ratio, split, config.num_images, prompt_margins(config), options.keep,
-                               options.positions)
-            pruner.counts(visual_token_count(config))  # a count the model cannot keep is refused now
-            return pruner
-        except ValueError as exc:
-            raise PolicyOptionError(f"adp: {exc}") from None
+        if options.gate not in GATES:
+            raise ValueError(f"gate must be one of {', '.join(GATES)}, got {options.gate!r}")
+        if options.decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(DECISIONS)}, got {options.decision!r}")
+        if options.window < 3:
+            raise ValueError(f"window must be at least 3 (the reference raises smaller ones to 3), got {options.window}")
+        if options.initial not in (0, 1) or options.max_pruned < 0:
+            raise ValueError(f"initial must be 0 or 1 and max_pruned at least 0, got initial={options.initial}, "
+                             f"max_pruned={options.max_pruned}")
+        split = parse_numbers(options.split, "split", "weights")
+        pruner = ADPPruner(options.ratio, split, config.num_images, prompt_margins(config), options.keep,
+                           options.positions)
+        pruner.counts(visual_token_count(config))  # a count the model cannot keep is refused now
+        return pruner
 
     def __init__(self, options, seed: int = 0):
         super().__init__(options, seed)
@@ -264,15 +246,12 @@ class SparseVLMPolicy(OFTPolicy):
         from policies.vla.model import prompt_margins
         from policies.vla.vision import visual_token_count
 
-        try:
-            depth = config.llm.num_layers
-            layers = stage_layers(options.layers, depth)
-            return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
-                                   cluster_size=options.cluster_size, text_margins=prompt_margins(config),
-                                   budget_of=options.budget_of, num_layers=depth,
-                                   visual_tokens=visual_token_count(config), positions=options.positions)
-        except ValueError as exc:
-            raise PolicyOptionError(f"sparsevlm: {exc}") from None
+        depth = config.llm.num_layers
+        layers = stage_layers(options.layers, depth)
+        return SparseVLMPruner(budget=options.budget, layers=layers, recycle=options.recycle,
+                               cluster_size=options.cluster_size, text_margins=prompt_margins(config),
+                               budget_of=options.budget_of, num_layers=depth,
+                               visual_tokens=visual_token_count(config), positions=options.positions)
 
 
 class VLACachePolicy(OFTPolicy):
@@ -305,24 +284,21 @@ class VLACachePolicy(OFTPolicy):
 
         depth = config.llm.num_layers
         relevance = options.relevance_layer if options.relevance_layer >= 0 else round(15 * depth / REFERENCE_DEPTH)
-        try:
-            if depth < 2:
-                raise ValueError(f"VLA-Cache needs an LLM of at least 2 layers, got {depth}")
-            stages = parse_layers(options.layers, 1, REFERENCE_DEPTH - 1, "tokens leave before a stage layer")
-            if not 0 <= relevance < depth:
-                raise ValueError(f"relevance_layer must be in 0..{depth - 1}, got {relevance}")
-            if options.static < 0 or options.relevant < 0 or not 0 <= options.growth <= 1:
-                raise ValueError(f"need static >= 0, relevant >= 0 and growth in 0..1, got static={options.static}, "
-                                 f"relevant={options.relevant}, growth={options.growth}")
-            if options.text_window < 0:
-                raise ValueError(f"text_window must be 0 (the prompt) or a token count, got {options.text_window}")
-            return VLACache(options.similarity, options.static, options.relevant,
-                            scale_layers(stages, depth, 1, depth - 1), options.growth, relevance,
-                            config.num_images, prompt_margins(config),
-                            levels=(config.image_means[0], config.image_stds[0]), text_window=options.text_window,
-                            entropy_dtype=options.entropy_dtype)
-        except ValueError as exc:
-            raise PolicyOptionError(f"vla_cache: {exc}") from None
+        if depth < 2:
+            raise ValueError(f"VLA-Cache needs an LLM of at least 2 layers, got {depth}")
+        stages = parse_layers(options.layers, 1, REFERENCE_DEPTH - 1, "tokens leave before a stage layer")
+        if not 0 <= relevance < depth:
+            raise ValueError(f"relevance_layer must be in 0..{depth - 1}, got {relevance}")
+        if options.static < 0 or options.relevant < 0 or not 0 <= options.growth <= 1:
+            raise ValueError(f"need static >= 0, relevant >= 0 and growth in 0..1, got static={options.static}, "
+                             f"relevant={options.relevant}, growth={options.growth}")
+        if options.text_window < 0:
+            raise ValueError(f"text_window must be 0 (the prompt) or a token count, got {options.text_window}")
+        return VLACache(options.similarity, options.static, options.relevant,
+                        scale_layers(stages, depth, 1, depth - 1), options.growth, relevance,
+                        config.num_images, prompt_margins(config),
+                        levels=(config.image_means[0], config.image_stds[0]), text_window=options.text_window,
+                        entropy_dtype=options.entropy_dtype)
 
     def reset(self, episode) -> None:
         self._hooks.forget(episode.episode_id)

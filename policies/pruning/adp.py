@@ -157,7 +157,7 @@ class ADPPruner(Hooks):
             raise ValueError(f"split weights must be non-negative with a positive sum, got {list(split)}")
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-        self.ratio, self.keep, self.images, self.positions = ratio, keep, images, positions
+        self.ratio, self.keep, self.positions = ratio, keep, positions
         self.weights = image_weights(split, images) if images > 1 else [1.0]
         self.text_margins = text_margins
         self.pruning: list[bool] | None = None

@@ -32,6 +32,14 @@ def parse_layers(text: str, lowest: int, highest: int, why: str) -> list[int]:
     return layers
 
 
+def parse_numbers(text: str, name: str, what: str) -> list[float]:
+    """'0.5,0.25' -> [0.5, 0.25]; the option's ``name`` and ``what`` its numbers are, in the error."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated {what}, got {text!r}") from None
+
+
 def scale_layer(layer: int, num_layers: int, lowest: int, highest: int) -> int:
     """A reference layer placed at the same relative depth of a ``num_layers`` LLM, clamped to
     lowest..highest."""

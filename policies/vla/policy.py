@@ -126,7 +126,7 @@ class OFTPolicy(Policy):
         self.dims = flops.model_dims(self.model)
         self._prompts: dict[str, list[int]] = {}
         self._threads: ThreadPoolExecutor | None = None  # image preprocessing, made at the first query
-        self._hooks = self.build_hooks(options, self.config)
+        self._hooks = self.plugin(options, self.config)
 
     def _load(self) -> None:
         from policies.vla.checkpoint import CheckpointError, load_checkpoint
@@ -180,8 +180,19 @@ class OFTPolicy(Policy):
 
     @classmethod
     def build_hooks(cls, options: "OFTPolicy.Options", config):
-        """The plug-in acting on the model core (none for plain OFT); adapters override this."""
+        """The plug-in acting on the model core (none for plain OFT); adapters override this and
+        raise ValueError for options that cannot work."""
         return None
+
+    @classmethod
+    def plugin(cls, options: "OFTPolicy.Options", config):
+        """``build_hooks``, its ValueError named as this policy's option error."""
+        try:
+            return cls.build_hooks(options, config)
+        except PolicyOptionError:
+            raise
+        except ValueError as exc:
+            raise PolicyOptionError(f"{cls.name}: {exc}") from None
 
     def hooks(self):
         return self._hooks

@@ -4,24 +4,16 @@ error on a GPU machine, say), and the target report names the failure."""
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the model extra is not installed")
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_failing_variant_is_recorded_and_the_others_kept(tmp_path, monkeypatch):
-    variants = _load("speedup_variants")
+    variants = load_script("speedup_variants")
     measure = variants.measure
 
     def failing_compile(model, device, dtype, base, speedups):
@@ -39,6 +31,6 @@ def test_a_failing_variant_is_recorded_and_the_others_kept(tmp_path, monkeypatch
     assert list(rows) == ["plain", "compiled towers", "fused gate/up"]
     assert rows["compiled towers"]["error"] == "RuntimeError: no C compiler found"
     assert "max_abs_diff" in rows["fused gate/up"] and "latency_ms" in rows["plain"]
-    lines = _load("device_targets").target_lines(tmp_path)
+    lines = load_script("device_targets").target_lines(tmp_path)
     assert "variant compiled towers: failed: RuntimeError: no C compiler found" in lines
     assert any(line.startswith("variant fused gate/up: OFT") for line in lines)

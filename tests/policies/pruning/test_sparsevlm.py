@@ -42,7 +42,7 @@ def run(model, hooks, prompt_lengths=(9,)):
 
 def pruner_for(model, **options) -> SparseVLMPruner:
     args = {key: str(value) for key, value in options.items()}
-    return SparseVLMPolicy.build_hooks(parse_options(SparseVLMPolicy.Options, args, "sparsevlm"), model.config)
+    return SparseVLMPolicy.plugin(parse_options(SparseVLMPolicy.Options, args, "sparsevlm"), model.config)
 
 
 def test_stage_layers_keep_their_relative_depth():
