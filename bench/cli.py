@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}); see 'bench list policies'")
     run.add_argument("--policy-arg", action="append", type=key_value, metavar="KEY=VALUE",
                      help="policy option, repeatable")
-    run.add_argument("--checkpoint", help="model checkpoint directory (same as --policy-arg checkpoint=DIR)")
+    run.add_argument("--checkpoint", help="model checkpoint directory, or a Hugging Face Hub repository id found in the "
+                     "local Hub cache (same as --policy-arg checkpoint=DIR)")
     run.add_argument("--unnorm-key", help="dataset statistics entry of the checkpoint (policy option unnorm_key)")
     run.add_argument("--device", help="model device: auto, cpu, cuda (policy option device)")
     run.add_argument("--action-slice", choices=("train", "release"),

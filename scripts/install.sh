@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the harness on a fresh Debian machine (as root): the GL libraries for headless
 # rendering, a virtual environment in .venv, the pinned simulator stack and the model
-# extra (torch, timm, safetensors, sentencepiece, transformers). Safe to re-run.
+# extra (torch, timm, safetensors, sentencepiece, transformers, huggingface_hub). Safe to re-run.
 #   scripts/install.sh             harness + model core + test tools
 #   scripts/install.sh --no-model  harness and scripted expert only (no torch)
 set -euo pipefail

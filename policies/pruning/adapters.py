@@ -9,7 +9,6 @@ same plug-in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -67,7 +66,7 @@ class LightVLAStarPolicy(OFTPolicy):
         pruner = self._hooks
         if options.checkpoint and not options.random_queries:
             try:
-                source = pruner.load(Path(options.checkpoint).expanduser())
+                source = pruner.load(self.checkpoint_directory)
             except (FileNotFoundError, ValueError) as exc:
                 raise PolicyOptionError(f"{exc} (random_queries=true runs with untrained queries)") from None
             self.weights = {**self.weights, "queries": source.name}

@@ -6,7 +6,8 @@ sharded ``model-*.safetensors`` (or one ``model.safetensors``), ``dataset_statis
 (state dicts, possibly with DDP's ``module.`` prefix). timm's LayerScale ``gamma`` is stored
 as ``scale_factor`` (transformers renames parameters called gamma). Nothing is fetched,
 no remote code runs, and every missing, unexpected or mis-shaped tensor is an error
-naming it: a model is never partly random.
+naming it: a model is never partly random. A Hugging Face Hub repository id stands for its
+snapshot in the local Hub cache (``hub.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from policies.vla.config import VLAConfig, read_config, read_json
+from policies.vla.hub import HubCacheError, cached_snapshot, hub_repo_id
 from policies.vla.model import OFTModel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -170,9 +172,7 @@ def checkpoint_identity(directory: Path) -> dict:
 
 
 def load_checkpoint(directory: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Checkpoint:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    directory, hub = locate_checkpoint(directory)
     config = read_config(directory)
     norm_stats = read_norm_stats(directory, config)
     state = {to_model_key(k): v for k, v in read_safetensors(directory).items()}
@@ -186,7 +186,25 @@ def load_checkpoint(directory: Path | str, device: str | torch.device = "cpu", d
     check_state(model, state, directory)
     model.load_state_dict(state, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
-    return Checkpoint(model, config, norm_stats, directory, checkpoint_identity(directory))
+    identity = checkpoint_identity(directory)
+    if hub:
+        identity["hub"] = hub
+    return Checkpoint(model, config, norm_stats, directory, identity)
+
+
+def locate_checkpoint(name: Path | str) -> tuple[Path, dict | None]:
+    """The checkpoint directory ``name`` means, and the Hub repository and commit when it is a
+    repository id found in the local Hub cache (None for a directory)."""
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        return directory, None
+    repo_id = hub_repo_id(str(name))
+    if repo_id is None or directory.exists():
+        raise CheckpointError(f"checkpoint directory {name} does not exist")
+    try:
+        return cached_snapshot(*repo_id)
+    except HubCacheError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def save_checkpoint(model: OFTModel, directory: Path | str, norm_stats: dict, step: int = 0,

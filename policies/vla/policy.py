@@ -90,7 +90,7 @@ class OFTPolicy(Policy):
 
     @dataclass
     class Options(Policy.Options):
-        checkpoint: str = ""  # OpenVLA-OFT checkpoint directory; empty: random weights of `size`
+        checkpoint: str = ""  # OpenVLA-OFT checkpoint directory or cached Hub repository id; empty: random weights of `size`
         size: str = "tiny"  # preset for random weights: full or tiny
         unnorm_key: str = ""  # dataset statistics entry (needed when the checkpoint has several)
         device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
@@ -136,10 +136,11 @@ class OFTPolicy(Policy):
         opts = self.options
         if opts.checkpoint:
             try:
-                ckpt = load_checkpoint(os.path.expanduser(opts.checkpoint), self.device, self.dtype)
+                ckpt = load_checkpoint(opts.checkpoint, self.device, self.dtype)
             except CheckpointError as exc:
                 raise PolicyOptionError(str(exc)) from None
             self.model, self.config, self.weights = ckpt.model, ckpt.config, ckpt.identity
+            self.checkpoint_directory = ckpt.directory  # where a Hub repository id led
             self.tokenizer = SentencePieceTokenizer(ckpt.directory / "tokenizer.model")
             self.stats = self._select_stats(ckpt.norm_stats)
         else:
@@ -148,6 +149,7 @@ class OFTPolicy(Policy):
             self.weights = {"random": True, "size": opts.size, "seed": self.seed}
             self.tokenizer = ByteTokenizer()
             self.stats, self.norm_stats, self.unnorm_key = None, None, ""
+            self.checkpoint_directory = None
         if self.tokenizer.vocab_size > self.config.llm.vocab_size:
             raise PolicyOptionError(
                 f"tokenizer has {self.tokenizer.vocab_size} pieces but the model's vocabulary is {self.config.llm.vocab_size}"

@@ -33,3 +33,32 @@ def model8():
 
     torch.manual_seed(0)
     return OFTModel(replace_llm(tiny_config(), num_layers=8)).eval()
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local Hugging Face Hub cache (offline) and a function that puts a checkpoint
+    directory in it as ``hf download`` leaves one: blobs, a snapshot of links to them named by
+    the commit, and the ref naming the commit."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    root = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a test never reaches for the network
+
+    def add(repo: str, directory, ref: str = "main") -> str:
+        commit = hashlib.sha1(f"{repo}@{ref}".encode()).hexdigest()
+        stored = root / ("models--" + repo.replace("/", "--"))
+        snapshot = stored / "snapshots" / commit
+        (stored / "blobs").mkdir(parents=True, exist_ok=True)
+        snapshot.mkdir(parents=True)
+        for path in sorted(directory.iterdir()):
+            blob = stored / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+            blob.write_bytes(path.read_bytes())
+            (snapshot / path.name).symlink_to(blob)
+        (stored / "refs").mkdir(exist_ok=True)
+        (stored / "refs" / ref).write_text(commit)
+        return commit
+
+    return add

@@ -111,6 +111,15 @@ def test_queries_round_trip_with_a_checkpoint(tiny_checkpoint, tmp_path):
     assert out.stats["visual_tokens_llm"][0] == 512 and out.stats["visual_tokens_llm"][1] <= 24
 
 
+def test_queries_come_from_the_snapshot_a_repository_id_names(tiny_checkpoint, tmp_path, hub_cache):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    trained = LightVLAStarPruner(64, num_queries=24, seed=7)
+    trained.save(ckpt, step=1000)
+    hub_cache("owner/tiny-star", ckpt)
+    policy = make_policy("lightvla_star", {"checkpoint": "owner/tiny-star", "queries": "24"})
+    assert torch.equal(policy.hooks().queries.detach(), trained.queries.detach())
+
+
 @pytest.mark.parametrize("options, refused", [({"queries": "128"}, "holds 24 queries, configured 128: set queries=24"),
                                               ({"queries": "24", "placement": "llm:0"},
                                                "placement 'llm:1', configured 'llm:0': set placement=llm:1")])
