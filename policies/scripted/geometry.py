@@ -33,6 +33,14 @@ def grip_rotation(finger_axis) -> np.ndarray:
     return np.column_stack([x, np.cross(z, x), z])
 
 
+def tilted_towards(grip_mat: np.ndarray, direction, angle: float) -> np.ndarray:
+    """``grip_mat`` (pointing down) with its approach axis leaning ``angle`` radians towards the
+    horizontal ``direction``, turned about its finger axis (which must be perpendicular to it)."""
+    x = grip_mat[:, 0]
+    z = np.cos(angle) * DOWN + np.sin(angle) * horizontal(direction)
+    return np.column_stack([x, np.cross(z, x), z])
+
+
 def closest_finger_axis(axis, eef_mat) -> np.ndarray:
     """The gripper is symmetric: of ``axis`` and ``-axis`` take the one needing less wrist turn."""
     axis = horizontal(axis)

@@ -35,7 +35,7 @@ def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
     ``slot`` shifts the spot along x inside a region, so that several objects bound for one
     region (two moka pots on one burner area) do not land on each other.
     """
-    _, target = predicate.args
+    obj, target = predicate.args
     if scene.has_object(target):
         # On(a, b) for objects: b's origin below a's, within 3 cm horizontally, touching.
         return lambda s: (s.body(target).pos[:2], s.body(target).top + 0.005)
@@ -43,13 +43,21 @@ def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
         raise SkillFailed(f"goal names {target!r}, which is neither an object nor a region in the scene")
     if predicate.name == "in":
         # In(a, region): a's origin inside the region's box; drop it from just above the floor.
-        # In a drawer, aim at the part of the region that is pulled out of the cabinet.
+        # In a drawer, aim at the part of the region that is pulled out of the cabinet: the
+        # object as close to the drawer's front wall as its footprint allows (measured where it
+        # stands now: held by its rim it hangs tilted), so that it goes down past the cabinet's
+        # face and does not rest on the wall.
+        held = scene.body(obj) if scene.has_object(obj) else None
+        extent = (held.aabb_min - held.pos, held.aabb_max - held.pos) if held else (np.zeros(3), np.zeros(3))
+
         def inside(s):
             site = s.site(target)
             xy = site.pos[:2] + [slot, 0.0]
             if site.joints:
                 open_dir = _opening_direction(s, site.joints[0], site.parent)
-                xy = xy + open_dir[:2] * max(float(np.abs(open_dir) @ site.half_extent) - 0.025, 0.0)
+                reach = float(np.sum(np.maximum(open_dir * extent[0], open_dir * extent[1])))  # origin to its front
+                from_wall = max(reach + 0.005, 0.025)
+                xy = xy + open_dir[:2] * max(float(np.abs(open_dir) @ site.half_extent) - from_wall, 0.0)
             return xy, site.lo[2] + 0.01
 
         return inside

@@ -7,6 +7,7 @@ from policies.scripted.geometry import (
     move_action,
     rotation_error,
     rotation_to_axis_angle,
+    tilted_towards,
 )
 from policies.scripted.geometry import TRACKING_GAIN
 
@@ -22,6 +23,16 @@ def test_grip_rotation_points_down_with_fingers_along_axis():
     np.testing.assert_allclose(r[:, 0], [0, 1, 0])
     np.testing.assert_allclose(r.T @ r, np.eye(3), atol=1e-12)
     assert np.linalg.det(r) == pytest.approx(1.0)
+
+
+def test_a_tilted_grip_leans_its_approach_towards_the_direction_about_its_finger_axis():
+    upright = grip_rotation([1, 0, 0])
+    r = tilted_towards(upright, [0, 3, 0.5], 0.7)  # the direction's height is ignored
+    np.testing.assert_allclose(r[:, 0], upright[:, 0])
+    np.testing.assert_allclose(r[:, 2], [0, np.sin(0.7), -np.cos(0.7)], atol=1e-12)
+    np.testing.assert_allclose(r.T @ r, np.eye(3), atol=1e-12)
+    assert np.linalg.det(r) == pytest.approx(1.0)
+    assert np.linalg.norm(rotation_error(r, upright)) == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize("angle", [0.0, 0.3, -1.2, np.pi - 1e-3, np.pi])

@@ -18,6 +18,7 @@ EPISODES = [
     ("libero_object", 1, 0),  # cream cheese box into the basket
     ("libero_goal", 7, 0),  # turn the stove's knob
     ("libero_10", 5, 0),  # book into the caddy's back compartment
+    ("libero_10", 3, 0),  # bowl into an open drawer, then push the drawer shut
 ]
 
 

@@ -64,6 +64,21 @@ def test_destinations_follow_the_predicates():
         destination_for(Predicate("on", ("milk_1", "nowhere")), s)
 
 
+@pytest.mark.parametrize("half, from_wall", [(0.054, 0.059), (0.01, 0.025)])
+def test_in_an_open_drawer_an_object_goes_next_to_the_front_wall(half, from_wall):
+    # a drawer sliding out along -y (its joint's axis is +y, and it opens to negative qpos):
+    # inside wall at y = 0.096, the cabinet's face at y = 0.197
+    region = {"pos": np.array([0.0, 0.172, 0.952]), "mat": np.eye(3), "size": np.array([0.1, 0.076, 0.03]),
+              "parent": "cabinet_1", "joints": ["cabinet_1_bottom_level"]}
+    joint = {"owner": "cabinet_1", "type": "slide", "qpos": -0.146, "axis": np.array([0, 1.0, 0])}
+    s = scene({"akita_black_bowl_1": box([0.3, 0.0, 0.9], [half, half, 0.025])},
+              sites={"cabinet_1_bottom_region": region}, joints={"cabinet_1_bottom_level": joint},
+              articulation={"cabinet_1": {"default_open_ranges": [-0.16, -0.14], "default_close_ranges": [0.0, 0.005]}})
+    xy, bottom = destination_for(Predicate("in", ("akita_black_bowl_1", "cabinet_1_bottom_region")), s)(s)
+    np.testing.assert_allclose(xy, [0.0, 0.096 + from_wall])  # a wide bowl clears the wall by 5 mm
+    assert bottom == pytest.approx(0.922 + 0.01)
+
+
 def test_two_objects_for_one_region_get_separate_spots_and_knobs_come_first():
     region = {"pos": np.array([0.0, 0.0, 0.9]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.002]),
               "parent": "flat_stove_1", "joints": []}
