@@ -110,17 +110,22 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
             continue
         lo, hi = world_aabb(m, d, info["geoms"])
         handle_lo, handle_hi = _upper_part(m, d, info["geoms"], lo[2], hi[2])
+        axis = d.xaxis[info["id"]].copy()
+        ends = {}
+        if info["type"] == "slide":  # a drawer: what sticks out at each end of its travel (a handle bar)
+            ends = {"+": _end_part(m, d, info["geoms"], axis), "-": _end_part(m, d, info["geoms"], -axis)}
         joints[name] = {
             "owner": info["owner"],
             "type": info["type"],
             "qpos": float(d.qpos[info["qposadr"]]),
             "range": info["range"].copy(),
-            "axis": d.xaxis[info["id"]].copy(),
+            "axis": axis,
             "anchor": d.xanchor[info["id"]].copy(),
             "aabb_min": lo,
             "aabb_max": hi,
             "upper_min": handle_lo,  # the part sticking up (a knob's ridge), to grasp it by
             "upper_max": handle_hi,
+            "ends": ends,  # "+"/"-": (min, max) of the part furthest along +axis / -axis
         }
     articulation = {
         name: obj.object_properties.get("articulation")
@@ -146,6 +151,16 @@ def _upper_part(model, data, geoms, bottom: float, top: float):
     tops = np.array([world_aabb(model, data, np.array([g]))[1][2] for g in geoms]) if len(geoms) else np.array([])
     upper = geoms[tops > top - 0.4 * (top - bottom)] if len(geoms) else geoms
     return world_aabb(model, data, upper)
+
+
+def _end_part(model, data, geoms, direction, depth: float = 0.025):
+    """Bounding box of the geoms lying wholly within ``depth`` of the part's far end along
+    ``direction``: a drawer's handle bar, without the standoffs that hold it."""
+    if len(geoms) == 0:
+        return world_aabb(model, data, geoms)
+    along = _geom_corners(model, data, geoms).reshape(len(geoms), 8, 3) @ direction  # (g, 8)
+    end = along.max()
+    return world_aabb(model, data, geoms[along.min(axis=1) >= end - depth])
 
 
 def _gripper_qpos(env) -> np.ndarray:

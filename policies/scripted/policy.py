@@ -16,6 +16,7 @@ from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
 from policies.scripted.skills import (
     CloseDrawer,
+    OpenDrawer,
     PickPlace,
     Skill,
     SkillFailed,
@@ -114,22 +115,22 @@ def articulated_joint(name: str, scene: Scene) -> tuple[str, str]:
     return joints[0], name
 
 
-def close_skill(predicate: Predicate, scene: Scene) -> Skill:
+def drawer_skill(predicate: Predicate, scene: Scene) -> Skill:
+    """Open or Close of a drawer (a slide joint); doors (hinges) are beyond the expert."""
     joint, owner = articulated_joint(predicate.args[0], scene)
-    ranges = scene.articulation(owner)
     if scene.joint(joint)["type"] != "slide":
-        raise SkillFailed(f"closing {predicate.args[0]!r} needs a door skill, which the expert does not have")
-    return CloseDrawer(joint, ranges, f"close {predicate.args[0]}")
+        raise SkillFailed(f"{predicate.name} {predicate.args[0]!r} needs a door skill, which the expert does not have")
+    skill = OpenDrawer if predicate.name == "open" else CloseDrawer
+    return skill(joint, scene.articulation(owner), f"{predicate.name} {predicate.args[0]}")
 
 
-def _check_reachable(predicate: Predicate, scene: Scene) -> None:
-    """In(x, region of a shut drawer) needs the drawer opened first, which the expert cannot do."""
+def shut_drawer(predicate: Predicate, scene: Scene) -> bool:
+    """In(x, region of a drawer that is shut): the drawer must be opened first."""
     target = predicate.args[1]
     if predicate.name != "in" or not scene.has_site(target) or not scene.site(target).joints:
-        return
+        return False
     joint, owner = articulated_joint(target, scene)
-    if not is_open(scene.articulation(owner), scene.joint(joint)["qpos"]):
-        raise SkillFailed(f"{target} is in a shut drawer, and the expert has no skill to open drawers")
+    return not is_open(scene.articulation(owner), scene.joint(joint)["qpos"])
 
 
 def slides_over_the_table(predicate: Predicate, scene: Scene) -> bool:
@@ -144,14 +145,16 @@ def slides_over_the_table(predicate: Predicate, scene: Scene) -> bool:
 
 
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
-    """Knobs first (the arm is free and nothing stands on the stove yet), then placements,
-    then closing drawers and doors (after whatever had to go inside)."""
-    knobs, placements, closes = [], [], []
+    """Knobs first (the arm is free and nothing stands on the stove yet), then opening drawers,
+    then placements (some into those drawers), then closing drawers (after whatever had to go
+    inside)."""
+    knobs, opens, placements, closes = [], [], [], []
     slots = _slots(goal, scene)
     for predicate in goal:
         label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
-            _check_reachable(predicate, scene)
+            if shut_drawer(predicate, scene):  # LIBERO's goals leave it implicit ("open ... and put the bowl inside")
+                opens.append(drawer_skill(Predicate("open", (predicate.args[1],)), scene))
             if slides_over_the_table(predicate, scene):
                 placements.append(SlideDish(*predicate.args, label))
             else:
@@ -159,11 +162,16 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
                 placements.append(PickPlace(predicate.args[0], destination, label))
         elif predicate.name in ("turnon", "turnoff"):
             knobs.append(knob_skill(predicate, scene))
+        elif predicate.name == "open":
+            opens.append(drawer_skill(predicate, scene))
         elif predicate.name == "close":
-            closes.append(close_skill(predicate, scene))
+            closes.append(drawer_skill(predicate, scene))
         else:
             raise SkillFailed(f"the expert has no skill for ({predicate.name} {' '.join(predicate.args)})")
-    return knobs + placements + closes
+    opening = {}  # one OpenDrawer per drawer, however many predicates need it open
+    for skill in opens:
+        opening.setdefault(skill.joint, skill)
+    return knobs + list(opening.values()) + placements + closes
 
 
 class _Episode:

@@ -11,7 +11,14 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from policies.scripted.geometry import closest_finger_axis, grip_rotation, move_action, tilted_towards, unit
+from policies.scripted.geometry import (
+    closest_finger_axis,
+    grip_rotation,
+    move_action,
+    rotation_error,
+    tilted_towards,
+    unit,
+)
 from policies.scripted.scene import GRIPPER_MAX_OPENING, Body, Scene
 
 OPEN, CLOSE = -1.0, 1.0
@@ -468,6 +475,86 @@ def is_open(articulation: dict, qpos: float) -> bool:
 # The fingers push leaning 40 degrees into the closing direction, the wrist held back: upright,
 # the forearm (link 5) meets the cabinet with a low drawer still 6 cm open.
 PUSH_TILT = 0.7
+PRESS_DEPTH = 0.02  # how far below the handle bar's top the fingertips are aimed while dragging it
+DRAG_LEAD = 0.05  # how far ahead of the bar, along the opening direction, the drag aims
+DRAG_MARGIN = 0.01  # pulled this far past LIBERO's open threshold
+
+
+def drawer_hand(joint: dict, opens_negative_: bool, eef_mat) -> tuple[np.ndarray, np.ndarray]:
+    """(world direction the drawer slides out, the hand's pose for working it): closed fingers
+    side by side across that direction (a wider contact), leaning into the drawer."""
+    axis = np.asarray(joint["axis"], dtype=float)
+    open_dir = -axis if opens_negative_ else axis
+    side = np.array([-open_dir[1], open_dir[0], 0.0])
+    return open_dir, tilted_towards(grip_rotation(closest_finger_axis(side, eef_mat)), -open_dir, PUSH_TILT)
+
+
+class OpenDrawer(Skill):
+    """Pull a drawer open by friction: closed fingertips pressed down on its handle bar (the hand
+    leaning into the drawer, as for pushing) and dragged along the opening direction.
+
+    Gripping the bar fails: from above the fingers do not fit between bar and drawer front, and
+    from the front the arm runs into its joint limits (docs/scripted-expert.md).
+    """
+
+    def __init__(self, joint: str, articulation: dict, label: str):
+        super().__init__(label)
+        self.joint = joint
+        self.opens_negative = opens_negative(articulation)
+        self.articulation = articulation
+        self.target = None  # the joint position to drag it to, set at the start
+
+    def pulled(self, qpos: float) -> bool:
+        return qpos <= self.target if self.opens_negative else qpos >= self.target
+
+    def bar_top(self, scene: Scene) -> np.ndarray:
+        """Centre of the top of the handle bar: the part sticking out where the drawer slides out."""
+        lo, hi = scene.joint(self.joint)["ends"]["-" if self.opens_negative else "+"]
+        return np.array([*(np.asarray(lo[:2]) + hi[:2]) / 2, hi[2]])
+
+    def act(self, scene: Scene, steps: int) -> np.ndarray | None:
+        self.ticks += 1
+        joint = scene.joint(self.joint)
+        eef, bar = scene.eef_pos, self.bar_top(scene)
+        if self.phase == "start":
+            if is_open(self.articulation, joint["qpos"]):
+                return None
+            self.open_dir, self.grip_mat = drawer_hand(joint, self.opens_negative, scene.eef_mat)
+            # past LIBERO's threshold by a centimetre (room for what goes inside), within the travel
+            ranges, (low, high) = self.articulation["default_open_ranges"], joint["range"]
+            self.target = (max(max(ranges) - DRAG_MARGIN, low + 0.005) if self.opens_negative
+                           else min(min(ranges) + DRAG_MARGIN, high - 0.005))
+            self.goto("above")
+        if self.phase == "above":  # in front of the bar and above it, clear of the drawer above
+            target = bar + self.open_dir * 0.06 + [0, 0, 0.08]
+            turned = np.linalg.norm(rotation_error(self.grip_mat, scene.eef_mat)) < 0.1
+            if (_near(eef, target, 0.015) and turned) or self.ticks > 14:
+                self.goto("down")
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+        if self.phase == "down":
+            target = bar + [0, 0, 0.005]
+            if _near(eef, target, 0.008) or self.ticks > 10:
+                self.goto("drag")
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=0.5)
+        if self.phase == "drag":
+            ahead = float((eef - bar)[:2] @ self.open_dir[:2])
+            if self.pulled(joint["qpos"]) or self.ticks > 40:
+                self.goto("retreat")
+            elif ahead > 0.03 or eef[2] < bar[2] - 0.01:  # slipped off the bar
+                self.retry(scene)
+                self.goto("above")
+                return move_action(eef, scene.eef_mat, eef + [0, 0, 0.05], self.grip_mat, CLOSE, steps, speed=0.6)
+            # pressed into the bar (the pads' friction drags it) and led along the opening direction
+            target = bar + self.open_dir * DRAG_LEAD + [0, 0, -PRESS_DEPTH]
+            return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=0.3)
+        if self.phase == "retreat":
+            if self.ticks > 3:
+                if is_open(self.articulation, joint["qpos"]):
+                    return None
+                self.retry(scene)
+                self.goto("above")
+            return move_action(eef, scene.eef_mat, eef + [0, 0, 0.08], self.grip_mat, CLOSE, steps, speed=0.6)
+        return None
 
 
 class CloseDrawer(Skill):
@@ -490,15 +577,11 @@ class CloseDrawer(Skill):
         if self.phase == "start":
             if self.closed(joint["qpos"]):
                 return None
-            axis = np.asarray(joint["axis"], dtype=float)
-            self.open_dir = -axis if self.opens_negative else axis  # world direction the drawer slides out
+            self.open_dir, self.grip_mat = drawer_hand(joint, self.opens_negative, scene.eef_mat)
             lo, hi = np.asarray(joint["aabb_min"]), np.asarray(joint["aabb_max"])
             centre, half = (lo + hi) / 2, (hi - lo) / 2
             front = centre + self.open_dir * float(np.abs(self.open_dir) @ half)
             self.contact = np.array([*(front[:2] + self.open_dir[:2] * 0.03), centre[2]])  # mid-height of the front
-            side = np.array([-self.open_dir[1], self.open_dir[0], 0.0])  # fingers side by side: wider contact
-            self.grip_mat = tilted_towards(grip_rotation(closest_finger_axis(side, scene.eef_mat)),
-                                           -self.open_dir, PUSH_TILT)
             self.goto("above")
         if self.phase in ("above", "descend"):
             return self.approach(scene, steps, self.contact, CLOSE, then="push", tolerance=0.01)

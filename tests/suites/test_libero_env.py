@@ -86,7 +86,16 @@ def test_observation_conventions(task):
         assert set(state["objects"]) >= {"akita_black_bowl_1", "plate_1", "wooden_cabinet_1"}
         bowl = state["objects"]["akita_black_bowl_1"]
         assert np.all(bowl["aabb_min"] < bowl["pos"] + 0.01) and np.all(bowl["pos"] < bowl["aabb_max"])
-        assert state["joints"]["wooden_cabinet_1_top_level"]["type"] == "slide"
+        top = state["joints"]["wooden_cabinet_1_top_level"]
+        assert top["type"] == "slide"
+        # the part at each end of its travel, inside the drawer's box; at the front, the handle bar
+        for end in "+-":
+            lo, hi = top["ends"][end]
+            assert np.all(lo >= np.asarray(top["aabb_min"]) - 1e-9) and np.all(hi <= np.asarray(top["aabb_max"]) + 1e-9)
+        lo, hi = top["ends"]["-"]  # LIBERO's cabinets open towards negative qpos
+        assert hi[2] - lo[2] == pytest.approx(0.0163, abs=0.002)  # the bar's height (the cabinet is turned about z)
+        out = -np.asarray(top["axis"])
+        assert (lo + hi) / 2 @ out > (np.asarray(top["aabb_min"]) + top["aabb_max"]) / 2 @ out + 0.08  # at the front
         assert state["bddl_file"] == task.bddl_file
     finally:
         env.close()

@@ -17,6 +17,7 @@ EPISODES = [
     ("libero_spatial", 0, 0),  # bowl by the rim onto the plate
     ("libero_object", 1, 0),  # cream cheese box into the basket
     ("libero_goal", 7, 0),  # turn the stove's knob
+    ("libero_goal", 0, 0),  # drag a drawer open by its handle bar
     ("libero_10", 5, 0),  # book into the caddy's back compartment
     ("libero_10", 3, 0),  # bowl into an open drawer, then push the drawer shut
 ]

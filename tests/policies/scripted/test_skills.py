@@ -6,7 +6,7 @@ import pytest
 from policies.scripted.goals import Predicate
 from policies.scripted.policy import ScriptedPolicy, destination_for, plan_skills
 from policies.scripted.scene import Scene
-from policies.scripted.skills import PickPlace, SkillFailed, SlideDish, TurnKnob, plan_grasp
+from policies.scripted.skills import OpenDrawer, PickPlace, SkillFailed, SlideDish, TurnKnob, plan_grasp
 from policies import EpisodeInfo, Observation
 
 
@@ -77,6 +77,55 @@ def test_in_an_open_drawer_an_object_goes_next_to_the_front_wall(half, from_wall
     xy, bottom = destination_for(Predicate("in", ("akita_black_bowl_1", "cabinet_1_bottom_region")), s)(s)
     np.testing.assert_allclose(xy, [0.0, 0.096 + from_wall])  # a wide bowl clears the wall by 5 mm
     assert bottom == pytest.approx(0.922 + 0.01)
+
+
+def drawer_scene(qpos=0.0):
+    """libero_goal's wooden cabinet: a drawer sliding out along +y (joint axis -y, opening to
+    negative qpos), its handle bar 1.6 cm deep and 1.7 cm tall at the +y end."""
+    region = {"pos": np.array([0.04, -0.25, 1.02]), "mat": np.eye(3), "size": np.array([0.1, 0.076, 0.03]),
+              "parent": "cabinet_1", "joints": ["cabinet_1_middle_level"]}
+    bar = (np.array([-0.002, -0.14 - qpos, 1.007]), np.array([0.087, -0.125 - qpos, 1.024]))
+    joint = {"owner": "cabinet_1", "type": "slide", "qpos": qpos, "axis": np.array([0, -1.0, 0]),
+             "range": np.array([-0.16, 0.01]), "ends": {"-": bar, "+": (bar[0] - [0, 0.2, 0], bar[1] - [0, 0.2, 0])}}
+    hinge = {"owner": "microwave_1", "type": "hinge", "qpos": 0.0, "axis": np.array([0, 0, 1.0])}
+    return scene({"akita_black_bowl_1": box([-0.1, 0.1, 0.9], [0.054, 0.054, 0.026]),
+                  "microwave_1": box([0.0, 0.3, 0.9], [0.1, 0.1, 0.1], fixture=True)},
+                 sites={"cabinet_1_middle_region": region}, joints={"cabinet_1_middle_level": joint,
+                                                                   "microwave_1_joint": hinge},
+                 articulation={"cabinet_1": {"default_open_ranges": [-0.16, -0.14], "default_close_ranges": [0.0, 0.005]},
+                               "microwave_1": {"default_open_ranges": [-2.0, -1.5]}})
+
+
+def test_a_shut_drawer_is_opened_once_before_anything_goes_into_it():
+    s = drawer_scene()
+    into = Predicate("in", ("akita_black_bowl_1", "cabinet_1_middle_region"))
+    assert [type(k) for k in plan_skills([into], s)] == [OpenDrawer, PickPlace]  # LIBERO leaves the opening implicit
+    both = plan_skills([into, Predicate("open", ("cabinet_1_middle_region",))], s)
+    assert [type(k) for k in both] == [OpenDrawer, PickPlace]
+    assert [type(k) for k in plan_skills([into], drawer_scene(qpos=-0.15))] == [PickPlace]  # already open
+    with pytest.raises(SkillFailed, match="needs a door skill"):
+        plan_skills([Predicate("open", ("microwave_1",))], s)
+
+
+def test_a_drawer_is_dragged_open_by_fingertips_pressed_on_its_handle_bar():
+    s = drawer_scene()
+    skill = plan_skills([Predicate("open", ("cabinet_1_middle_region",))], s)[0]
+    first = skill.act(s, 4)
+    assert skill.phase == "above" and first[-1] == 1.0  # fingers closed throughout
+    np.testing.assert_allclose(skill.open_dir, [0, 1, 0])
+    # the hand leans into the drawer: its approach axis points down and towards the cabinet (-y)
+    assert skill.grip_mat[2, 2] < -0.7 and skill.grip_mat[1, 2] < -0.5
+    bar_top = np.array([0.0425, -0.1325, 1.024])
+    np.testing.assert_allclose(skill.bar_top(s), bar_top)
+    on_bar = Scene(s.state | {"eef_pos": bar_top + [0, 0, 0.005], "eef_mat": skill.grip_mat})
+    skill.goto("drag")
+    drag = skill.act(on_bar, 4)
+    assert drag[1] > 0 and drag[2] < 0  # along the opening direction, pressed down
+    assert skill.target == pytest.approx(-0.15)  # a centimetre past LIBERO's threshold
+    skill.goto("drag")
+    slipped = Scene(on_bar.state | {"eef_pos": bar_top + [0, 0.05, 0.005]})
+    skill.act(slipped, 4)
+    assert skill.phase == "above" and skill.attempts == 1  # off the bar: from above again
 
 
 def test_two_objects_for_one_region_get_separate_spots_and_knobs_come_first():
