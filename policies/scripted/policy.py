@@ -18,6 +18,7 @@ from policies.scripted.skills import (
     CloseDrawer,
     OpenDrawer,
     PickPlace,
+    PushAside,
     Skill,
     SkillFailed,
     SlideDish,
@@ -133,6 +134,37 @@ def shut_drawer(predicate: Predicate, scene: Scene) -> bool:
     return not is_open(scene.articulation(owner), scene.joint(joint)["qpos"])
 
 
+# What must stay clear of an opened drawer around an object that goes into it: the hand picking
+# the object reaches this far beyond it (its palm), and would otherwise be under the drawer.
+HAND_ROOM = 0.04
+
+
+def drawer_sweep(opening: OpenDrawer, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Footprint (xy box) of a drawer over its whole travel out of the cabinet."""
+    joint = scene.joint(opening.joint)
+    open_dir = _opening_direction(scene, opening.joint, joint["owner"])
+    low, high = joint["range"]
+    travel = abs((low if opening.opens_negative else high) - joint["qpos"])
+    lo, hi = np.asarray(joint["aabb_min"])[:2], np.asarray(joint["aabb_max"])[:2]
+    return np.minimum(lo, lo + open_dir[:2] * travel), np.maximum(hi, hi + open_dir[:2] * travel)
+
+
+def make_room(obj: str, opening: OpenDrawer, scene: Scene) -> PushAside | None:
+    """A push that takes ``obj`` out of the drawer's travel, by the shortest way along x or y
+    (None if it is clear already)."""
+    body = scene.body(obj)
+    sweep_lo, sweep_hi = drawer_sweep(opening, scene)
+    lo, hi = body.aabb_min[:2] - HAND_ROOM, body.aabb_max[:2] + HAND_ROOM
+    if not (np.all(lo < sweep_hi) and np.all(sweep_lo < hi)):
+        return None
+    moves = []  # (distance, direction) out of the sweep on each side
+    for axis in (0, 1):
+        moves.append((sweep_hi[axis] - lo[axis], np.eye(2)[axis]))
+        moves.append((hi[axis] - sweep_lo[axis], -np.eye(2)[axis]))
+    distance, direction = min(moves, key=lambda move: move[0])
+    return PushAside(obj, direction, distance, f"push {obj} out of the drawer's way")
+
+
 def slides_over_the_table(predicate: Predicate, scene: Scene) -> bool:
     """On(dish, region of the table): the dish cannot be lifted, but it stands on the surface
     the region marks, so it can be slid there. Regions of other objects (a stove's burner)
@@ -148,13 +180,16 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     """Knobs first (the arm is free and nothing stands on the stove yet), then opening drawers,
     then placements (some into those drawers), then closing drawers (after whatever had to go
     inside)."""
-    knobs, opens, placements, closes = [], [], [], []
+    knobs, pushes, opens, placements, closes = [], [], [], [], []
     slots = _slots(goal, scene)
     for predicate in goal:
         label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
             if shut_drawer(predicate, scene):  # LIBERO's goals leave it implicit ("open ... and put the bowl inside")
                 opens.append(drawer_skill(Predicate("open", (predicate.args[1],)), scene))
+                room = make_room(predicate.args[0], opens[-1], scene) if scene.has_object(predicate.args[0]) else None
+                if room:
+                    pushes.append(room)
             if slides_over_the_table(predicate, scene):
                 placements.append(SlideDish(*predicate.args, label))
             else:
@@ -171,7 +206,7 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     opening = {}  # one OpenDrawer per drawer, however many predicates need it open
     for skill in opens:
         opening.setdefault(skill.joint, skill)
-    return knobs + list(opening.values()) + placements + closes
+    return knobs + pushes + list(opening.values()) + placements + closes
 
 
 class _Episode:

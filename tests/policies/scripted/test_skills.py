@@ -6,7 +6,7 @@ import pytest
 from policies.scripted.goals import Predicate
 from policies.scripted.policy import ScriptedPolicy, destination_for, plan_skills
 from policies.scripted.scene import Scene
-from policies.scripted.skills import OpenDrawer, PickPlace, SkillFailed, SlideDish, TurnKnob, plan_grasp
+from policies.scripted.skills import OpenDrawer, PickPlace, PushAside, SkillFailed, SlideDish, TurnKnob, plan_grasp
 from policies import EpisodeInfo, Observation
 
 
@@ -79,16 +79,17 @@ def test_in_an_open_drawer_an_object_goes_next_to_the_front_wall(half, from_wall
     assert bottom == pytest.approx(0.922 + 0.01)
 
 
-def drawer_scene(qpos=0.0):
+def drawer_scene(qpos=0.0, bowl_xy=(-0.3, 0.25)):
     """libero_goal's wooden cabinet: a drawer sliding out along +y (joint axis -y, opening to
     negative qpos), its handle bar 1.6 cm deep and 1.7 cm tall at the +y end."""
     region = {"pos": np.array([0.04, -0.25, 1.02]), "mat": np.eye(3), "size": np.array([0.1, 0.076, 0.03]),
               "parent": "cabinet_1", "joints": ["cabinet_1_middle_level"]}
     bar = (np.array([-0.002, -0.14 - qpos, 1.007]), np.array([0.087, -0.125 - qpos, 1.024]))
     joint = {"owner": "cabinet_1", "type": "slide", "qpos": qpos, "axis": np.array([0, -1.0, 0]),
-             "range": np.array([-0.16, 0.01]), "ends": {"-": bar, "+": (bar[0] - [0, 0.2, 0], bar[1] - [0, 0.2, 0])}}
+             "range": np.array([-0.16, 0.01]), "ends": {"-": bar, "+": (bar[0] - [0, 0.2, 0], bar[1] - [0, 0.2, 0])},
+             "aabb_min": np.array([-0.071, -0.328 - qpos, 0.987]), "aabb_max": np.array([0.143, -0.125 - qpos, 1.051])}
     hinge = {"owner": "microwave_1", "type": "hinge", "qpos": 0.0, "axis": np.array([0, 0, 1.0])}
-    return scene({"akita_black_bowl_1": box([-0.1, 0.1, 0.9], [0.054, 0.054, 0.026]),
+    return scene({"akita_black_bowl_1": box([*bowl_xy, 0.9], [0.054, 0.054, 0.026]),
                   "microwave_1": box([0.0, 0.3, 0.9], [0.1, 0.1, 0.1], fixture=True)},
                  sites={"cabinet_1_middle_region": region}, joints={"cabinet_1_middle_level": joint,
                                                                    "microwave_1_joint": hinge},
@@ -105,6 +106,23 @@ def test_a_shut_drawer_is_opened_once_before_anything_goes_into_it():
     assert [type(k) for k in plan_skills([into], drawer_scene(qpos=-0.15))] == [PickPlace]  # already open
     with pytest.raises(SkillFailed, match="needs a door skill"):
         plan_skills([Predicate("open", ("microwave_1",))], s)
+
+
+def test_an_object_where_the_opened_drawer_will_reach_is_pushed_out_of_its_way_first():
+    # libero_goal task 3: the bowl stands in front of the top drawer; the hand picking it from
+    # under the opened drawer would hit it
+    s = drawer_scene(bowl_xy=(-0.08, 0.014))
+    skills = plan_skills([Predicate("in", ("akita_black_bowl_1", "cabinet_1_middle_region"))], s)
+    assert [type(k) for k in skills] == [PushAside, OpenDrawer, PickPlace]
+    push = skills[0]
+    np.testing.assert_allclose(push.direction, [-1, 0, 0])  # the shortest way out: towards the robot
+    assert push.distance == pytest.approx(-0.026 + 0.04 + 0.071)  # its edge and the palm clear the drawer
+    push.act(s, 4)
+    np.testing.assert_allclose(push.contact, [-0.08 + 0.054 + 0.02, 0.014, 0.915])  # behind it, low
+    assert push.phase == "above"
+    at_goal = Scene(s.state | {"eef_pos": push.goal.copy()})
+    push.goto("push")
+    assert push.act(at_goal, 4) is None  # done where it stood plus the distance
 
 
 def test_a_drawer_is_dragged_open_by_fingertips_pressed_on_its_handle_bar():
