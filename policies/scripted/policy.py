@@ -177,9 +177,9 @@ def slides_over_the_table(predicate: Predicate, scene: Scene) -> bool:
 
 
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
-    """Knobs first (the arm is free and nothing stands on the stove yet), then opening drawers,
-    then placements (some into those drawers), then closing drawers (after whatever had to go
-    inside)."""
+    """Knobs first (the arm is free and nothing stands on the stove yet), then closing the
+    drawers nothing goes into, opening drawers, placements (some into those drawers), and
+    closing the drawers something went into."""
     knobs, pushes, opens, placements, closes = [], [], [], [], []
     slots = _slots(goal, scene)
     for predicate in goal:
@@ -206,7 +206,13 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     opening = {}  # one OpenDrawer per drawer, however many predicates need it open
     for skill in opens:
         opening.setdefault(skill.joint, skill)
-    return knobs + pushes + list(opening.values()) + placements + closes
+    # a drawer that nothing goes into is shut first: pushed later, the hand would meet (and shut)
+    # a drawer opened above it
+    filled = {articulated_joint(p.args[1], scene)[0] for p in goal
+              if p.name == "in" and scene.has_site(p.args[1]) and scene.site(p.args[1]).joints}
+    early = [c for c in closes if c.joint not in filled]
+    late = [c for c in closes if c.joint in filled]
+    return knobs + early + pushes + list(opening.values()) + placements + late
 
 
 class _Episode:

@@ -6,7 +6,7 @@ import pytest
 from policies.scripted.goals import Predicate
 from policies.scripted.policy import ScriptedPolicy, destination_for, plan_skills
 from policies.scripted.scene import Scene
-from policies.scripted.skills import OpenDrawer, PickPlace, PushAside, SkillFailed, SlideDish, TurnKnob, plan_grasp
+from policies.scripted.skills import CloseDrawer, OpenDrawer, PickPlace, PushAside, SkillFailed, SlideDish, TurnKnob, plan_grasp
 from policies import EpisodeInfo, Observation
 
 
@@ -106,6 +106,16 @@ def test_a_shut_drawer_is_opened_once_before_anything_goes_into_it():
     assert [type(k) for k in plan_skills([into], drawer_scene(qpos=-0.15))] == [PickPlace]  # already open
     with pytest.raises(SkillFailed, match="needs a door skill"):
         plan_skills([Predicate("open", ("microwave_1",))], s)
+
+
+def test_a_drawer_nothing_goes_into_is_shut_before_others_open_and_one_filled_after():
+    s = drawer_scene(qpos=-0.15)
+    region = "cabinet_1_middle_region"
+    close = Predicate("close", (region,))
+    assert [type(k) for k in plan_skills([close, Predicate("on", ("akita_black_bowl_1", region))], s)] == \
+        [CloseDrawer, PickPlace]  # shut, then something on it
+    assert [type(k) for k in plan_skills([close, Predicate("in", ("akita_black_bowl_1", region))], s)] == \
+        [PickPlace, CloseDrawer]  # filled, then shut
 
 
 def test_an_object_where_the_opened_drawer_will_reach_is_pushed_out_of_its_way_first():
