@@ -46,9 +46,9 @@ def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
     if predicate.name == "in":
         # In(a, region): a's origin inside the region's box; drop it from just above the floor.
         # In a drawer, aim at the part of the region that is pulled out of the cabinet: the
-        # object as close to the drawer's front wall as its footprint allows (measured where it
-        # stands now: held by its rim it hangs tilted), so that it goes down past the cabinet's
-        # face and does not rest on the wall.
+        # object as close to the drawer's front wall as its footprint allows, so that it goes
+        # down past the cabinet's face and does not rest on the wall. The footprint is taken
+        # now, upright on the table: held by its rim the object hangs tilted and its box grows.
         held = scene.body(obj) if scene.has_object(obj) else None
         extent = (held.aabb_min - held.pos, held.aabb_max - held.pos) if held else (np.zeros(3), np.zeros(3))
 
