@@ -113,7 +113,8 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
         axis = d.xaxis[info["id"]].copy()
         ends = {}
         if info["type"] == "slide":  # a drawer: what sticks out at each end of its travel (a handle bar)
-            ends = {"+": _end_part(m, d, info["geoms"], axis), "-": _end_part(m, d, info["geoms"], -axis)}
+            corners = _geom_corners(m, d, info["geoms"]).reshape(len(info["geoms"]), 8, 3)
+            ends = {"+": _end_part(corners, axis), "-": _end_part(corners, -axis)}
         joints[name] = {
             "owner": info["owner"],
             "type": info["type"],
@@ -153,14 +154,14 @@ def _upper_part(model, data, geoms, bottom: float, top: float):
     return world_aabb(model, data, upper)
 
 
-def _end_part(model, data, geoms, direction, depth: float = 0.025):
-    """Bounding box of the geoms lying wholly within ``depth`` of the part's far end along
-    ``direction``: a drawer's handle bar, without the standoffs that hold it."""
-    if len(geoms) == 0:
-        return world_aabb(model, data, geoms)
-    along = _geom_corners(model, data, geoms).reshape(len(geoms), 8, 3) @ direction  # (g, 8)
-    end = along.max()
-    return world_aabb(model, data, geoms[along.min(axis=1) >= end - depth])
+def _end_part(corners: np.ndarray, direction, depth: float = 0.025):
+    """Bounding box of the geoms (their corners, (g, 8, 3)) lying wholly within ``depth`` of the
+    part's far end along ``direction``: a drawer's handle bar, without the standoffs that hold it."""
+    if len(corners) == 0:
+        return np.full(3, np.nan), np.full(3, np.nan)
+    along = corners @ direction  # (g, 8)
+    chosen = corners[along.min(axis=1) >= along.max() - depth].reshape(-1, 3)
+    return chosen.min(axis=0), chosen.max(axis=0)
 
 
 def _gripper_qpos(env) -> np.ndarray:
