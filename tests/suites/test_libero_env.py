@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from suites import get_suite
-from suites.libero_env import CAMERAS, LiberoEnv
+from suites.libero_env import CAMERAS, LiberoEnv, load_triton_before_gl
 
 pytestmark = pytest.mark.sim
 
@@ -31,6 +31,7 @@ def test_on_demand_rendering_matches_an_always_rendering_loop(task):
     over two episodes on one env (the cameras' sampling clock carries across episodes)."""
     from libero.libero.envs import OffScreenRenderEnv
 
+    load_triton_before_gl()  # as LiberoEnv does: this plain env's GL context comes first in a lone run
     inits, actions = task.init_states(), _actions()
     reference = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=256, camera_widths=256)
     reference.seed(0)
