@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_HORIZONTAL = {"+x": np.array([1.0, 0, 0]), "-x": np.array([-1.0, 0, 0]),
+               "+y": np.array([0, 1.0, 0]), "-y": np.array([0, -1.0, 0])}
 _CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64)
 
 
@@ -35,6 +37,8 @@ class SceneIndex:
                     "range": np.array(m.jnt_range[jid]),
                     "geoms": self._subtree_geoms(int(m.jnt_bodyid[jid])),
                 }
+                half = m.geom_aabb[self.joints[joint]["geoms"], 3:]
+                self.joints[joint]["volumes"] = np.prod(half, axis=1)
         self.grip_site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "gripper0_grip_site")
         self.finger_tips = [
             mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, name)
@@ -70,22 +74,22 @@ def world_aabb(model, data, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return corners.min(axis=0), corners.max(axis=0)
 
 
-def body_frame_box(model, data, geoms, pos, mat) -> tuple[np.ndarray, np.ndarray]:
-    """Bounding box of the geoms in a body's own frame: tight for rotated objects."""
-    if len(geoms) == 0:
-        return np.full(3, np.nan), np.full(3, np.nan)
-    in_body = (_geom_corners(model, data, geoms) - pos) @ mat
-    return in_body.min(axis=0), in_body.max(axis=0)
-
-
 def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
     m, d = index.model, env.sim.data._data
     objects = {}
     for name, geoms in index.object_geoms.items():
         body = index.object_bodies[name]
-        lo, hi = world_aabb(m, d, geoms)
         mat = d.xmat[body].reshape(3, 3).copy()
-        local_lo, local_hi = body_frame_box(m, d, geoms, d.xpos[body], mat)
+        if len(geoms):
+            corners = _geom_corners(m, d, geoms)
+            lo, hi = corners.min(axis=0), corners.max(axis=0)
+            in_body = (corners - d.xpos[body]) @ mat
+            local_lo, local_hi = in_body.min(axis=0), in_body.max(axis=0)
+            by_geom = corners.reshape(len(geoms), 8, 3)
+            ends = {label: _end_part(by_geom, direction) for label, direction in _HORIZONTAL.items()}
+        else:
+            lo = hi = local_lo = local_hi = np.full(3, np.nan)
+            ends = {}
         objects[name] = {
             "pos": d.xpos[body].copy(),
             "mat": mat,
@@ -93,6 +97,7 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
             "aabb_max": hi,
             "box_min": local_lo,  # extent in the object's own frame, tight for rotated objects
             "box_max": local_hi,
+            "ends": ends,  # "+x", "-x", "+y", "-y": (min, max) of the part furthest that way (a mug's handle)
             "fixture": name in index.fixtures,
         }
     sites = {}
@@ -111,10 +116,12 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
         lo, hi = world_aabb(m, d, info["geoms"])
         handle_lo, handle_hi = _upper_part(m, d, info["geoms"], lo[2], hi[2])
         axis = d.xaxis[info["id"]].copy()
-        ends = {}
+        ends, panel = {}, None
+        corners = _geom_corners(m, d, info["geoms"]).reshape(len(info["geoms"]), 8, 3)
         if info["type"] == "slide":  # a drawer: what sticks out at each end of its travel (a handle bar)
-            corners = _geom_corners(m, d, info["geoms"]).reshape(len(info["geoms"]), 8, 3)
             ends = {"+": _end_part(corners, axis), "-": _end_part(corners, -axis)}
+        elif len(corners):  # a door (or a knob): its largest part, the door's panel without its handle
+            panel = corners[int(np.argmax(index.joints[name]["volumes"]))]
         joints[name] = {
             "owner": info["owner"],
             "type": info["type"],
@@ -127,6 +134,7 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
             "upper_min": handle_lo,  # the part sticking up (a knob's ridge), to grasp it by
             "upper_max": handle_hi,
             "ends": ends,  # "+"/"-": (min, max) of the part furthest along +axis / -axis
+            "panel": panel,  # hinges: (8, 3) world corners of the largest geom's box
         }
     articulation = {
         name: obj.object_properties.get("articulation")
@@ -160,7 +168,10 @@ def _end_part(corners: np.ndarray, direction, depth: float = 0.025):
     if len(corners) == 0:
         return np.full(3, np.nan), np.full(3, np.nan)
     along = corners @ direction  # (g, 8)
-    chosen = corners[along.min(axis=1) >= along.max() - depth].reshape(-1, 3)
+    within = along.min(axis=1) >= along.max() - depth
+    if not within.any():  # no geom is that thin (a table's single box): the one reaching furthest
+        within = along.max(axis=1) >= along.max()
+    chosen = corners[within].reshape(-1, 3)
     return chosen.min(axis=0), chosen.max(axis=0)
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
+from policies.scripted.doors import CloseDoor, PutThroughDoor
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
 from policies.scripted.skills import (
@@ -116,13 +117,25 @@ def articulated_joint(name: str, scene: Scene) -> tuple[str, str]:
     return joints[0], name
 
 
-def drawer_skill(predicate: Predicate, scene: Scene) -> Skill:
-    """Open or Close of a drawer (a slide joint); doors (hinges) are beyond the expert."""
+def articulation_skill(predicate: Predicate, scene: Scene) -> Skill:
+    """Open or Close of a drawer (a slide joint), or Close of a door (a hinge)."""
     joint, owner = articulated_joint(predicate.args[0], scene)
-    if scene.joint(joint)["type"] != "slide":
-        raise SkillFailed(f"{predicate.name} {predicate.args[0]!r} needs a door skill, which the expert does not have")
-    skill = OpenDrawer if predicate.name == "open" else CloseDrawer
-    return skill(joint, scene.articulation(owner), f"{predicate.name} {predicate.args[0]}")
+    label = f"{predicate.name} {predicate.args[0]}"
+    if scene.joint(joint)["type"] == "slide":
+        skill = OpenDrawer if predicate.name == "open" else CloseDrawer
+        return skill(joint, scene.articulation(owner), label)
+    if predicate.name == "close":
+        return CloseDoor(joint, scene.articulation(owner), label)
+    raise SkillFailed(f"{predicate.name} {predicate.args[0]!r} needs a door-opening skill, which the expert does not have")
+
+
+def door_of(region: str, scene: Scene) -> str | None:
+    """The hinge joint of the door in front of a region inside an object (a microwave's), if any."""
+    if not scene.has_site(region) or scene.site(region).joints or not scene.site(region).parent:
+        return None
+    owner = scene.site(region).parent
+    hinges = [j for j, info in scene.state["joints"].items() if info["owner"] == owner and info["type"] == "hinge"]
+    return hinges[0] if hinges else None
 
 
 def shut_drawer(predicate: Predicate, scene: Scene) -> bool:
@@ -186,11 +199,17 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
         label = f"{predicate.name} {' '.join(predicate.args)}"
         if predicate.name in ("on", "in"):
             if shut_drawer(predicate, scene):  # LIBERO's goals leave it implicit ("open ... and put the bowl inside")
-                opens.append(drawer_skill(Predicate("open", (predicate.args[1],)), scene))
+                opens.append(articulation_skill(Predicate("open", (predicate.args[1],)), scene))
                 room = make_room(predicate.args[0], opens[-1], scene) if scene.has_object(predicate.args[0]) else None
                 if room:
                     pushes.append(room)
-            if slides_over_the_table(predicate, scene):
+            door_joint = door_of(predicate.args[1], scene) if predicate.name == "in" else None
+            if door_joint is not None:
+                joint = scene.joint(door_joint)
+                if not is_open(scene.articulation(joint["owner"]), joint["qpos"]):
+                    raise SkillFailed(f"{label}: the door is shut, and the expert has no door-opening skill")
+                placements.append(PutThroughDoor(*predicate.args, door_joint, label))
+            elif slides_over_the_table(predicate, scene):
                 placements.append(SlideDish(*predicate.args, label))
             else:
                 destination = destination_for(predicate, scene, slots.get(predicate, 0.0))
@@ -198,9 +217,9 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
         elif predicate.name in ("turnon", "turnoff"):
             knobs.append(knob_skill(predicate, scene))
         elif predicate.name == "open":
-            opens.append(drawer_skill(predicate, scene))
+            opens.append(articulation_skill(predicate, scene))
         elif predicate.name == "close":
-            closes.append(drawer_skill(predicate, scene))
+            closes.append(articulation_skill(predicate, scene))
         else:
             raise SkillFailed(f"the expert has no skill for ({predicate.name} {' '.join(predicate.args)})")
     opening = {}  # one OpenDrawer per drawer, however many predicates need it open
@@ -210,6 +229,7 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     # a drawer opened above it
     filled = {articulated_joint(p.args[1], scene)[0] for p in goal
               if p.name == "in" and scene.has_site(p.args[1]) and scene.site(p.args[1]).joints}
+    filled |= {door_of(p.args[1], scene) for p in goal if p.name == "in"} - {None}
     early = [c for c in closes if c.joint not in filled]
     late = [c for c in closes if c.joint in filled]
     return knobs + early + pushes + list(opening.values()) + placements + late

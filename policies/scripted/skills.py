@@ -154,9 +154,12 @@ class PickPlace(Skill):
         return self.run_phase(scene, scene.body(self.obj), steps)
 
     # -- phases ---------------------------------------------------------------------------
+    def plan_grasp(self, scene: Scene, body: Body) -> tuple[np.ndarray, np.ndarray]:
+        """Grasp point and finger axis."""
+        return plan_grasp(body, scene, [b for b in scene.bodies() if b.name != self.obj])
+
     def _start(self, scene, body, eef, steps):
-        others = [b for b in scene.bodies() if b.name != self.obj]
-        self.grasp_point, self.finger_axis = plan_grasp(body, scene, others)
+        self.grasp_point, self.finger_axis = self.plan_grasp(scene, body)
         self.grip_mat = grip_rotation(self.finger_axis)
         self.safe_z = max(eef[2], self.grasp_point[2] + APPROACH_CLEARANCE)
         self.goto("rise")
@@ -472,6 +475,12 @@ def is_open(articulation: dict, qpos: float) -> bool:
     return qpos < max(open_range) if opens_negative(articulation) else qpos > min(open_range)
 
 
+def is_closed(articulation: dict, qpos: float) -> bool:
+    """LIBERO's test: closed once past the far end of the close range, seen from the open side."""
+    close_range = articulation["default_close_ranges"]
+    return qpos > min(close_range) if opens_negative(articulation) else qpos < max(close_range)
+
+
 # The fingers push leaning 40 degrees into the closing direction, the wrist held back: upright,
 # the forearm (link 5) meets the cabinet with a low drawer still 6 cm open.
 PUSH_TILT = 0.7
@@ -603,11 +612,10 @@ class CloseDrawer(Skill):
         super().__init__(label)
         self.joint = joint
         self.opens_negative = opens_negative(articulation)
-        self.close_range = articulation["default_close_ranges"]
+        self.articulation = articulation
 
     def closed(self, qpos: float) -> bool:
-        lo, hi = min(self.close_range), max(self.close_range)
-        return qpos > lo if self.opens_negative else qpos < hi
+        return is_closed(self.articulation, qpos)
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         self.ticks += 1

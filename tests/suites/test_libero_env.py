@@ -102,6 +102,31 @@ def test_observation_conventions(task):
         env.close()
 
 
+def test_snapshot_gives_a_doors_panel_and_an_objects_far_ends():
+    """libero_10 task 9: the microwave's door is open (its free edge towards -y); the mug's handle
+    points -y."""
+    microwave = get_suite("libero_10").task(9)
+    env = LiberoEnv(microwave)
+    try:
+        env.reset(microwave.init_states()[0])
+        env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]), render=False)
+        state = env.observe(images=False, privileged=True)["privileged"]
+        door = state["joints"]["microwave_1_microjoint"]
+        assert door["type"] == "hinge" and door["panel"].shape == (8, 3)
+        extent = np.sort(door["panel"].max(axis=0) - door["panel"].min(axis=0))
+        assert extent[0] < 0.03 and extent[1] > 0.15  # a slab: the panel, 2.6 cm thick
+        # the handle sticks out of the panel's outer side (towards the robot, -x), so is not part of it
+        assert door["aabb_min"][0] < door["panel"].min(axis=0)[0] - 0.03
+        mug = state["objects"]["white_yellow_mug_1"]
+        lo, hi = mug["ends"]["-y"]
+        assert lo[1] == pytest.approx(mug["aabb_min"][1], abs=0.002) and hi[1] - lo[1] < 0.025  # the handle's outer bar
+        assert hi[0] - lo[0] < 0.03 < mug["aabb_max"][0] - mug["aabb_min"][0] - 0.05  # narrow, unlike the cup
+        for end, (lo, hi) in mug["ends"].items():  # each within the mug's box
+            assert np.all(lo >= mug["aabb_min"] - 1e-9) and np.all(hi <= mug["aabb_max"] + 1e-9), end
+    finally:
+        env.close()
+
+
 def test_each_env_renders_in_its_own_gl_context(task):
     """robosuite renders in whichever GL context is current, and closing an env releases it:
     with two envs in one process, each must make its own context current to render."""
