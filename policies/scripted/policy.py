@@ -134,6 +134,8 @@ def door_of(region: str, scene: Scene) -> str | None:
     if not scene.has_site(region) or scene.site(region).joints or not scene.site(region).parent:
         return None
     owner = scene.site(region).parent
+    if "default_open_ranges" not in scene.articulation(owner):  # a stove's hinges are its knobs
+        return None
     hinges = [j for j, info in scene.state["joints"].items() if info["owner"] == owner and info["type"] == "hinge"]
     return hinges[0] if hinges else None
 

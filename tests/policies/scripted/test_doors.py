@@ -7,7 +7,7 @@ from policies.scripted.doors import CloseDoor, PutThroughDoor, door, rotate
 from policies.scripted.goals import Predicate
 from policies.scripted.policy import plan_skills
 from policies.scripted.scene import Scene
-from policies.scripted.skills import SkillFailed
+from policies.scripted.skills import PickPlace, SkillFailed
 from tests.policies.scripted.synthetic_scenes import box, scene
 
 ANCHOR = np.array([-0.182, 0.269, 1.016])
@@ -96,3 +96,15 @@ def test_a_shut_door_or_an_open_goal_is_beyond_the_expert():
         plan_skills([Predicate("in", ("white_yellow_mug_1", HEATING))], s)
     with pytest.raises(SkillFailed, match="door-opening"):
         plan_skills([Predicate("open", ("microwave_1",))], s)
+
+
+def test_a_region_on_an_object_whose_hinge_is_a_knob_is_reached_from_above():
+    knob = {"owner": "flat_stove_1", "type": "hinge", "qpos": 0.0, "range": np.array([-0.5, 2.1]),
+            "axis": np.array([0, 0, 1.0]), "anchor": np.array([-0.3, 0.2, 0.92]), "panel": panel_at(0.0)}
+    burner = {"pos": np.array([-0.25, 0.2, 0.905]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.003]),
+              "parent": "flat_stove_1", "joints": []}
+    s = scene({"moka_pot_1": box([0, 0, 0.9], [0.03, 0.03, 0.05]), "flat_stove_1": box([-0.3, 0.2, 0.885], [0.15, 0.1, 0.035])},
+              sites={"flat_stove_1_cook_region": burner}, joints={"flat_stove_1_knob": knob},
+              articulation={"flat_stove_1": {"default_turnon_ranges": [0.5, 2.1], "default_turnoff_ranges": [-0.005, 0.0]}})
+    (skill,) = plan_skills([Predicate("in", ("moka_pot_1", "flat_stove_1_cook_region"))], s)
+    assert type(skill) is PickPlace
