@@ -41,6 +41,12 @@ def tilted_towards(grip_mat: np.ndarray, direction, angle: float) -> np.ndarray:
     return np.column_stack([x, np.cross(z, x), z])
 
 
+def yaw_rotation(angle: float) -> np.ndarray:
+    """Rotation by ``angle`` radians about the vertical."""
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
 def closest_finger_axis(axis, eef_mat) -> np.ndarray:
     """The gripper is symmetric: of ``axis`` and ``-axis`` take the one needing less wrist turn."""
     axis = horizontal(axis)

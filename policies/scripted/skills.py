@@ -13,6 +13,7 @@ import numpy as np
 
 from policies.scripted.geometry import (
     closest_finger_axis,
+    yaw_rotation,
     grip_rotation,
     move_action,
     rotation_error,
@@ -140,10 +141,11 @@ class PickPlace(Skill):
     ``dest`` is recomputed every query from the scene (the destination may move when bumped).
     """
 
-    def __init__(self, obj: str, destination, label: str):
+    def __init__(self, obj: str, destination, label: str, fit_into: str | None = None):
         super().__init__(label)
         self.obj = obj
         self.destination = destination  # callable(scene) -> (xy target of body origin, bottom z)
+        self.fit_into = fit_into  # a region the object goes into: turned on the way to lie along it
         self.grasp_point = None
         self.finger_axis = None
         self.hold_offset = None  # eef minus object origin once grasped
@@ -227,6 +229,8 @@ class PickPlace(Skill):
         if self._dropped(scene, body, eef):
             self.retry(scene)
             return self._recover(scene, body, eef, steps)
+        if self.ticks == 1 and self.fit_into:
+            self.grip_mat = yaw_rotation(turn_to_fit(body, scene.site(self.fit_into))) @ self.grip_mat
         dest_xy, _ = self.destination(scene)
         offset = eef - body.pos
         target = np.array([dest_xy[0] + offset[0], dest_xy[1] + offset[1], self.carry_z])
@@ -273,6 +277,27 @@ class PickPlace(Skill):
 
     def _done(self, scene, body, eef, steps):
         return None
+
+
+# An object or a region counts as elongated when its longer horizontal side is this many times
+# its shorter one: only then is there a way round that fits better.
+ELONGATED = 1.3
+
+
+def turn_to_fit(body: Body, region) -> float:
+    """Turn (rad, about the vertical) that lays an elongated object along an elongated region
+    (a book into a caddy's narrow compartment); 0 when either is about square."""
+    axes = body.horizontal_axes()
+    half = region.half_extent[:2]
+    if len(axes) < 2 or max(half) < ELONGATED * min(half):
+        return 0.0
+    ordered = sorted(axes, key=lambda axis: axis[1])
+    short, (long_dir, long) = ordered[0][1], ordered[-1]
+    if long < ELONGATED * short:
+        return 0.0
+    along = np.eye(3)[int(np.argmax(half))]
+    angle = np.arctan2(along[1], along[0]) - np.arctan2(long_dir[1], long_dir[0])
+    return float((angle + np.pi / 2) % np.pi - np.pi / 2)  # either end first: at most a quarter turn
 
 
 # A dish (a plate) is wider than the open fingers on every side and lower than this; it is slid,

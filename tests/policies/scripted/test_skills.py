@@ -5,8 +5,19 @@ import pytest
 
 from policies.scripted.goals import Predicate
 from policies.scripted.policy import ScriptedPolicy, destination_for, plan_skills
-from policies.scripted.scene import Scene
-from policies.scripted.skills import CloseDrawer, OpenDrawer, PickPlace, PushAside, SkillFailed, SlideDish, TurnKnob, plan_grasp
+from policies.scripted.scene import Body, Scene, Site
+from policies.scripted.geometry import yaw_rotation
+from policies.scripted.skills import (
+    CloseDrawer,
+    OpenDrawer,
+    PickPlace,
+    PushAside,
+    SkillFailed,
+    SlideDish,
+    TurnKnob,
+    plan_grasp,
+    turn_to_fit,
+)
 from policies import EpisodeInfo, Observation
 from tests.policies.scripted.synthetic_scenes import box, scene
 
@@ -234,3 +245,41 @@ def test_slide_lifts_and_starts_over_when_the_fingers_reach_the_rim_and_stops_in
     short = plate_scene(plate_xy=(-0.015, 0.185))  # inside, but by only 5 mm
     assert not skill.arrived(short, short.body("plate_1"))
     assert SlideDish("plate_1", "main_table_stove_front_region", "push").act(inside, steps=4) is None
+
+
+def caddy_scene(book_yaw):
+    """libero_90 task 73: an upright book (2.9 x 11 cm, its origin 1.2 cm off its middle along its
+    length) for a caddy compartment 5.6 x 12.4 cm."""
+    book = box([-0.22, 0.15, 0.885], [0.0145, 0.055, 0.068], yaw=book_yaw)
+    book["box_min"], book["box_max"] = np.array([-0.015, -0.067, 0.0]), np.array([0.014, 0.043, 0.137])
+    front = {"pos": np.array([-0.36, -0.142, 0.928]), "mat": np.eye(3), "size": np.array([0.028, 0.062, 0.036]),
+             "parent": "desk_caddy_1", "joints": []}
+    return scene({"black_book_1": book, "desk_caddy_1": box([-0.39, -0.14, 0.887], [0.075, 0.217, 0.084], fixture=True)},
+                 sites={"desk_caddy_1_front_contain_region": front})
+
+
+@pytest.mark.parametrize("yaw", [np.pi / 4, -np.pi / 3, 0.1])
+def test_an_elongated_object_is_turned_to_lie_along_an_elongated_region(yaw):
+    s = caddy_scene(yaw)
+    book, region = s.body("black_book_1"), s.site("desk_caddy_1_front_contain_region")
+    turn = turn_to_fit(book, region)
+    length_axis = book.mat[:, 1]  # the book's long side
+    turned = yaw_rotation(turn) @ length_axis
+    assert abs(turned[1]) == pytest.approx(1.0)  # along the compartment's long side (y)
+    assert abs(turn) <= np.pi / 2
+    square = Site("basket", region.pos, region.mat, np.array([0.06, 0.062, 0.03]), None, [])
+    assert turn_to_fit(book, square) == 0.0
+    can = s.body("desk_caddy_1")  # 15 x 43 cm, but the region is what matters: a can is about round
+    assert turn_to_fit(Body("can", can.pos, np.eye(3), np.array([-0.03, -0.032, 0]), np.array([0.03, 0.032, 0.1]),
+                            can.aabb_min, can.aabb_max), region) == 0.0
+
+
+def test_in_a_region_the_objects_middle_is_aimed_at_not_its_origin():
+    s = caddy_scene(0.0)
+    into = Predicate("in", ("black_book_1", "desk_caddy_1_front_contain_region"))
+    xy, _ = destination_for(into, s)(s)
+    np.testing.assert_allclose(xy, [-0.36 + 0.0005, -0.142 + 0.012])  # the book's middle on the region's centre
+    far = caddy_scene(0.0)
+    far.state["objects"]["black_book_1"]["box_min"] = np.array([-0.015, -0.2, 0.0])  # middle 9.3 cm off its origin
+    xy, _ = destination_for(into, far)(far)
+    assert xy[1] == pytest.approx(-0.142 + 0.062 - 0.01)  # the origin, which LIBERO tests, stays inside
