@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class Body:
     box_max: np.ndarray
     aabb_min: np.ndarray  # world, axis aligned
     aabb_max: np.ndarray
+    ends: dict = field(default_factory=dict)  # "+x", ...: (min, max) of the part furthest out that way
 
     @property
     def center(self) -> np.ndarray:
@@ -82,7 +83,7 @@ class Scene:
 
     def body(self, name: str) -> Body:
         o = self.state["objects"][name]
-        return Body(name, o["pos"], o["mat"], o["box_min"], o["box_max"], o["aabb_min"], o["aabb_max"])
+        return Body(name, o["pos"], o["mat"], o["box_min"], o["box_max"], o["aabb_min"], o["aabb_max"], o.get("ends", {}))
 
     def site(self, name: str) -> Site:
         s = self.state["sites"][name]

@@ -90,11 +90,54 @@ def plan_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
     axes = body.horizontal_axes() or [(np.array([1.0, 0, 0]), body.aabb_max[0] - body.aabb_min[0])]
     if any(word in body.name for word in HOLLOW_OBJECTS):
         return _rim_grasp(body, scene, others)
-    graspable = [(axis, extent) for axis, extent in axes if extent < GRIPPER_MAX_OPENING] or axes
-    axis, _ = min(graspable, key=lambda item: item[1])
+    graspable = [(axis, extent) for axis, extent in axes if extent < GRIPPER_MAX_OPENING]
+    if not graspable and body.top - body.bottom > DISH_HEIGHT:  # a pan: by its handle, else by its rim
+        return _handle_grasp(body, scene, others) or _rim_grasp(body, scene, others)
+    axis, _ = min(graspable or axes, key=lambda item: item[1])
     point = body.center.copy()
     point[2] = max(body.top - min(0.03, 0.45 * height), body.bottom + 0.01)
     return point, closest_finger_axis(axis, scene.eef_mat)
+
+
+def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray, np.ndarray] | None:
+    """An object too wide for the fingers every way (a frying pan) is held by its handle: of the
+    parts furthest out along +-x and +-y, the one longest along its way out and narrow enough
+    across it for the fingers (the pan's other ends are pieces of its rim, 4 cm long). Along the
+    handle, where the open fingers have most room (a moka pot can stand beside it)."""
+    best = None
+    for label, (lo, hi) in body.ends.items():
+        lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+        out = 0 if label[1] == "x" else 1
+        length, width = hi[out] - lo[out], hi[1 - out] - lo[1 - out]
+        if width < GRIPPER_MAX_OPENING - 0.02 and length > 2 * width and (best is None or length > best[0]):
+            best = (length, lo, hi, 1 - out)
+    if best is None:
+        return None
+    _, lo, hi, across = best
+    finger = np.eye(2)[across] * (GRIPPER_MAX_OPENING / 2 + 0.01)
+    hand = np.eye(2)[across] * (HAND_HALF_WIDTH - 0.04)
+    tall = [o for o in others if o.top > hi[2] + 0.03]  # what the hand, above the fingers, can hit
+    middle = (lo[:2] + hi[:2]) / 2
+
+    def clearance(xy):
+        return min(gap(xy + finger, others), gap(xy - finger, others), gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
+
+    along = []
+    for f in np.linspace(0.1, 0.9, 9):
+        xy = middle.copy()
+        xy[1 - across] = lo[1 - across] + f * (hi[1 - across] - lo[1 - across])
+        along.append(xy)
+    xy = max(along, key=lambda xy: clearance(xy) - 0.01 * np.linalg.norm(xy - middle))  # ties: nearest the middle
+    if clearance(xy) <= 0.0:
+        return None  # the hand would come down on something standing beside the handle
+    point = np.array([*xy, max(hi[2] - 0.015, (lo[2] + hi[2]) / 2)])
+    return point, closest_finger_axis(np.eye(3)[across], scene.eef_mat)
+
+
+def gap(point, bodies: list[Body]) -> float:
+    """Horizontal distance from ``point`` to the nearest of ``bodies``' footprints (0 inside one)."""
+    distances = (np.linalg.norm(np.clip(point, o.aabb_min[:2], o.aabb_max[:2]) - point) for o in bodies)
+    return min(distances, default=1.0)
 
 
 def _rim_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,10 +158,6 @@ def _rim_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
 
     def world(local_point):
         return body.pos + body.mat @ local_point
-
-    def gap(point, bodies):
-        distances = (np.linalg.norm(np.clip(point, o.aabb_min[:2], o.aabb_max[:2]) - point) for o in bodies)
-        return min(distances, default=1.0)
 
     tall = [o for o in others if o.top > body.top + 0.03]  # what the hand, above the fingers, can hit
 

@@ -283,3 +283,32 @@ def test_in_a_region_the_objects_middle_is_aimed_at_not_its_origin():
     far.state["objects"]["black_book_1"]["box_min"] = np.array([-0.015, -0.2, 0.0])  # middle 9.3 cm off its origin
     xy, _ = destination_for(into, far)(far)
     assert xy[1] == pytest.approx(-0.142 + 0.062 - 0.01)  # the origin, which LIBERO tests, stays inside
+
+
+def pan_scene(moka_pot_x=None):
+    """libero_90 task 18: a 50 g frying pan, 20 cm across, its 13 cm handle pointing +y."""
+    pan = box([-0.063, -0.243, 0.899], [0.1, 0.1, 0.0295])
+    pan["box_max"] = np.array([0.1, 0.26, 0.059])  # the handle reaches 26 cm from the pan's centre
+    pan["aabb_max"] = np.array([0.037, 0.017, 0.958])
+    pan["ends"] = {"+y": (np.array([-0.076, -0.117, 0.929]), np.array([-0.05, 0.017, 0.958])),  # the handle
+                   "-y": (np.array([-0.088, -0.343, 0.901]), np.array([-0.038, -0.301, 0.942])),  # pieces of the rim
+                   "+x": (np.array([0.008, -0.268, 0.901]), np.array([0.037, -0.218, 0.942])),
+                   "-x": (np.array([-0.163, -0.268, 0.901]), np.array([-0.134, -0.218, 0.942]))}
+    objects = {"chefmate_8_frypan_1": pan}
+    if moka_pot_x is not None:  # standing beside the whole handle, as tall as the hand is above it
+        objects["moka_pot_1"] = box([moka_pot_x + 0.04, -0.04, 0.9], [0.04, 0.07, 0.076])
+    return scene(objects)
+
+
+def test_a_pan_is_held_by_its_handle_or_by_its_rim_when_something_stands_beside_the_handle():
+    s = pan_scene()
+    pan = s.body("chefmate_8_frypan_1")
+    point, axis = plan_grasp(pan, s, [])
+    assert -0.076 < point[0] < -0.05 and -0.117 < point[1] < 0.017  # on the handle
+    np.testing.assert_allclose(np.abs(axis), [1, 0, 0], atol=1e-9)  # across it
+    assert 0.929 < point[2] < 0.958
+    blocked = pan_scene(moka_pot_x=-0.03)  # the hand, 20 cm wide across the handle, would come down on the pot
+    pan = blocked.body("chefmate_8_frypan_1")
+    point, axis = plan_grasp(pan, blocked, [blocked.body("moka_pot_1")])
+    assert point[1] < -0.117  # not on the handle: by the rim
+    assert np.linalg.norm(point[:2] - pan.pos[:2]) == pytest.approx(0.1 - 0.006)
