@@ -24,6 +24,7 @@ from policies.scripted.scene import GRIPPER_MAX_OPENING, Body, Scene
 
 OPEN, CLOSE = -1.0, 1.0
 HOLLOW_OBJECTS = ("bowl", "mug", "ramekin", "cup")  # grasped by the rim, not across the middle
+WIDE_VESSELS = ("frypan",)  # held by the handle, or else by the rim
 # Finger opening (m) below which a closed grasp holds nothing: closing on air reaches 0.0026 after
 # 14 steps and 0.0018 after 20; a bowl's 3 mm rim keeps it at 0.004.
 CLOSED_ON_NOTHING = 0.003
@@ -91,8 +92,11 @@ def plan_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
     if any(word in body.name for word in HOLLOW_OBJECTS):
         return _rim_grasp(body, scene, others)
     graspable = [(axis, extent) for axis, extent in axes if extent < GRIPPER_MAX_OPENING]
-    if not graspable and body.top - body.bottom > DISH_HEIGHT:  # a pan: by its handle, else by its rim
-        return _handle_grasp(body, scene, others) or _rim_grasp(body, scene, others)
+    if not graspable and body.top - body.bottom > DISH_HEIGHT:  # a pan, a moka pot: by the handle
+        if handle := _handle_grasp(body, scene, others):
+            return handle
+        if any(word in body.name for word in WIDE_VESSELS):
+            return _rim_grasp(body, scene, others)
     axis, _ = min(graspable or axes, key=lambda item: item[1])
     point = body.center.copy()
     point[2] = max(body.top - min(0.03, 0.45 * height), body.bottom + 0.01)
@@ -100,7 +104,7 @@ def plan_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
 
 
 def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray, np.ndarray] | None:
-    """An object too wide for the fingers every way (a frying pan) is held by its handle: of the
+    """An object too wide for the fingers every way (a frying pan, a moka pot) is held by its handle: of the
     parts furthest out along +-x and +-y, the one longest along its way out and narrow enough
     across it for the fingers (the pan's other ends are pieces of its rim, 4 cm long). Along the
     handle, where the open fingers have most room (a moka pot can stand beside it)."""
@@ -116,11 +120,13 @@ def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndar
     _, lo, hi, across = best
     finger = np.eye(2)[across] * (GRIPPER_MAX_OPENING / 2 + 0.01)
     hand = np.eye(2)[across] * (HAND_HALF_WIDTH - 0.04)
+    z = max(hi[2] - 0.015, (lo[2] + hi[2]) / 2)
+    reached = [o for o in others if o.top > z - 0.02]  # what the fingertips come down to
     tall = [o for o in others if o.top > hi[2] + 0.03]  # what the hand, above the fingers, can hit
     middle = (lo[:2] + hi[:2]) / 2
 
     def clearance(xy):
-        return min(gap(xy + finger, others), gap(xy - finger, others), gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
+        return min(gap(xy + finger, reached), gap(xy - finger, reached), gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
 
     along = []
     for f in np.linspace(0.1, 0.9, 9):
@@ -130,8 +136,7 @@ def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndar
     xy = max(along, key=lambda xy: clearance(xy) - 0.01 * np.linalg.norm(xy - middle))  # ties: nearest the middle
     if clearance(xy) <= 0.0:
         return None  # the hand would come down on something standing beside the handle
-    point = np.array([*xy, max(hi[2] - 0.015, (lo[2] + hi[2]) / 2)])
-    return point, closest_finger_axis(np.eye(3)[across], scene.eef_mat)
+    return np.array([*xy, z]), closest_finger_axis(np.eye(3)[across], scene.eef_mat)
 
 
 def gap(point, bodies: list[Body]) -> float:

@@ -312,3 +312,15 @@ def test_a_pan_is_held_by_its_handle_or_by_its_rim_when_something_stands_beside_
     point, axis = plan_grasp(pan, blocked, [blocked.body("moka_pot_1")])
     assert point[1] < -0.117  # not on the handle: by the rim
     assert np.linalg.norm(point[:2] - pan.pos[:2]) == pytest.approx(0.1 - 0.006)
+
+
+def test_what_lies_below_the_fingertips_does_not_block_a_handle_but_a_moka_pot_without_room_is_held_across():
+    s = pan_scene()
+    s.state["objects"]["plate_1"] = box([-0.03, -0.05, 0.9], [0.07, 0.07, 0.008])  # under the handle's whole length
+    point, _ = plan_grasp(s.body("chefmate_8_frypan_1"), s, [s.body("plate_1")])
+    assert -0.117 < point[1] < 0.017  # still the handle
+    blocked = pan_scene(moka_pot_x=-0.03)
+    blocked.state["objects"]["moka_pot_2"] = blocked.state["objects"].pop("chefmate_8_frypan_1")
+    pot = blocked.body("moka_pot_2")
+    point, axis = plan_grasp(pot, blocked, [blocked.body("moka_pot_1")])
+    np.testing.assert_allclose(point[:2], pot.center[:2])  # not a vessel: across its narrower side, at its middle
