@@ -324,3 +324,17 @@ def test_what_lies_below_the_fingertips_does_not_block_a_handle_but_a_moka_pot_w
     pot = blocked.body("moka_pot_2")
     point, axis = plan_grasp(pot, blocked, [blocked.body("moka_pot_1")])
     np.testing.assert_allclose(point[:2], pot.center[:2])  # not a vessel: across its narrower side, at its middle
+
+
+def test_an_object_that_another_goes_onto_and_that_is_moved_itself_is_moved_first():
+    tray = {"pos": np.array([0.0, 0.26, 0.45]), "mat": np.eye(3), "size": np.array([0.1, 0.06, 0.04]),
+            "parent": "wooden_tray_1", "joints": []}
+    s = scene({"akita_black_bowl_1": box([-0.11, -0.16, 0.435], [0.054, 0.054, 0.026]),
+               "akita_black_bowl_2": box([-0.11, 0.04, 0.435], [0.054, 0.054, 0.026])},
+              sites={"wooden_tray_1_contain_region": tray})
+    goal = [Predicate("on", ("akita_black_bowl_1", "akita_black_bowl_2")),
+            Predicate("in", ("akita_black_bowl_2", "wooden_tray_1_contain_region"))]
+    assert [skill.obj for skill in plan_skills(goal, s)] == ["akita_black_bowl_2", "akita_black_bowl_1"]
+    independent = [Predicate("in", ("akita_black_bowl_1", "wooden_tray_1_contain_region")),
+                   Predicate("in", ("akita_black_bowl_2", "wooden_tray_1_contain_region"))]
+    assert [skill.obj for skill in plan_skills(independent, s)] == ["akita_black_bowl_1", "akita_black_bowl_2"]
