@@ -132,7 +132,8 @@ def articulation_skill(predicate: Predicate, scene: Scene) -> Skill:
         return skill(joint, scene.articulation(owner), label)
     if predicate.name == "close":
         return CloseDoor(joint, scene.articulation(owner), label)
-    raise SkillFailed(f"{predicate.name} {predicate.args[0]!r} needs a door-opening skill, which the expert does not have")
+    raise SkillFailed(f"{predicate.name} {predicate.args[0]!r} needs a door-opening skill, "
+                      "which the expert does not have")
 
 
 def door_of(region: str, scene: Scene) -> str | None:

@@ -83,7 +83,8 @@ class Scene:
 
     def body(self, name: str) -> Body:
         o = self.state["objects"][name]
-        return Body(name, o["pos"], o["mat"], o["box_min"], o["box_max"], o["aabb_min"], o["aabb_max"], o.get("ends", {}))
+        return Body(name, o["pos"], o["mat"], o["box_min"], o["box_max"], o["aabb_min"], o["aabb_max"],
+                    o.get("ends", {}))
 
     def site(self, name: str) -> Site:
         s = self.state["sites"][name]

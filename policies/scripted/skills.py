@@ -13,18 +13,21 @@ import numpy as np
 
 from policies.scripted.geometry import (
     closest_finger_axis,
-    yaw_rotation,
     grip_rotation,
     move_action,
     rotation_error,
     tilted_towards,
     unit,
+    yaw_rotation,
 )
 from policies.scripted.scene import GRIPPER_MAX_OPENING, Body, Scene
 
 OPEN, CLOSE = -1.0, 1.0
 HOLLOW_OBJECTS = ("bowl", "mug", "ramekin", "cup")  # grasped by the rim, not across the middle
 WIDE_VESSELS = ("frypan",)  # held by the handle, or else by the rim
+# A dish (a plate) is wider than the open fingers on every side and lower than this; it is slid,
+# not lifted: a grasp of the plate's 5 mm rim slips during the lift.
+DISH_HEIGHT = 0.03
 # Finger opening (m) below which a closed grasp holds nothing: closing on air reaches 0.0026 after
 # 14 steps and 0.0018 after 20; a bowl's 3 mm rim keeps it at 0.004.
 CLOSED_ON_NOTHING = 0.003
@@ -104,10 +107,11 @@ def plan_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
 
 
 def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray, np.ndarray] | None:
-    """An object too wide for the fingers every way (a frying pan, a moka pot) is held by its handle: of the
-    parts furthest out along +-x and +-y, the one longest along its way out and narrow enough
-    across it for the fingers (the pan's other ends are pieces of its rim, 4 cm long). Along the
-    handle, where the open fingers have most room (a moka pot can stand beside it)."""
+    """An object too wide for the fingers every way (a frying pan, a moka pot) is held by its
+    handle: of the parts furthest out along +-x and +-y, the one longest along its way out and
+    narrow enough across it for the fingers (the pan's other ends are pieces of its rim, 4 cm
+    long). Along the handle, where the open fingers and the hand have most room (a moka pot can
+    stand beside it); None if they have none."""
     best = None
     for label, (lo, hi) in body.ends.items():
         lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
@@ -126,7 +130,8 @@ def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndar
     middle = (lo[:2] + hi[:2]) / 2
 
     def clearance(xy):
-        return min(gap(xy + finger, reached), gap(xy - finger, reached), gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
+        fingers = min(gap(xy + finger, reached), gap(xy - finger, reached))
+        return min(fingers, gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
 
     along = []
     for f in np.linspace(0.1, 0.9, 9):
@@ -344,9 +349,6 @@ def turn_to_fit(body: Body, region) -> float:
     return float((angle + np.pi / 2) % np.pi - np.pi / 2)  # either end first: at most a quarter turn
 
 
-# A dish (a plate) is wider than the open fingers on every side and lower than this; it is slid,
-# not lifted: a grasp of the plate's 5 mm rim slips during the lift.
-DISH_HEIGHT = 0.03
 # The plate stands on a floor reaching 45% of its radius; beyond, its rim rises at 20 degrees.
 # The fingers press at 30% of the radius: at 60% they tipped the 12 g plate up and slid out.
 FINGERS_AT_RADIUS = 0.3

@@ -33,13 +33,14 @@ def microwave_scene(qpos=-1.579, eef=(-0.2, 0.0, 1.2)):
                "parent": "microwave_1", "joints": []}
     s = scene({"white_yellow_mug_1": mug, "microwave_1": box([-0.01, 0.357, 0.92], [0.17, 0.1, 0.095], fixture=True)},
               sites={HEATING: heating}, joints={JOINT: joint},
-              articulation={"microwave_1": {"default_open_ranges": [-2.094, -1.3], "default_close_ranges": [-0.005, 0.0]}})
+              articulation={"microwave_1": {"default_open_ranges": [-2.094, -1.3],
+                                            "default_close_ranges": [-0.005, 0.0]}})
     return Scene(s.state | {"eef_pos": np.asarray(eef, dtype=float)})
 
 
 def test_door_geometry_comes_from_its_panel_and_hinge():
     d = door(microwave_scene(), JOINT)
-    np.testing.assert_allclose(d.radial, [0, -1, 0], atol=0.01)  # open: the free edge points away from the robot's right
+    np.testing.assert_allclose(d.radial, [0, -1, 0], atol=0.01)  # open: the free edge points to -y
     # in through the doorway: where the shut door (LIBERO: qpos -0.0025, the middle of its close range) moves
     np.testing.assert_allclose(d.entry, [0, 1, 0], atol=0.003)
     assert d.reach == pytest.approx(REACH) and d.face == pytest.approx(-THICKNESS)
@@ -103,8 +104,10 @@ def test_a_region_on_an_object_whose_hinge_is_a_knob_is_reached_from_above():
             "axis": np.array([0, 0, 1.0]), "anchor": np.array([-0.3, 0.2, 0.92]), "panel": panel_at(0.0)}
     burner = {"pos": np.array([-0.25, 0.2, 0.905]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.003]),
               "parent": "flat_stove_1", "joints": []}
-    s = scene({"moka_pot_1": box([0, 0, 0.9], [0.03, 0.03, 0.05]), "flat_stove_1": box([-0.3, 0.2, 0.885], [0.15, 0.1, 0.035])},
+    s = scene({"moka_pot_1": box([0, 0, 0.9], [0.03, 0.03, 0.05]),
+               "flat_stove_1": box([-0.3, 0.2, 0.885], [0.15, 0.1, 0.035])},
               sites={"flat_stove_1_cook_region": burner}, joints={"flat_stove_1_knob": knob},
-              articulation={"flat_stove_1": {"default_turnon_ranges": [0.5, 2.1], "default_turnoff_ranges": [-0.005, 0.0]}})
+              articulation={"flat_stove_1": {"default_turnon_ranges": [0.5, 2.1],
+                                             "default_turnoff_ranges": [-0.005, 0.0]}})
     (skill,) = plan_skills([Predicate("in", ("moka_pot_1", "flat_stove_1_cook_region"))], s)
     assert type(skill) is PickPlace

@@ -254,7 +254,8 @@ def caddy_scene(book_yaw):
     book["box_min"], book["box_max"] = np.array([-0.015, -0.067, 0.0]), np.array([0.014, 0.043, 0.137])
     front = {"pos": np.array([-0.36, -0.142, 0.928]), "mat": np.eye(3), "size": np.array([0.028, 0.062, 0.036]),
              "parent": "desk_caddy_1", "joints": []}
-    return scene({"black_book_1": book, "desk_caddy_1": box([-0.39, -0.14, 0.887], [0.075, 0.217, 0.084], fixture=True)},
+    caddy = box([-0.39, -0.14, 0.887], [0.075, 0.217, 0.084], fixture=True)
+    return scene({"black_book_1": book, "desk_caddy_1": caddy},
                  sites={"desk_caddy_1_front_contain_region": front})
 
 
