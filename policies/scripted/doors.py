@@ -38,7 +38,8 @@ class Door:
     radial: np.ndarray  # unit, from the hinge towards the free edge, now
     closing: float  # +1 if closing makes the joint position grow, else -1
     reach: float  # hinge to the free edge
-    face: float  # where the panel's side that a closing push meets lies, along the closing motion (< 0)
+    outer: float  # where the panel's side that a closing push meets lies, along the closing motion (< 0)
+    inner: float  # where the side that an opening push meets lies, along the closing motion
     top: float
     qpos: float
     closed_qpos: float
@@ -50,10 +51,12 @@ class Door:
         """Where a point of the panel moves as the door closes."""
         return self.closing * np.cross(self.axis, radial)
 
-    def push_point(self, qpos: float, radius: float, clearance: float) -> np.ndarray:
-        """``clearance`` off the pushed side of the panel, ``radius`` from the hinge, with the door at ``qpos``."""
+    def push_point(self, qpos: float, radius: float, clearance: float, shut: bool = True) -> np.ndarray:
+        """``clearance`` off the side of the panel that a push shutting (or opening) the door meets,
+        ``radius`` from the hinge, with the door at ``qpos``."""
         radial = self.radial_at(qpos)
-        return self.anchor + radial * radius + self.motion(radial) * (self.face - clearance)
+        offset = self.outer - clearance if shut else self.inner + clearance
+        return self.anchor + radial * radius + self.motion(radial) * offset
 
     @property
     def entry(self) -> np.ndarray:
@@ -80,7 +83,8 @@ def door(scene: Scene, joint_name: str) -> Door:
     closing = 1.0 if opens_negative(articulation) else -1.0
     motion = closing * np.cross(axis, radial)
     return Door(anchor=anchor, axis=axis, radial=radial, closing=closing, reach=float(np.max(panel @ radial)),
-                face=float(np.min(panel @ motion)), top=float(np.max(panel[:, 2]) + anchor[2]),
+                outer=float(np.min(panel @ motion)), inner=float(np.max(panel @ motion)),
+                top=float(np.max(panel[:, 2]) + anchor[2]),
                 qpos=float(joint["qpos"]), closed_qpos=float(np.mean(articulation["default_close_ranges"])))
 
 
@@ -92,22 +96,37 @@ FINGER_CLEARANCE = 0.012  # grip site to the face of the closed fingers
 PUSH_AHEAD = 0.4  # rad: the push aims at where the contact point will be this much further on
 
 
-class CloseDoor(Skill):
-    """Push a hinged door shut: closed fingers against the side of the panel that faces away from
-    the closing motion, near its top, moved along the arc the contact point travels, re-aimed from
-    the door's angle every query. The hand rises above the door before going round it."""
+def doorway_clear(d: Door, panel) -> bool:
+    """Whether the open panel (its corners) stays out of the way of a hand carrying something in
+    through the doorway: the hand, 22 cm wide across the way in, is centred on the doorway."""
+    across = horizontal(d.radial_at(d.closed_qpos))
+    lane_edge = d.reach / 2 - HAND_HALF_WIDTH - 0.01  # from the hinge, across the doorway
+    return float(np.max((np.asarray(panel) - d.anchor) @ across)) <= lane_edge
 
-    def __init__(self, joint: str, articulation: dict, label: str):
+
+class PushDoor(Skill):
+    """Push a hinged door shut, or (``shut=False``) further open until it is clear of the doorway:
+    closed fingers against the side of the panel the push meets, near its top, moved along the arc
+    the contact point travels, re-aimed from the door's angle every query. The hand rises above the
+    door before going round it."""
+
+    def __init__(self, joint: str, articulation: dict, label: str, shut: bool = True):
         super().__init__(label)
         self.joint = joint
         self.articulation = articulation
+        self.shut = shut
+
+    def done(self, scene: Scene, d: Door) -> bool:
+        if self.shut:
+            return is_closed(self.articulation, d.qpos)
+        return doorway_clear(d, scene.joint(self.joint)["panel"])
 
     def act(self, scene: Scene, steps: int) -> np.ndarray | None:
         self.ticks += 1
         d = door(scene, self.joint)
         eef = scene.eef_pos
         if self.phase == "start":
-            if is_closed(self.articulation, d.qpos):
+            if self.done(scene, d):
                 return None
             self.radius, self.height = PUSH_RADIUS * d.reach, d.top - PUSH_BELOW_TOP
             self.clear_z = max(d.top + APPROACH_CLEARANCE, eef[2])
@@ -122,7 +141,8 @@ class CloseDoor(Skill):
             if eef[2] > self.clear_z - 0.02 or self.ticks > 6:
                 self.goto("above")
             return move_action(eef, scene.eef_mat, target, grip_mat, CLOSE, steps, speed=1.0)
-        outside = contact - d.motion(d.radial) * 0.03
+        way = 1.0 if self.shut else -1.0  # along the closing motion
+        outside = contact - way * d.motion(d.radial) * 0.03
         if self.phase == "above":
             target = np.array([outside[0], outside[1], self.clear_z])
             if _near(eef, target, 0.02) or self.ticks > 12:
@@ -133,17 +153,17 @@ class CloseDoor(Skill):
                 self.goto("push")
             return move_action(eef, scene.eef_mat, outside, grip_mat, CLOSE, steps, speed=0.8)
         if self.phase == "push":
-            if is_closed(self.articulation, d.qpos):
-                return None  # left pressing on the shut door; the next skill moves the hand on
+            if self.done(scene, d):
+                return None  # left pressing on the door; the next skill moves the hand on
             if self.ticks > 40:
                 self.retry(scene)
                 self.goto("rise")
-            target = self._contact(d, d.qpos + d.closing * PUSH_AHEAD)
+            target = self._contact(d, d.qpos + way * d.closing * PUSH_AHEAD)
             return move_action(eef, scene.eef_mat, target, grip_mat, CLOSE, steps, speed=1.0)
         return None
 
     def _contact(self, d: Door, qpos: float) -> np.ndarray:
-        point = d.push_point(qpos, self.radius, FINGER_CLEARANCE)
+        point = d.push_point(qpos, self.radius, FINGER_CLEARANCE, self.shut)
         point[2] = self.height
         return point
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
-from policies.scripted.doors import CloseDoor, PutThroughDoor
+from policies.scripted.doors import PushDoor, PutThroughDoor
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
 from policies.scripted.skills import (
@@ -131,7 +131,7 @@ def articulation_skill(predicate: Predicate, scene: Scene) -> Skill:
         skill = OpenDrawer if predicate.name == "open" else CloseDrawer
         return skill(joint, scene.articulation(owner), label)
     if predicate.name == "close":
-        return CloseDoor(joint, scene.articulation(owner), label)
+        return PushDoor(joint, scene.articulation(owner), label, shut=True)
     raise SkillFailed(f"{predicate.name} {predicate.args[0]!r} needs a door-opening skill, "
                       "which the expert does not have")
 
@@ -217,6 +217,9 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
                 joint = scene.joint(door_joint)
                 if not is_open(scene.articulation(joint["owner"]), joint["qpos"]):
                     raise SkillFailed(f"{label}: the door is shut, and the expert has no door-opening skill")
+                # swung clear of the doorway first: a door open 76 degrees stopped the hand (libero_10 task 9, init 11)
+                placements.append(PushDoor(door_joint, scene.articulation(joint["owner"]), f"{label}: clear the door",
+                                           shut=False))
                 placements.append(PutThroughDoor(*predicate.args, door_joint, label))
             elif slides_over_the_table(predicate, scene):
                 placements.append(SlideDish(*predicate.args, label))
