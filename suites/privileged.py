@@ -66,12 +66,11 @@ def _geom_corners(model, data, geoms: np.ndarray) -> np.ndarray:
     return world.reshape(-1, 3)
 
 
-def world_aabb(model, data, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned world bounding box of the given geoms."""
-    if len(geoms) == 0:
+def _box(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned bounding box of points (n, 3); NaN for none."""
+    if len(points) == 0:
         return np.full(3, np.nan), np.full(3, np.nan)
-    corners = _geom_corners(model, data, geoms)
-    return corners.min(axis=0), corners.max(axis=0)
+    return points.min(axis=0), points.max(axis=0)
 
 
 def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
@@ -80,16 +79,11 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
     for name, geoms in index.object_geoms.items():
         body = index.object_bodies[name]
         mat = d.xmat[body].reshape(3, 3).copy()
-        if len(geoms):
-            corners = _geom_corners(m, d, geoms)
-            lo, hi = corners.min(axis=0), corners.max(axis=0)
-            in_body = (corners - d.xpos[body]) @ mat
-            local_lo, local_hi = in_body.min(axis=0), in_body.max(axis=0)
-            by_geom = corners.reshape(len(geoms), 8, 3)
-            ends = {label: _end_part(by_geom, direction) for label, direction in _HORIZONTAL.items()}
-        else:
-            lo = hi = local_lo = local_hi = np.full(3, np.nan)
-            ends = {}
+        corners = _geom_corners(m, d, geoms)
+        lo, hi = _box(corners)
+        local_lo, local_hi = _box((corners - d.xpos[body]) @ mat)
+        by_geom = corners.reshape(len(geoms), 8, 3)
+        ends = {label: _end_part(by_geom, direction) for label, direction in _HORIZONTAL.items()} if len(geoms) else {}
         objects[name] = {
             "pos": d.xpos[body].copy(),
             "mat": mat,
@@ -113,11 +107,11 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
     for name, info in index.joints.items():
         if info["type"] == "other":  # free joints of movable objects: their poses are above
             continue
-        lo, hi = world_aabb(m, d, info["geoms"])
-        handle_lo, handle_hi = _upper_part(m, d, info["geoms"], lo[2], hi[2])
+        corners = _geom_corners(m, d, info["geoms"]).reshape(len(info["geoms"]), 8, 3)
+        lo, hi = _box(corners.reshape(-1, 3))
+        handle_lo, handle_hi = _upper_part(corners, lo[2], hi[2])
         axis = d.xaxis[info["id"]].copy()
         ends, panel = {}, None
-        corners = _geom_corners(m, d, info["geoms"]).reshape(len(info["geoms"]), 8, 3)
         if info["type"] == "slide":  # a drawer: what sticks out at each end of its travel (a handle bar)
             ends = {"+": _end_part(corners, axis), "-": _end_part(corners, -axis)}
         elif len(corners):  # a door (or a knob): its largest part, the door's panel without its handle
@@ -155,24 +149,22 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
     }
 
 
-def _upper_part(model, data, geoms, bottom: float, top: float):
-    """Bounding box of the geoms reaching into the top 40% of the part's height."""
-    tops = np.array([world_aabb(model, data, np.array([g]))[1][2] for g in geoms]) if len(geoms) else np.array([])
-    upper = geoms[tops > top - 0.4 * (top - bottom)] if len(geoms) else geoms
-    return world_aabb(model, data, upper)
+def _upper_part(corners: np.ndarray, bottom: float, top: float):
+    """Bounding box of the geoms (their corners, (g, 8, 3)) reaching into the top 40% of the part's height."""
+    tops = corners[:, :, 2].max(axis=1)
+    return _box(corners[tops > top - 0.4 * (top - bottom)].reshape(-1, 3))
 
 
 def _end_part(corners: np.ndarray, direction, depth: float = 0.025):
     """Bounding box of the geoms (their corners, (g, 8, 3)) lying wholly within ``depth`` of the
     part's far end along ``direction``: a drawer's handle bar, without the standoffs that hold it."""
     if len(corners) == 0:
-        return np.full(3, np.nan), np.full(3, np.nan)
+        return _box(corners.reshape(-1, 3))
     along = corners @ direction  # (g, 8)
     within = along.min(axis=1) >= along.max() - depth
     if not within.any():  # no geom is that thin (a table's single box): the one reaching furthest
         within = along.max(axis=1) >= along.max()
-    chosen = corners[within].reshape(-1, 3)
-    return chosen.min(axis=0), chosen.max(axis=0)
+    return _box(corners[within].reshape(-1, 3))
 
 
 def _gripper_qpos(env) -> np.ndarray:

@@ -172,8 +172,6 @@ class PushDoor(Skill):
 # thick across its fingers' closing direction): the grip site stops this far short of the doorway.
 HAND_CLEARANCE = 0.045
 INSERT_ABOVE_FLOOR = 0.025  # the object's bottom this far above the container's floor on the way in
-_HORIZONTAL = {"+x": np.array([1.0, 0, 0]), "-x": np.array([-1.0, 0, 0]),
-               "+y": np.array([0, 1.0, 0]), "-y": np.array([0, -1.0, 0])}
 
 
 class PutThroughDoor(PickPlace):
@@ -190,7 +188,6 @@ class PutThroughDoor(PickPlace):
         super().__init__(obj, self._put_down_here, label)
         self.region = region
         self.joint = joint
-        self.container = None
         self.last_progress = None
 
     def _put_down_here(self, scene: Scene):
@@ -198,11 +195,10 @@ class PutThroughDoor(PickPlace):
         return scene.body(self.obj).pos[:2], scene.site(self.region).lo[2]
 
     def plan_grasp(self, scene: Scene, body: Body) -> tuple[np.ndarray, np.ndarray]:
-        d = door(scene, self.joint)
-        self.container = scene.joint(self.joint)["owner"]
-        entry = d.entry
-        facing = max(_HORIZONTAL, key=lambda label: float(_HORIZONTAL[label] @ -entry))
-        lo, hi = (np.asarray(v, dtype=float) for v in scene.state["objects"][self.obj]["ends"][facing])
+        entry = door(scene, self.joint).entry
+        axis = int(np.argmax(np.abs(entry[:2])))  # the snapshot's end ("+x", "-y", ...) facing the doorway
+        facing = ("-" if entry[axis] > 0 else "+") + "xy"[axis]
+        lo, hi = (np.asarray(v, dtype=float) for v in body.ends[facing])
         finger_axis = np.array([-entry[1], entry[0], 0.0])  # across the way in
         if float(np.abs(finger_axis) @ (hi - lo)) > GRIPPER_MAX_OPENING - 0.02:
             raise SkillFailed(f"{self}: {self.obj}'s side facing the doorway is too wide to hold")
@@ -232,7 +228,7 @@ class PutThroughDoor(PickPlace):
 
     def _carry_height(self, scene, body, eef):
         """Clear of what stands on the way to the doorway (not the container: it is entered from the side)."""
-        exclude = {self.obj, self.container}
+        exclude = {self.obj, scene.joint(self.joint)["owner"]}
         clear = scene.highest_top_along(body.pos, self.staging - (eef - body.pos), exclude=exclude)
         object_clear = clear + (eef[2] - body.bottom) + 0.03
         hand_clear = scene.highest_top_along(eef, self.staging, exclude=exclude, margin=HAND_HALF_WIDTH) - 0.04

@@ -26,6 +26,7 @@ from policies.scripted.skills import (
     TurnKnob,
     is_dish,
     is_open,
+    opening_direction,
     opens_negative,
 )
 
@@ -57,7 +58,7 @@ def destination_for(predicate: Predicate, scene: Scene, slot: float = 0.0):
             site = s.site(target)
             xy = site.pos[:2] + [slot, 0.0]
             if site.joints:
-                open_dir = _opening_direction(s, site.joints[0], site.parent)
+                open_dir = opening_direction(s.joint(site.joints[0]), opens_negative(s.articulation(site.parent)))
                 reach = float(np.sum(np.maximum(open_dir * extent[0], open_dir * extent[1])))  # origin to its front
                 from_wall = max(reach + 0.005, 0.025)
                 xy = xy + open_dir[:2] * max(float(np.abs(open_dir) @ site.half_extent) - from_wall, 0.0)
@@ -106,11 +107,6 @@ def knob_skill(predicate: Predicate, scene: Scene) -> Skill:
         return TurnKnob(joints[0], min(ranges) + 0.15, increase=True, label=label)
     return TurnKnob(joints[0], max(ranges), increase=False, label=label)  # off once qpos < max(turnoff range)
 
-
-def _opening_direction(scene: Scene, joint: str, owner: str) -> np.ndarray:
-    """World direction a drawer slides when it opens."""
-    axis = np.asarray(scene.joint(joint)["axis"], dtype=float)
-    return -axis if opens_negative(scene.articulation(owner)) else axis
 
 
 def articulated_joint(name: str, scene: Scene) -> tuple[str, str]:
@@ -164,7 +160,7 @@ HAND_ROOM = 0.04
 def drawer_sweep(opening: OpenDrawer, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """Footprint (xy box) of a drawer over its whole travel out of the cabinet."""
     joint = scene.joint(opening.joint)
-    open_dir = _opening_direction(scene, opening.joint, joint["owner"])
+    open_dir = opening_direction(joint, opening.opens_negative)
     low, high = joint["range"]
     travel = abs((low if opening.opens_negative else high) - joint["qpos"])
     lo, hi = np.asarray(joint["aabb_min"])[:2], np.asarray(joint["aabb_max"])[:2]

@@ -596,12 +596,17 @@ class PushAside(Skill):
         return move_action(eef, scene.eef_mat, self.goal, self.grip_mat, CLOSE, steps, speed=1.0)
 
 
+def opening_direction(joint: dict, negative: bool) -> np.ndarray:
+    """World direction a drawer slides when it opens; ``negative``: towards negative joint positions."""
+    axis = np.asarray(joint["axis"], dtype=float)
+    return -axis if negative else axis
+
+
 def drawer_hand(joint: dict, negative: bool, eef_mat) -> tuple[np.ndarray, np.ndarray]:
     """(world direction the drawer slides out, the hand's pose for working it): closed fingers
     side by side across that direction (a wider contact), leaning into the drawer. ``negative``:
     the drawer opens towards negative joint positions."""
-    axis = np.asarray(joint["axis"], dtype=float)
-    open_dir = -axis if negative else axis
+    open_dir = opening_direction(joint, negative)
     side = np.array([-open_dir[1], open_dir[0], 0.0])
     return open_dir, tilted_towards(grip_rotation(closest_finger_axis(side, eef_mat)), -open_dir, PUSH_TILT)
 
