@@ -14,6 +14,7 @@ import numpy as np
 from policies.scripted.geometry import (
     closest_finger_axis,
     grip_rotation,
+    horizontal,
     move_action,
     rotation_error,
     tilted_towards,
@@ -103,7 +104,33 @@ def plan_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray
     axis, _ = min(graspable or axes, key=lambda item: item[1])
     point = body.center.copy()
     point[2] = max(body.top - min(0.03, 0.45 * height), body.bottom + 0.01)
+    point[:2] = _roomiest_along(body, point, axis, others)
     return point, closest_finger_axis(axis, scene.eef_mat)
+
+
+def _roomiest_along(body: Body, point, finger_axis, others: list[Body]) -> np.ndarray:
+    """Where along the object's long side, within 2 cm of either end, the open fingers and the hand
+    have most room (``room_for_hand``); the middle unless something stands within 3 cm of them there
+    (libero_10 task 1: a milk carton beside the cream cheese box stopped a finger 6 cm up)."""
+    across = horizontal(finger_axis)[:2]
+    along = np.array([-across[1], across[0]])
+    length = max((extent for axis, extent in body.horizontal_axes() if abs(horizontal(axis)[:2] @ along) > 0.7),
+                 default=0.0)
+    reach = max(0.0, length / 2 - 0.02)
+    reached = [o for o in others if o.top > point[2] - 0.02]
+    tall = [o for o in others if o.top > body.top + 0.03]
+    spots = [point[:2] + t * along for t in np.linspace(-reach, reach, 9)]
+    return max(spots, key=lambda xy: room_for_hand(xy, across, reached, tall) - 0.01 * np.linalg.norm(xy - point[:2]))
+
+
+def room_for_hand(xy, across, reached: list[Body], tall: list[Body]) -> float:
+    """Horizontal room, up to 3 cm, around the open fingers at ``xy`` (closing along the horizontal
+    unit ``across``) from what their tips come down to (``reached``), and around the hand above them
+    from what stands tall enough to meet it (``tall``)."""
+    finger = across * (GRIPPER_MAX_OPENING / 2 + 0.01)
+    hand = across * (HAND_HALF_WIDTH - 0.04)
+    fingers = min(gap(xy + finger, reached), gap(xy - finger, reached))
+    return min(fingers, gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
 
 
 def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -122,16 +149,13 @@ def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndar
     if best is None:
         return None
     _, lo, hi, across = best
-    finger = np.eye(2)[across] * (GRIPPER_MAX_OPENING / 2 + 0.01)
-    hand = np.eye(2)[across] * (HAND_HALF_WIDTH - 0.04)
     z = max(hi[2] - 0.015, (lo[2] + hi[2]) / 2)
     reached = [o for o in others if o.top > z - 0.02]  # what the fingertips come down to
     tall = [o for o in others if o.top > hi[2] + 0.03]  # what the hand, above the fingers, can hit
     middle = (lo[:2] + hi[:2]) / 2
 
     def clearance(xy):
-        fingers = min(gap(xy + finger, reached), gap(xy - finger, reached))
-        return min(fingers, gap(xy + hand, tall), gap(xy - hand, tall), 0.03)
+        return room_for_hand(xy, np.eye(2)[across], reached, tall)
 
     along = []
     for f in np.linspace(0.1, 0.9, 9):
@@ -198,6 +222,7 @@ class PickPlace(Skill):
         self.grasp_point = None
         self.finger_axis = None
         self.hold_offset = None  # eef minus object origin once grasped
+        self.leaving = -np.inf  # top of what the hand started over
         self.last_eef_z = None
         self.last_object_pos = None
 
@@ -212,9 +237,17 @@ class PickPlace(Skill):
     def _start(self, scene, body, eef, steps):
         self.grasp_point, self.finger_axis = self.plan_grasp(scene, body)
         self.grip_mat = grip_rotation(self.finger_axis)
-        self.safe_z = max(eef[2], self.grasp_point[2] + APPROACH_CLEARANCE)
+        self.leaving = self._under_hand(scene)
+        self.safe_z = max(eef[2], self.grasp_point[2] + APPROACH_CLEARANCE, self.leaving + 0.04)
         self.goto("rise")
         return self._rise(scene, body, eef, steps)
+
+    def _under_hand(self, scene) -> float:
+        """Top of the tallest movable thing (other than the object) under the fingers: the basket the
+        hand has just put something into, whose wall it would drag along (libero_10 task 1). Fixtures
+        do not move; rising above a cabinet after opening its drawer would only cost steps."""
+        exclude = {self.obj} | {name for name, o in scene.state["objects"].items() if o.get("fixture")}
+        return scene.highest_top_along(scene.eef_pos, scene.eef_pos, exclude=exclude, margin=0.04)
 
     def _rise(self, scene, body, eef, steps):
         target = np.array([eef[0], eef[1], self.safe_z])
@@ -225,6 +258,8 @@ class PickPlace(Skill):
     def _above(self, scene, body, eef, steps):
         target = self.grasp_point + [0, 0, APPROACH_CLEARANCE]
         target[2] = max(target[2], min(self.safe_z, target[2] + 0.05))
+        if self.leaving > target[2] - 0.04 and self._under_hand(scene) >= self.leaving:
+            target[2] = max(target[2], self.safe_z)  # still over the basket it started in: stay up
         if _near(eef, target, 0.015) or self.ticks > 12:
             self.goto("descend")
         return move_action(eef, scene.eef_mat, target, self.grip_mat, OPEN, steps, speed=1.0)
@@ -267,7 +302,9 @@ class PickPlace(Skill):
         target = np.array([eef[0], eef[1], self.carry_z])
         if eef[2] > self.carry_z - 0.02 or self.ticks > 12:
             self.goto("carry")
-        return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=1.0)
+        # The first 2 cm slowly: a bowl held by its lip, lifted from one side, slipped out of a fast start.
+        speed = 0.25 if eef[2] < self.lift_start[0] + 0.02 else 1.0
+        return move_action(eef, scene.eef_mat, target, self.grip_mat, CLOSE, steps, speed=speed)
 
     def _dropped(self, scene, body, eef) -> bool:
         if scene.gripper_width < CLOSED_ON_NOTHING:

@@ -32,6 +32,21 @@ def test_box_is_grasped_across_its_narrow_side_at_its_centre():
     assert body.bottom < point[2] < body.top
 
 
+def test_a_box_is_grasped_off_its_middle_when_a_finger_would_come_down_beside_a_carton():
+    """libero_10 task 1, init state 4: the cream cheese box, 8.2 x 4.2 cm, with a milk carton 2.8 cm
+    from its long side, where the open finger goes down at the middle."""
+    cheese = box([0.086, -0.184, 0.437], [0.041, 0.021, 0.009])
+    milk = box([0.061, -0.1085, 0.437], [0.026, 0.0265, 0.0655])
+    s = scene({"cream_cheese_1": cheese, "milk_1": milk})
+    point, axis = plan_grasp(s.body("cream_cheese_1"), s, [s.body("milk_1")])
+    np.testing.assert_allclose(np.abs(axis), [0, 1, 0], atol=1e-9)  # across the narrow side
+    assert point[1] == pytest.approx(-0.184)
+    assert 0.086 + 0.015 < point[0] <= 0.086 + 0.021 + 1e-9  # away from the carton, 2 cm inside the end
+    alone = scene({"cream_cheese_1": cheese})
+    point, _ = plan_grasp(alone.body("cream_cheese_1"), alone, [])
+    np.testing.assert_allclose(point[:2], [0.086, -0.184], atol=1e-9)
+
+
 def test_bowl_is_grasped_by_the_rim_on_the_free_side():
     bowl = box([0.0, 0.0, 0.9], [0.05, 0.05, 0.025])
     blocker = box([-0.12, 0.0, 0.9], [0.03, 0.03, 0.04])  # right next to the bowl on the -x side
@@ -41,6 +56,40 @@ def test_bowl_is_grasped_by_the_rim_on_the_free_side():
     assert point[0] > -0.01  # not on the blocked side
     radial = point[:2] / np.linalg.norm(point[:2])
     assert abs(abs(np.dot(radial, axis[:2])) - 1) < 1e-9  # fingers straddle the wall
+
+
+def test_a_lift_starts_slowly_and_speeds_up_two_centimetres_up():
+    down = np.diag([1.0, -1.0, -1.0])  # the gripper pointing down
+    bowl = box([0.0, 0.0, 0.9], [0.05, 0.05, 0.025])
+    grip = np.array([-0.044, 0.0, 0.935])  # on the rim
+    held = Scene(scene({"akita_black_bowl_1": bowl}).state | {"eef_pos": grip, "eef_mat": down})
+    skill = PickPlace("akita_black_bowl_1", lambda s: (np.array([0.0, 0.3]), 0.92), "on")
+    skill.grasp_point, skill.grip_mat = grip, down
+    skill.goto("close")
+    while skill.phase == "close":
+        skill.act(held, 4)
+    start = skill.act(held, 4)
+    assert skill.phase == "lift" and start[2] == pytest.approx(0.25)  # straight up, a quarter of full speed
+    risen = Scene(held.state | {"eef_pos": grip + [0, 0, 0.025]})  # the bowl still in the fingers
+    assert skill.act(risen, 4)[2] == pytest.approx(1.0)
+
+
+def test_a_hand_leaving_a_basket_rises_above_its_wall_and_stays_up_until_past_it():
+    """libero_10 task 1: after putting the cream cheese in the basket, the hand went for the butter
+    at the height it let go and dragged the basket along by its wall."""
+    basket = box([0.0, 0.27, 0.437], [0.08, 0.085, 0.07])  # wall top at 0.577
+    butter = box([0.035, 0.063, 0.437], [0.038, 0.02, 0.009])
+    s = scene({"basket_1": basket, "butter_1": butter})
+    in_basket = Scene(s.state | {"eef_pos": np.array([0.0, 0.278, 0.56])})
+    skill = PickPlace("butter_1", lambda s: (np.array([0.0, 0.27]), 0.44), "in")
+    rise = skill.act(in_basket, 4)
+    assert skill.safe_z == pytest.approx(0.577 + 0.04)
+    assert rise[2] > 0 and np.allclose(rise[:2], 0)  # straight up out of the basket
+    risen = Scene(in_basket.state | {"eef_pos": np.array([0.0, 0.278, skill.safe_z])})
+    skill.goto("above")
+    assert abs(skill.act(risen, 4)[2]) < 0.05  # over the basket: across, not down
+    past = Scene(in_basket.state | {"eef_pos": np.array([0.03, 0.12, skill.safe_z])})
+    assert skill.act(past, 4)[2] < -0.1  # past its wall: down towards the butter
 
 
 def test_destinations_follow_the_predicates():
