@@ -114,13 +114,17 @@ def _roomiest_along(body: Body, point, finger_axis, others: list[Body]) -> np.nd
     (libero_10 task 1: a milk carton beside the cream cheese box stopped a finger 6 cm up)."""
     across = horizontal(finger_axis)[:2]
     along = np.array([-across[1], across[0]])
-    length = max((extent for axis, extent in body.horizontal_axes() if abs(horizontal(axis)[:2] @ along) > 0.7),
-                 default=0.0)
+    length = max((extent for axis, extent in body.horizontal_axes() if abs(axis[:2] @ along) > 0.7), default=0.0)
     reach = max(0.0, length / 2 - 0.02)
     reached = [o for o in others if o.top > point[2] - 0.02]
     tall = [o for o in others if o.top > body.top + 0.03]
     spots = [point[:2] + t * along for t in np.linspace(-reach, reach, 9)]
-    return max(spots, key=lambda xy: room_for_hand(xy, across, reached, tall) - 0.01 * np.linalg.norm(xy - point[:2]))
+    return _roomiest(spots, point[:2], across, reached, tall)
+
+
+def _roomiest(spots, middle, across, reached: list[Body], tall: list[Body]) -> np.ndarray:
+    """Of ``spots`` (xy), the one with most ``room_for_hand``; ties go to the one nearest ``middle``."""
+    return max(spots, key=lambda xy: room_for_hand(xy, across, reached, tall) - 0.01 * np.linalg.norm(xy - middle))
 
 
 def room_for_hand(xy, across, reached: list[Body], tall: list[Body]) -> float:
@@ -153,17 +157,13 @@ def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndar
     reached = [o for o in others if o.top > z - 0.02]  # what the fingertips come down to
     tall = [o for o in others if o.top > hi[2] + 0.03]  # what the hand, above the fingers, can hit
     middle = (lo[:2] + hi[:2]) / 2
-
-    def clearance(xy):
-        return room_for_hand(xy, np.eye(2)[across], reached, tall)
-
     along = []
     for f in np.linspace(0.1, 0.9, 9):
         xy = middle.copy()
         xy[1 - across] = lo[1 - across] + f * (hi[1 - across] - lo[1 - across])
         along.append(xy)
-    xy = max(along, key=lambda xy: clearance(xy) - 0.01 * np.linalg.norm(xy - middle))  # ties: nearest the middle
-    if clearance(xy) <= 0.0:
+    xy = _roomiest(along, middle, np.eye(2)[across], reached, tall)
+    if room_for_hand(xy, np.eye(2)[across], reached, tall) <= 0.0:
         return None  # the hand would come down on something standing beside the handle
     return np.array([*xy, z]), closest_finger_axis(np.eye(3)[across], scene.eef_mat)
 
