@@ -13,6 +13,7 @@ import numpy as np
 
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from policies.scripted.doors import PushDoor, PutThroughDoor
+from policies.scripted.geometry import unit
 from policies.scripted.goals import Predicate, read_goal
 from policies.scripted.scene import Scene
 from policies.scripted.skills import (
@@ -24,6 +25,7 @@ from policies.scripted.skills import (
     SkillFailed,
     SlideDish,
     TurnKnob,
+    dish_radius,
     is_dish,
     is_open,
     opening_direction,
@@ -194,6 +196,36 @@ def slides_over_the_table(predicate: Predicate, scene: Scene) -> bool:
     return site.parent is None and abs(site.hi[2] - body.bottom) < 0.015 and is_dish(body)
 
 
+# How far clear of a dish's way an object is pushed.
+WAY_MARGIN = 0.01
+
+
+def clear_the_way(slide: SlideDish, scene: Scene) -> list[PushAside]:
+    """Pushes that take every movable object out of the band a dish sweeps on its straight way
+    to the region's centre, each across the way, on the side it already lies. A dish sliding into
+    an object shoves it along, and the pair jams against whatever stands beyond (the cream cheese
+    against the stove in libero_goal task 5)."""
+    dish = scene.body(slide.obj)
+    start, goal = dish.center[:2], scene.site(slide.region).pos[:2]
+    way, length = unit(goal - start), float(np.linalg.norm(goal - start))
+    across = np.array([-way[1], way[0]])
+    radius = dish_radius(dish)
+    pushes = []
+    for body in scene.bodies():
+        if body.name == slide.obj or scene.state["objects"][body.name].get("fixture"):
+            continue
+        offset = body.center[:2] - start
+        along, aside = float(offset @ way), float(offset @ across)
+        reach = body.half_extent_along(way)
+        if not -radius - reach < along < length + radius + reach:
+            continue  # behind the dish or beyond where it stops
+        distance = radius + body.half_extent_along(across) + WAY_MARGIN - abs(aside)
+        if distance > 0:
+            side = 1.0 if aside >= 0 else -1.0
+            pushes.append(PushAside(body.name, across * side, distance, f"clear {body.name} from the {slide.obj}'s way"))
+    return pushes
+
+
 def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
     """Knobs first (the arm is free and nothing stands on the stove yet), then closing the
     drawers nothing goes into, opening drawers, placements (some into those drawers), and
@@ -218,7 +250,8 @@ def plan_skills(goal: list[Predicate], scene: Scene) -> list[Skill]:
                                            shut=False))
                 placements.append(PutThroughDoor(*predicate.args, door_joint, label))
             elif slides_over_the_table(predicate, scene):
-                placements.append(SlideDish(*predicate.args, label))
+                slide = SlideDish(*predicate.args, label)
+                placements.extend(clear_the_way(slide, scene) + [slide])
             else:
                 destination = destination_for(predicate, scene, slots.get(predicate, 0.0))
                 fit_into = predicate.args[1] if predicate.name == "in" and scene.has_site(predicate.args[1]) else None

@@ -34,6 +34,12 @@ class Body:
     def bottom(self) -> float:
         return float(self.aabb_min[2])
 
+    def half_extent_along(self, direction) -> float:
+        """Half the extent of the body's own box along a horizontal world direction (tighter than
+        the world-aligned box's for a box turned across it)."""
+        d = np.array([direction[0], direction[1], 0.0])
+        return float(np.abs(self.mat.T @ d) @ (self.box_max - self.box_min)) / 2
+
     def horizontal_axes(self) -> list[tuple[np.ndarray, float]]:
         """(world direction, full extent) of each body axis lying roughly horizontal."""
         axes = []

@@ -231,21 +231,24 @@ def test_policy_gives_up_cleanly_on_a_goal_it_cannot_achieve(tmp_path):
         policy.act([Observation(np.zeros(8), "i", "e")])
 
 
-def plate_scene(plate_xy=(0.05, -0.03), eef=(-0.2, 0.0, 1.2)):
-    """libero_goal 5 at init 0: a 14 cm plate, 1.9 cm tall, and the stove's front region on the table."""
+def plate_scene(plate_xy=(0.05, -0.03), eef=(-0.2, 0.0, 1.2), bowl_xy=(-0.075, -0.01), cheese_xy=None):
+    """libero_goal 5 at init 0: a 14 cm plate, 1.9 cm tall, and the stove's front region on the table
+    (the cream cheese box, 8.1 x 4.2 cm, where ``cheese_xy`` says)."""
     region = {"pos": np.array([-0.05, 0.21, 0.895]), "mat": np.eye(3), "size": np.array([0.04, 0.04, 0.007]),
               "parent": None, "joints": []}
     burner = {"pos": np.array([-0.25, 0.2, 0.905]), "mat": np.eye(3), "size": np.array([0.075, 0.075, 0.003]),
               "parent": "flat_stove_1", "joints": []}
-    s = scene({"plate_1": box([*plate_xy, 0.9], [0.069, 0.069, 0.0095]),
-               "akita_black_bowl_1": box([-0.075, -0.01, 0.9], [0.054, 0.054, 0.026]),
-               "flat_stove_1": box([-0.3, 0.2, 0.885], [0.15, 0.1, 0.035], fixture=True)},
-              sites={"main_table_stove_front_region": region, "flat_stove_1_cook_region": burner})
+    objects = {"plate_1": box([*plate_xy, 0.9], [0.069, 0.069, 0.0095]),
+               "akita_black_bowl_1": box([*bowl_xy, 0.9], [0.054, 0.054, 0.026]),
+               "flat_stove_1": box([-0.3, 0.2, 0.885], [0.15, 0.1, 0.035], fixture=True)}
+    if cheese_xy is not None:
+        objects["cream_cheese_1"] = box([*cheese_xy, 0.9], [0.0405, 0.021, 0.009])
+    s = scene(objects, sites={"main_table_stove_front_region": region, "flat_stove_1_cook_region": burner})
     return Scene(s.state | {"eef_pos": np.asarray(eef, dtype=float)})
 
 
 def test_a_plate_bound_for_a_table_region_is_slid_and_anything_else_lifted():
-    s = plate_scene()
+    s = plate_scene(bowl_xy=(0.25, 0.0))  # the bowl out of the plate's way
     (slide,) = plan_skills([Predicate("on", ("plate_1", "main_table_stove_front_region"))], s)
     assert isinstance(slide, SlideDish)
     # the burner stands above the table: the plate would have to be lifted onto it
@@ -254,6 +257,34 @@ def test_a_plate_bound_for_a_table_region_is_slid_and_anything_else_lifted():
     # a bowl is as wide, but tall enough to be held by its rim
     (bowl,) = plan_skills([Predicate("on", ("akita_black_bowl_1", "main_table_stove_front_region"))], s)
     assert isinstance(bowl, PickPlace)
+
+
+def test_what_lies_in_the_plates_way_is_pushed_across_it_just_clear_before_the_slide():
+    # libero_goal 5 at init 5: the plate shoved the cream cheese along and jammed it against the stove
+    s = plate_scene(plate_xy=(0.042, -0.022), bowl_xy=(0.2, 0.3), cheese_xy=(-0.069, 0.116))
+    goal = [Predicate("on", ("plate_1", "main_table_stove_front_region"))]
+    push, slide = plan_skills(goal, s)
+    assert isinstance(push, PushAside) and push.obj == "cream_cheese_1" and isinstance(slide, SlideDish)
+    start, aim = np.array([0.042, -0.022]), np.array([-0.05, 0.21])
+    way = (aim - start) / np.linalg.norm(aim - start)
+    assert abs(push.direction[:2] @ way) < 1e-9  # across the way, not along it
+    assert push.direction[:2] @ (np.array([-0.069, 0.116]) - start) > 0  # on the side it already lies
+
+    def gap_to_the_plate(cheese_xy):
+        """Smallest distance from the plate's centre on its way to the cheese box, less its radius."""
+        centres = start + np.linspace(0, 1, 200)[:, None] * (aim - start)
+        nearest = np.clip(centres, np.subtract(cheese_xy, [0.0405, 0.021]), np.add(cheese_xy, [0.0405, 0.021]))
+        return np.linalg.norm(centres - nearest, axis=1).min() - 0.069
+
+    assert gap_to_the_plate((-0.069, 0.116)) < 0  # in the way
+    gap = gap_to_the_plate(np.array([-0.069, 0.116]) + push.direction[:2] * push.distance)
+    assert 0.005 < gap < 0.015  # clear of it, and not pushed further than that
+    # the bowl beside the plate's way is pushed too; nothing behind the plate or beyond the region is
+    near = plan_skills(goal, plate_scene(bowl_xy=(-0.075, -0.01)))
+    assert [type(k) for k in near] == [PushAside, SlideDish] and near[0].obj == "akita_black_bowl_1"
+    behind = plan_skills(goal, plate_scene(bowl_xy=(0.17, -0.3)))
+    beyond = plan_skills(goal, plate_scene(bowl_xy=(-0.12, 0.43)))
+    assert [type(k) for k in behind] == [type(k) for k in beyond] == [SlideDish]
 
 
 def test_slide_presses_on_the_plate_floor_facing_the_region_and_drags_it_there():
