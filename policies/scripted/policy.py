@@ -210,9 +210,9 @@ def clear_the_way(slide: SlideDish, scene: Scene) -> list[PushAside]:
     way, length = unit(goal - start), float(np.linalg.norm(goal - start))
     across = np.array([-way[1], way[0]])
     radius = dish_radius(dish)
-    pushes = []
+    pushes, fixtures = [], scene.fixtures()
     for body in scene.bodies():
-        if body.name == slide.obj or scene.state["objects"][body.name].get("fixture"):
+        if body.name == slide.obj or body.name in fixtures:
             continue
         offset = body.center[:2] - start
         along, aside = float(offset @ way), float(offset @ across)
@@ -222,7 +222,8 @@ def clear_the_way(slide: SlideDish, scene: Scene) -> list[PushAside]:
         distance = radius + body.half_extent_along(across) + WAY_MARGIN - abs(aside)
         if distance > 0:
             side = 1.0 if aside >= 0 else -1.0
-            pushes.append(PushAside(body.name, across * side, distance, f"clear {body.name} from the {slide.obj}'s way"))
+            label = f"clear {body.name} from the {slide.obj}'s way"
+            pushes.append(PushAside(body.name, across * side, distance, label))
     return pushes
 
 

@@ -96,6 +96,10 @@ class Scene:
         s = self.state["sites"][name]
         return Site(name, s["pos"], s["mat"], s["size"], s["parent"], s["joints"])
 
+    def fixtures(self) -> set[str]:
+        """Names of the objects that do not move (cabinets, stoves): only their joints do."""
+        return {name for name, o in self.state["objects"].items() if o.get("fixture")}
+
     def bodies(self) -> list[Body]:
         return [self.body(n) for n in self.state["objects"]]
 

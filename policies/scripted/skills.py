@@ -246,8 +246,7 @@ class PickPlace(Skill):
         """Top of the tallest movable thing (other than the object) under the fingers: the basket the
         hand has just put something into, whose wall it would drag along (libero_10 task 1). Fixtures
         do not move; rising above a cabinet after opening its drawer would only cost steps."""
-        exclude = {self.obj} | {name for name, o in scene.state["objects"].items() if o.get("fixture")}
-        return scene.highest_top_along(scene.eef_pos, scene.eef_pos, exclude=exclude, margin=0.04)
+        return scene.highest_top_along(scene.eef_pos, scene.eef_pos, exclude={self.obj} | scene.fixtures(), margin=0.04)
 
     def _rise(self, scene, body, eef, steps):
         target = np.array([eef[0], eef[1], self.safe_z])
