@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from policies.vla.hooks import StreamSizes, TokenStream, read_sizes, right_aligned
+from policies.vla.hooks import StreamSizes, TokenStream, right_aligned, sizes_on_host
 
 
 REFERENCE_DEPTH = 32  # the LLM depth (Llama-2 7B) the reference methods give their layers for
@@ -55,33 +55,53 @@ def keep_tokens(stream: TokenStream, keep: torch.Tensor, sizes: StreamSizes | No
     """The stream restricted to tokens where ``keep`` (B, T) is true, left-padded to the longest
     sample. Its new length is read on the host, together with the new stream's counts, unless
     the caller knows those counts (``sizes``, see ``dropped_sizes``)."""
-    if stream.padding is not None:
-        keep = keep & ~stream.padding
-    if sizes is None:
-        sizes = read_sizes(keep, stream.visual, stream.task)
+    order, masks = kept_layout(keep, stream.visual, stream.task, stream.padding)
+    return take_kept(stream, order, masks, sizes or sizes_on_host(kept_counts(masks)))
+
+
+def kept_layout(keep: torch.Tensor, visual: torch.Tensor, task: torch.Tensor,
+                padding: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed-shape part of ``keep_tokens``, which reads nothing on the host, so a graph can
+    hold it: the (B, T) order that puts each sample's kept tokens last, in order, and the
+    (B, 3, T) masks of the kept tokens, the kept visual tokens and the kept task tokens."""
+    if padding is not None:
+        keep = keep & ~padding
+    return right_aligned(keep, keep.shape[1]), torch.stack([keep, visual & keep, task & keep], dim=1)
+
+
+def kept_counts(masks: torch.Tensor) -> torch.Tensor:
+    """(3, B) counts of ``kept_layout``'s masks: kept tokens, kept visual and kept task tokens."""
+    return masks.sum(dim=2).T
+
+
+def take_kept(stream: TokenStream, order: torch.Tensor, masks: torch.Tensor, sizes: StreamSizes) -> TokenStream:
+    """The kept tokens of ``stream`` (``kept_layout``'s order and masks, the counts ``sizes``):
+    the gathers whose shapes depend on the kept counts."""
     longest = max(sizes.tokens)
-    order = right_aligned(keep, longest)
-    padding = None if min(sizes.tokens) == longest else ~keep.gather(1, order)
+    tail = order[:, order.shape[1] - longest:]
+    kept = masks.gather(2, tail[:, None].expand(-1, masks.shape[1], -1))
     device = stream.hidden.device
-    hidden = stream.hidden.gather(1, order.to(device)[..., None].expand(-1, -1, stream.hidden.shape[2]))
-    kept = keep.gather(1, order)
     return TokenStream(
-        hidden=hidden,
-        position_ids=stream.position_ids.gather(1, order.to(stream.position_ids.device)),
-        visual=stream.visual.gather(1, order) & kept,
-        task=stream.task.gather(1, order) & kept,
-        padding=padding,
+        hidden=stream.hidden.gather(1, tail.to(device)[..., None].expand(-1, -1, stream.hidden.shape[2])),
+        position_ids=stream.position_ids.gather(1, tail.to(stream.position_ids.device)),
+        visual=kept[:, 1],
+        task=kept[:, 2],
+        padding=None if min(sizes.tokens) == longest else ~kept[:, 0],
         sizes=sizes,
     )
+
+
+def chosen_keep(visual: torch.Tensor, columns: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: every token but the visual ones, and the chosen visual tokens (``chosen``
+    (B, V) over the visual ``columns``)."""
+    return (~visual).scatter_(1, columns, chosen.to(visual.device))
 
 
 def keep_chosen(stream: TokenStream, columns: torch.Tensor, chosen: torch.Tensor,
                 sizes: StreamSizes | None = None) -> TokenStream:
     """The stream with only the chosen visual tokens (``chosen`` (B, V) over ``columns``) and all
     others; ``sizes`` as for ``keep_tokens``."""
-    keep = ~stream.visual.clone()
-    keep.scatter_(1, columns, chosen.to(keep.device))
-    return keep_tokens(stream, keep, sizes)
+    return keep_tokens(stream, chosen_keep(stream.visual, columns, chosen), sizes)
 
 
 POSITIONS = ("renumber", "keep")  # after a plug-in drops tokens: RoPE positions 0, 1, ... again, or the original ones
@@ -111,13 +131,23 @@ def lowest_visual(scores: torch.Tensor, visual: torch.Tensor, drop: torch.Tensor
 def visual_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V, D) visual tokens and their (B, V) column indices, for a stream whose samples
     all hold the same number V of visual tokens (before any pruning)."""
+    return visual_tokens(stream.hidden, stream.visual, visual_count(stream))
+
+
+def visual_count(stream: TokenStream) -> int:
+    """The number of visual tokens every sample of ``stream`` holds (an error if they differ)."""
     counts = set(stream.host_sizes().visual)
     if len(counts) != 1:
         raise ValueError(f"the samples hold different numbers of visual tokens {sorted(counts)}: "
                          "this selection needs the whole visual block of each")
-    columns = right_aligned(stream.visual, counts.pop())
-    index = columns.to(stream.hidden.device)
-    return stream.hidden.gather(1, index[..., None].expand(-1, -1, stream.hidden.shape[2])), columns
+    return counts.pop()
+
+
+def visual_tokens(hidden: torch.Tensor, visual: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``visual_block`` from the hidden states and the visual mask, given the count: no host read."""
+    columns = right_aligned(visual, count)
+    index = columns.to(hidden.device)
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[2])), columns
 
 
 def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:

@@ -13,13 +13,15 @@ and gives slot i the position of the token it selected; the length does not chan
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from policies.pruning.base import keep_chosen, on_meta, rms_norm, task_block, visual_block
-from policies.vla.hooks import Hooks, TokenStream
+from policies.pruning.base import (chosen_keep, kept_counts, kept_layout, on_meta, rms_norm, take_kept, task_block,
+                                   visual_block, visual_count, visual_tokens)
+from policies.vla.hooks import Hooks, TokenStream, sizes_on_host
 
 
 def lightvla_scores(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,20 +109,38 @@ class LightVLAPruner(Hooks):
         self.noise_scale = noise_scale(step, max_steps)
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
-        visual, columns = visual_block(stream)
-        task, task_mask, task_counts = task_block(stream)
-        v, d = visual.shape[1:]
+        v, task_counts = visual_count(stream), list(stream.host_sizes().task)
+        d = stream.hidden.shape[2]
         self.add_cost([2 * v * d * (2 * m + v) for m in task_counts])  # queries (two products) and the V x V scores
         if self.training:
+            visual, columns = visual_block(stream)
+            task, task_mask, _ = task_block(stream)
             weights, indices = straight_through(lightvla_scores(visual, task, task_mask), self.noise_scale)
             self.add_cost([2 * v * v * d] * len(task_counts))  # W @ P
             return replace_visual(stream, columns, weights @ visual, selected_positions(stream, columns, indices))
-        if self.graphs is not None and not on_meta(visual):
-            # Scoring and choice have fixed shapes: one graph; the gather after it does not.
-            chosen = self.graphs.run(f"lightvla choice keep={self.keep}", self.chosen, visual, task, task_mask)
+        # Everything up to the kept counts has fixed shapes: one graph (a GPU then idles only
+        # while the counts are read and the gathers after them are launched).
+        n, masked = max(task_counts), min(task_counts) != max(task_counts)
+        layout = functools.partial(self.layout, visual_count=v, task_count=n, masked=masked)
+        args = (stream.hidden, stream.visual, stream.task, stream.padding)
+        if self.graphs is not None and not on_meta(stream.hidden):
+            order, masks, counts = self.graphs.run(f"lightvla keep={self.keep} visual={v} task={n} masked={masked}",
+                                                   layout, *args)
         else:
-            chosen = self.chosen(visual, task, task_mask)
-        return keep_chosen(stream, columns, chosen)
+            order, masks, counts = layout(*args)
+        return take_kept(stream, order, masks, sizes_on_host(counts))
+
+    def layout(self, hidden: torch.Tensor, is_visual: torch.Tensor, is_task: torch.Tensor,
+               padding: torch.Tensor | None, visual_count: int, task_count: int,
+               masked: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kept_layout`` and ``kept_counts`` of the tokens inference keeps, from the stream's
+        tensors and its host counts (the last ``task_count`` tokens hold every sample's task
+        tokens; ``masked`` when some samples have fewer)."""
+        visual, columns = visual_tokens(hidden, is_visual, visual_count)
+        task = hidden[:, -task_count:]
+        chosen = self.chosen(visual, task, is_task[:, -task_count:] if masked else None)
+        order, masks = kept_layout(chosen_keep(is_visual, columns, chosen), is_visual, is_task, padding)
+        return order, masks, kept_counts(masks)
 
     def chosen(self, visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, V) bool: the visual tokens inference keeps."""

@@ -62,7 +62,12 @@ class TokenStream:
 def read_sizes(real: torch.Tensor, visual: torch.Tensor, task: torch.Tensor) -> StreamSizes:
     """The counts of the (B, T) masks of real tokens and of the visual and task tokens among
     them, in one read-back."""
-    tokens, visual, task = torch.stack([real.sum(dim=1), (visual & real).sum(dim=1), (task & real).sum(dim=1)]).tolist()
+    return sizes_on_host(torch.stack([real.sum(dim=1), (visual & real).sum(dim=1), (task & real).sum(dim=1)]))
+
+
+def sizes_on_host(counts: torch.Tensor) -> StreamSizes:
+    """(3, B) counts of real, visual and task tokens per sample, read on the host at once."""
+    tokens, visual, task = counts.tolist()
     return StreamSizes(tuple(tokens), tuple(visual), tuple(task))
 
 
