@@ -201,10 +201,11 @@ class HostReads:
                 kwargs = kwargs or {}
                 boolean_index = func is aten.index.Tensor and any(
                     isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-                to_host = func is aten._to_copy.default and args[0].device.type not in ("cpu", "meta") and (
-                    torch.device(kwargs.get("device", args[0].device)).type == "cpu")
-                if func.overloadpacket in reads or boolean_index or to_host:
+                if func.overloadpacket in reads or boolean_index:
                     counter._read(args[0], func)
+                source = copied_to_host(func, args, kwargs)
+                if source is not None:
+                    counter._read(source, func)
                 return func(*args, **kwargs)
 
         self._originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
@@ -226,3 +227,23 @@ class HostReads:
         for name, original in self._originals.items():
             setattr(torch.Tensor, name, original)
         return self._mode.__exit__(*exc)
+
+
+def copied_to_host(func, args: tuple, kwargs: dict):
+    """The device tensor that the operator ``func`` copies to the host, or None. A copy from a
+    GPU is seen as ``aten._to_copy``, as ``aten.to`` itself (``.cpu()`` under inference mode, on
+    an H100 with PyTorch 2.11: ``to.dtype_layout``) or as ``copy_`` into a host tensor."""
+    aten = torch.ops.aten
+    if func is aten.copy_.default:
+        source, target = args[1], args[0].device
+    elif func.overloadpacket in (aten._to_copy, aten.to):
+        source, target = args[0], kwargs.get("device")
+        for arg in args[1:]:  # to.device gives the device, to.other a tensor on it
+            if target is None and isinstance(arg, (torch.device, str)):
+                target = arg
+            elif target is None and hasattr(arg, "device"):
+                target = arg.device
+    else:
+        return None
+    on_device = getattr(source, "device", None) is not None and source.device.type not in ("cpu", "meta")
+    return source if on_device and target is not None and torch.device(target).type == "cpu" else None

@@ -189,3 +189,32 @@ def test_calls_that_record_a_graph_are_marked_and_eager_calls_are_not():
     graphs.run("f", fn, torch.zeros(2))  # recorded (on the CPU, the call stands in for a replay)
     graphs.run("f", fn, torch.zeros(3))  # a shape past the limit runs eagerly
     assert seen == [True, False] and not is_recording()
+
+
+def test_every_form_of_a_copy_from_a_gpu_to_the_host_is_a_read():
+    # Stand-ins with a device: the forms a GPU copy took on an H100 (PyTorch 2.11), where
+    # ``.cpu()`` under inference mode reaches the counter as ``aten.to`` and went uncounted.
+    from types import SimpleNamespace
+
+    from policies.vla.graphs import copied_to_host
+
+    aten = torch.ops.aten
+    gpu, host, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu")), "cpu"
+    reads = [
+        (aten.to.dtype_layout, (gpu,), {"dtype": torch.float32, "device": torch.device(cpu)}),
+        (aten.to.device, (gpu, torch.device(cpu), torch.float32), {}),
+        (aten.to.other, (gpu, host), {}),
+        (aten._to_copy.default, (gpu,), {"device": torch.device(cpu)}),
+        (aten.copy_.default, (host, gpu), {}),
+    ]
+    for func, args, kwargs in reads:
+        assert copied_to_host(func, args, kwargs) is gpu, func
+    not_reads = [
+        (aten.to.dtype_layout, (host,), {"device": torch.device(cpu)}),  # already on the host
+        (aten.to.dtype, (gpu, torch.float16), {}),  # stays on the GPU
+        (aten._to_copy.default, (host,), {"device": torch.device("cuda")}),  # host to GPU
+        (aten.copy_.default, (gpu, host), {}),
+        (aten.add.Tensor, (gpu, gpu), {}),
+    ]
+    for func, args, kwargs in not_reads:
+        assert copied_to_host(func, args, kwargs) is None, func
