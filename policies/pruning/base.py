@@ -154,8 +154,14 @@ def task_block(stream: TokenStream) -> tuple[torch.Tensor, torch.Tensor | None, 
     """(B, n, D) last-n tokens covering every sample's task tokens, the (B, n) mask of which are
     task tokens (None when all are), and each sample's task-token count."""
     counts = list(stream.host_sizes().task)
-    n = max(counts)
-    return stream.hidden[:, -n:], (None if min(counts) == n else stream.task[:, -n:]), counts
+    return task_tokens(stream.hidden, stream.task, max(counts), min(counts) != max(counts)) + (counts,)
+
+
+def task_tokens(hidden: torch.Tensor, task: torch.Tensor, n: int,
+                masked: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``task_block`` from the hidden states and the task mask, given the most task tokens of a
+    sample and whether some samples have fewer: no host read."""
+    return hidden[:, -n:], (task[:, -n:] if masked else None)
 
 
 def text_counts(stream: TokenStream, margins: tuple[int, int]) -> list[int]:

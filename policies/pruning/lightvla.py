@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.pruning.base import (chosen_keep, kept_counts, kept_layout, on_meta, rms_norm, take_kept, task_block,
-                                   visual_block, visual_count, visual_tokens)
+                                   task_tokens, visual_block, visual_count, visual_tokens)
 from policies.vla.hooks import Hooks, TokenStream, sizes_on_host
 
 
@@ -137,8 +137,7 @@ class LightVLAPruner(Hooks):
         tensors and its host counts (the last ``task_count`` tokens hold every sample's task
         tokens; ``masked`` when some samples have fewer)."""
         visual, columns = visual_tokens(hidden, is_visual, visual_count)
-        task = hidden[:, -task_count:]
-        chosen = self.chosen(visual, task, is_task[:, -task_count:] if masked else None)
+        chosen = self.chosen(visual, *task_tokens(hidden, is_task, task_count, masked))
         order, masks = kept_layout(chosen_keep(is_visual, columns, chosen), is_visual, is_task, padding)
         return order, masks, kept_counts(masks)
 
