@@ -46,7 +46,12 @@ def max_min_diverse(distance: torch.Tensor, count: int) -> torch.Tensor:
     b, v, _ = distance.shape
     if not 1 <= count <= v:
         raise ValueError(f"DivPrune keeps 1..{v} of {v} visual tokens, got {count}")
-    # Farthest from its nearest neighbour: the second-smallest of a column (the smallest is itself).
+    # A token's distance to itself is -inf: then the smallest of a column is always the token
+    # itself, and a chosen token scores -inf from its own row on (the minimum keeps it there),
+    # so a step takes three kernels (argmax, gather, minimum).
+    distance = distance.clone()
+    distance.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    # Farthest from its nearest neighbour: the second-smallest of a column.
     score = distance.topk(min(2, v), dim=1, largest=False).values[:, -1]
     chosen = []
     for step in range(count):
@@ -54,8 +59,6 @@ def max_min_diverse(distance: torch.Tensor, count: int) -> torch.Tensor:
         chosen.append(pick)
         row = distance.gather(1, pick[:, None, None].expand(b, 1, v))[:, 0]  # the new token's distances
         score = row if step == 0 else torch.minimum(score, row)
-        # A chosen token scores -inf from now on (the minimum keeps it there): four kernels a step.
-        score = score.scatter(1, pick[:, None], float("-inf"))
     return torch.stack(chosen, dim=1)
 
 
