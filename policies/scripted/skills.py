@@ -162,8 +162,9 @@ def _handle_grasp(body: Body, scene: Scene, others: list[Body]) -> tuple[np.ndar
         xy = middle.copy()
         xy[1 - across] = lo[1 - across] + f * (hi[1 - across] - lo[1 - across])
         along.append(xy)
-    xy = _roomiest(along, middle, np.eye(2)[across], reached, tall)
-    if room_for_hand(xy, np.eye(2)[across], reached, tall) <= 0.0:
+    finger_axis = np.eye(2)[across]
+    xy = _roomiest(along, middle, finger_axis, reached, tall)
+    if room_for_hand(xy, finger_axis, reached, tall) <= 0.0:
         return None  # the hand would come down on something standing beside the handle
     return np.array([*xy, z]), closest_finger_axis(np.eye(3)[across], scene.eef_mat)
 

@@ -239,10 +239,7 @@ def copied_to_host(func, args: tuple, kwargs: dict):
     elif func.overloadpacket in (aten._to_copy, aten.to):
         source, target = args[0], kwargs.get("device")
         for arg in args[1:]:  # to.device gives the device, to.other a tensor on it
-            if target is None and isinstance(arg, (torch.device, str)):
-                target = arg
-            elif target is None and hasattr(arg, "device"):
-                target = arg.device
+            target = target or (arg if isinstance(arg, (torch.device, str)) else getattr(arg, "device", None))
     else:
         return None
     on_device = getattr(source, "device", None) is not None and source.device.type not in ("cpu", "meta")
