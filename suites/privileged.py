@@ -40,6 +40,8 @@ class SceneIndex:
                 half = m.geom_aabb[self.joints[joint]["geoms"], 3:]
                 self.joints[joint]["volumes"] = np.prod(half, axis=1)
         self.grip_site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "gripper0_grip_site")
+        # the Panda's shoulder pitch joint sits at link 2's origin: how far the hand reaches is measured from it
+        self.shoulder = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, "robot0_link2")
         self.finger_tips = [
             mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, name)
             for name in ("gripper0_finger_joint1_tip", "gripper0_finger_joint2_tip")
@@ -140,6 +142,7 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
         "eef_pos": d.site_xpos[index.grip_site].copy(),
         "eef_mat": d.site_xmat[index.grip_site].reshape(3, 3).copy(),
         "gripper_qpos": _gripper_qpos(env),
+        "shoulder_pos": d.xpos[index.shoulder].copy(),
         "finger_tips": np.array([d.xpos[b] for b in index.finger_tips]),
         "objects": objects,
         "sites": sites,

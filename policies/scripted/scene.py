@@ -78,6 +78,7 @@ class Scene:
         self.state = state
         self.eef_pos = np.asarray(state["eef_pos"])
         self.eef_mat = np.asarray(state["eef_mat"])
+        self.shoulder_pos = np.asarray(state["shoulder_pos"])
         qpos = np.asarray(state["gripper_qpos"])
         self.gripper_width = float(qpos[0] - qpos[1])
 

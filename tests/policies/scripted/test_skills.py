@@ -74,6 +74,27 @@ def test_a_lift_starts_slowly_and_speeds_up_two_centimetres_up():
     assert skill.act(risen, 4)[2] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("x, far", [(0.05, True), (-0.1, False)])
+def test_the_hand_slows_down_only_when_arriving_far_out_from_the_shoulder(x, far):
+    """libero_spatial task 9: arriving at full speed over the bowl at the far end of the cabinet, the
+    arm went on stretching and the descent drifted onto the rim."""
+    bowl = box([x, -0.3, 1.14], [0.05, 0.05, 0.025])
+    s = scene({"akita_black_bowl_1": bowl})  # the shoulder at x -0.66, y 0
+    skill = PickPlace("akita_black_bowl_1", lambda s: (np.array([0.0, 0.2]), 0.9), "on")
+    skill.act(s, 4)
+    skill.goto("above")
+    above = skill.grasp_point + [0, 0, 0.10]
+    assert (np.linalg.norm(above[:2] - [-0.66, 0]) > 0.70) == far
+
+    def speed(eef):
+        return np.linalg.norm(skill.act(Scene(s.state | {"eef_pos": np.asarray(eef)}), 4)[:3])
+
+    assert speed(above + [-0.3, 0.2, 0]) == pytest.approx(1.0)  # far away: full speed
+    near = np.hypot(0.06, 0.04) / 0.15 if far else 1.0
+    assert speed(above + [-0.06, 0.04, 0]) == pytest.approx(near)  # arriving from nearer the shoulder
+    assert speed(above + [0.06, -0.04, 0]) == pytest.approx(1.0)  # coming back in: no need
+
+
 def test_a_hand_leaving_a_basket_rises_above_its_wall_and_stays_up_until_past_it():
     """libero_10 task 1: after putting the cream cheese in the basket, the hand went for the butter
     at the height it let go and dragged the basket along by its wall."""
