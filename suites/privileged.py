@@ -42,6 +42,10 @@ class SceneIndex:
         self.grip_site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, "gripper0_grip_site")
         # the Panda's shoulder pitch joint sits at link 2's origin: how far the hand reaches is measured from it
         self.shoulder = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, "robot0_link2")
+        # the Panda's last joint turns the hand about its own axis, within +-2.90 rad
+        wrist = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_JOINT, "robot0_joint7")
+        self.wrist_qposadr = int(m.jnt_qposadr[wrist])
+        self.wrist_range = np.array(m.jnt_range[wrist])
         self.finger_tips = [
             mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, name)
             for name in ("gripper0_finger_joint1_tip", "gripper0_finger_joint2_tip")
@@ -143,6 +147,8 @@ def snapshot(env, index: SceneIndex, bddl_file: str) -> dict:
         "eef_mat": d.site_xmat[index.grip_site].reshape(3, 3).copy(),
         "gripper_qpos": _gripper_qpos(env),
         "shoulder_pos": d.xpos[index.shoulder].copy(),
+        "wrist_turn": float(d.qpos[index.wrist_qposadr]),
+        "wrist_turn_range": index.wrist_range.copy(),
         "finger_tips": np.array([d.xpos[b] for b in index.finger_tips]),
         "objects": objects,
         "sites": sites,

@@ -79,6 +79,8 @@ class Scene:
         self.eef_pos = np.asarray(state["eef_pos"])
         self.eef_mat = np.asarray(state["eef_mat"])
         self.shoulder_pos = np.asarray(state["shoulder_pos"])
+        self.wrist_turn = float(state["wrist_turn"])  # the arm's last joint (rad), which turns the hand
+        self.wrist_turn_range = np.asarray(state["wrist_turn_range"])
         qpos = np.asarray(state["gripper_qpos"])
         self.gripper_width = float(qpos[0] - qpos[1])
 

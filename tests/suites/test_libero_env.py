@@ -85,6 +85,9 @@ def test_observation_conventions(task):
         np.testing.assert_allclose(images["proprio"][:3], raw["robot0_eef_pos"])
         state = images["privileged"]
         assert set(state["objects"]) >= {"akita_black_bowl_1", "plate_1", "wooden_cabinet_1"}
+        np.testing.assert_allclose(state["wrist_turn_range"], [-2.8973, 2.8973])  # the Panda's last joint
+        robot, sim = env._robosuite_env.robots[0], env._robosuite_env.sim
+        assert state["wrist_turn"] == sim.data.qpos[robot._ref_joint_pos_indexes[6]]
         bowl = state["objects"]["akita_black_bowl_1"]
         assert np.all(bowl["aabb_min"] < bowl["pos"] + 0.01) and np.all(bowl["pos"] < bowl["aabb_max"])
         top = state["joints"]["wooden_cabinet_1_top_level"]

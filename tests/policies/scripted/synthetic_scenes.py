@@ -20,5 +20,6 @@ def box(pos, half, fixture=False, yaw=0.0):
 def scene(objects, sites=None, joints=None, articulation=None):
     return Scene({"eef_pos": np.array([-0.2, 0, 1.2]), "eef_mat": np.diag([1.0, -1.0, -1.0]),
                   "shoulder_pos": np.array([-0.66, 0.0, 1.245]),
+                  "wrist_turn": 0.0, "wrist_turn_range": np.array([-2.8973, 2.8973]),
                   "gripper_qpos": np.array([0.04, -0.04]), "objects": objects, "sites": sites or {},
                   "joints": joints or {}, "articulation": articulation or {}, "bddl_file": ""})

@@ -15,6 +15,7 @@ from policies.scripted.skills import (
     SkillFailed,
     SlideDish,
     TurnKnob,
+    keep_wrist_in_range,
     plan_grasp,
     turn_to_fit,
 )
@@ -93,6 +94,32 @@ def test_the_hand_slows_down_only_when_arriving_far_out_from_the_shoulder(x, far
     near = np.hypot(0.06, 0.04) / 0.15 if far else 1.0
     assert speed(above + [-0.06, 0.04, 0]) == pytest.approx(near)  # arriving from nearer the shoulder
     assert speed(above + [0.06, -0.04, 0]) == pytest.approx(1.0)  # coming back in: no need
+
+
+@pytest.mark.parametrize("joint, hand_turn, grasp_swing, carry_swing, flipped", [
+    (0.8, -1.45, 0.0, 0.0, False),  # the joint estimated at 2.25 rad: room enough
+    (0.8, -1.45, 0.67, 0.0, True),  # 2.92 at the grasp: past the limit
+    (0.8, -1.45, 0.3, 0.0, False),  # 2.55
+    (0.8, -1.45, 0.3, 0.4, True),  # 2.55 at the grasp, 2.95 at the destination
+    (2.87, -0.16, 0.0, 0.0, False),  # 3.03, but the other way round moves the joint 3 rad
+])
+def test_the_hand_turns_the_other_way_round_when_its_last_joint_would_reach_its_limit(
+        joint, hand_turn, grasp_swing, carry_swing, flipped):
+    """libero_spatial task 1, init state 33: the smaller turn of the hand (-1.45 rad) plus the arm's swing
+    towards the bowl (0.67 rad) took the last joint from 0.76 rad to its limit, 2.90, and the hand stopped
+    short of its aim; the other way round (+1.69 rad) the joint ends near 0. The hand keeps its turn while
+    carrying, so a swing on the way to the destination counts as well. libero_goal task 3: after opening
+    the drawer the joint stands at 2.87; the other way round would swing it through 3 rad."""
+    s = scene({})  # the hand at x -0.2, y 0, its fingers along x; the shoulder at x -0.66, y 0
+    s = Scene(s.state | {"wrist_turn": joint})
+
+    def swung(angle):
+        return np.array([-0.66 + 0.5 * np.cos(angle), 0.5 * np.sin(angle), 0.9])
+
+    places = [swung(grasp_swing), swung(grasp_swing + carry_swing)]
+    axis = np.array([np.cos(hand_turn), np.sin(hand_turn), 0.0])
+    chosen = keep_wrist_in_range(s, axis, places)
+    np.testing.assert_allclose(chosen, -axis if flipped else axis)
 
 
 def test_a_hand_leaving_a_basket_rises_above_its_wall_and_stays_up_until_past_it():
