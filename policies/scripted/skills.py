@@ -109,16 +109,13 @@ def wrist_turn_on_the_way(scene: Scene, finger_axis, places, turn: float = 0.0) 
     down) turned to close its fingers along ``finger_axis`` at the first and then carried, turned by
     ``turn`` more at the last. Swinging about the shoulder turns the hand with the arm; the last joint
     makes up the difference, so it moves by the swing minus the hand's own turn."""
-    shoulder = scene.shoulder_pos
+    def heading(v) -> float:  # of a horizontal direction, about the vertical
+        return float(np.arctan2(v[1], v[0]))
 
-    def swing(a, b):
-        return _wrap(np.arctan2(b[1] - shoulder[1], b[0] - shoulder[0]) - np.arctan2(a[1] - shoulder[1], a[0] - shoulder[0]))
-
-    now = scene.eef_mat[:, 0]
-    joint = scene.wrist_turn - _wrap(np.arctan2(finger_axis[1], finger_axis[0]) - np.arctan2(now[1], now[0]))
+    joint = scene.wrist_turn - _wrap(heading(finger_axis) - heading(scene.eef_mat[:, 0]))
     turns, here = [], scene.eef_pos
     for place in places:
-        joint += swing(here, place)
+        joint += _wrap(heading(place - scene.shoulder_pos) - heading(here - scene.shoulder_pos))  # the arm's swing
         turns.append(joint)
         here = place
     turns[-1] -= turn
