@@ -20,6 +20,7 @@ EPISODES = [
     ("libero_object", 1, 0),  # cream cheese box into the basket
     ("libero_goal", 7, 0),  # turn the stove's knob
     ("libero_goal", 0, 0),  # drag a drawer open by its handle bar
+    ("libero_10", 0, 37),  # the second can into the basket: lined up over its spot before going down
     ("libero_10", 5, 0),  # book into the caddy's back compartment
     ("libero_10", 3, 0),  # bowl into an open drawer, then push the drawer shut
     ("libero_10", 9, 0),  # mug into the microwave by its handle, then push the door shut

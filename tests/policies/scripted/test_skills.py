@@ -140,6 +140,33 @@ def test_a_hand_leaving_a_basket_rises_above_its_wall_and_stays_up_until_past_it
     assert skill.act(past, 4)[2] < -0.1  # past its wall: down towards the butter
 
 
+@pytest.mark.parametrize("off, can_bottom, region_half, into_basket, goes_down", [
+    (0.017, 0.65, 0.06, True, False),  # above the rim, 2.3 cm over the wall (0.6 on its spot): across first
+    (0.008, 0.65, 0.06, True, True),  # 1.4 cm over it: within 1 cm of where it will be
+    (0.017, 0.55, 0.06, True, True),  # already below the rim: the walls guide it
+    (0.017, 0.65, 0.10, True, True),  # a wide container (a drawer): sliding on does not reach its wall
+    (0.017, 0.65, 0.06, False, True),  # onto a plate there is no wall to meet
+])
+def test_an_object_goes_down_into_a_container_only_once_clear_of_its_wall(
+        off, can_bottom, region_half, into_basket, goes_down):
+    """libero_10 task 0, init state 37: the hand, arriving over the basket at full speed, slid on 1.7 cm,
+    and the tomato sauce, lowered at once, came down on the basket's wall and stayed on the soup can."""
+    region = {"pos": np.array([0.0, 0.27, 0.5]), "mat": np.eye(3), "size": np.array([region_half, 0.06, 0.07]),
+              "parent": "basket_1", "joints": []}  # its top at 0.57
+    spot = np.array([0.035, 0.27])
+    can = box([spot[0] + off, spot[1], can_bottom], [0.031, 0.031, 0.038])
+    eef = np.array([spot[0] + off, spot[1], can_bottom + 0.04])
+    s = Scene(scene({"tomato_sauce_1": can}, sites={"basket_1_contain_region": region}).state | {"eef_pos": eef})
+    skill = PickPlace("tomato_sauce_1", lambda s: (spot, 0.44), "in",
+                      fit_into="basket_1_contain_region" if into_basket else None)
+    skill.grip_mat, skill.hold_offset = np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 0.04])
+    skill.goto("lower")
+    action = skill.act(s, 4)
+    assert skill.phase == "lower"
+    assert (action[2] < -0.1) == goes_down
+    assert action[0] < 0  # towards its spot either way
+
+
 def test_destinations_follow_the_predicates():
     region = {"pos": np.array([0.3, 0.1, 0.95]), "mat": np.eye(3), "size": np.array([0.06, 0.06, 0.07]),
               "parent": "basket_1", "joints": []}
