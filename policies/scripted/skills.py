@@ -402,11 +402,11 @@ class PickPlace(Skill):
         dest_xy, dest_bottom = self.destination(scene)
         offset = eef - body.pos
         target = np.array([dest_xy[0] + offset[0], dest_xy[1] + offset[1], eef[2] + dest_bottom - body.bottom])
+        lining_up = self._over_a_wall(scene, body, dest_xy)
+        if lining_up:
+            target[2] = eef[2]  # across first: the hand may still be sliding on from the carry
         stalled = self.last_eef_z is not None and self.last_eef_z - eef[2] < 0.002 and self.ticks > 2
-        self.last_eef_z = eef[2]
-        if self._over_a_wall(scene, body, dest_xy):
-            target[2] = eef[2]  # line up first: the hand may still be sliding on from the carry
-            self.last_eef_z = None  # not going down is no stall
+        self.last_eef_z = None if lining_up else eef[2]  # not going down is no stall
         if body.bottom - dest_bottom < 0.006 or stalled or self.ticks > 15:
             self.last_eef_z = None
             self.goto("release")
