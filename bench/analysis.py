@@ -55,14 +55,24 @@ def policy_label(config: dict) -> str:
     return " ".join([config["policy"], *shown])
 
 
+def answering_policy(manifest: dict) -> tuple[str, str]:
+    """(name, label) of the policy that answered the run's queries: for ``remote``, the one its
+    server served (``lightvla keep=78 (served)``)."""
+    served = (manifest.get("policy_provenance") or {}).get("served")
+    if served is None:
+        return manifest["config"]["policy"], policy_label(manifest["config"])
+    return served["policy"], policy_label(served) + " (served)"
+
+
 def run_frame(run_dir: Path) -> pd.DataFrame:
     manifest = read_manifest(run_dir)
     rows = []
+    policy, label = answering_policy(manifest)
     run_fields = {
         "run_id": Path(run_dir).resolve().name,  # where the run is now: a copied or moved run is its own
         "run_dir": str(run_dir),
-        "policy": manifest["config"]["policy"],
-        "policy_label": policy_label(manifest["config"]),
+        "policy": policy,
+        "policy_label": label,
         "policy_caveat": manifest.get("policy_caveat"),
         **_flatten("config.", manifest["config"]),
         **_flatten("protocol.", manifest.get("protocol", {})),

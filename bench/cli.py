@@ -22,15 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="settings from a YAML or JSON file (or a run's manifest.json); flags given override them")
     run.add_argument("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 (libero_long), libero_90")
     run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}); see 'bench list policies'")
-    run.add_argument("--policy-arg", action="append", type=key_value, metavar="KEY=VALUE",
-                     help="policy option, repeatable")
-    run.add_argument("--checkpoint", help="model checkpoint directory, or a Hugging Face Hub repository id found in the "
-                     "local Hub cache (same as --policy-arg checkpoint=DIR)")
-    run.add_argument("--unnorm-key", help="dataset statistics entry of the checkpoint (policy option unnorm_key)")
-    run.add_argument("--device", help="model device: auto, cpu, cuda (policy option device)")
-    run.add_argument("--action-slice", choices=("train", "release"),
-                     help="hidden states fed to the action head: train (OFT's, the default) or release (the last 56, "
-                          "as LightVLA's public code reads them) (policy option action_slice)")
+    _policy_options(run)
     run.add_argument("--tasks", help="task indices, e.g. 0,3 or 0-4 (default: all)")
     sel = run.add_mutually_exclusive_group()
     sel.add_argument("--episodes-per-task", type=POSITIVE, help="use the first N init states of each task (default 50)")
@@ -110,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--published", action="store_true",
                      help="also list the success rates published elsewhere for the runs' suites, apart")
 
+    srv = sub.add_parser("serve", help="answer 'remote' policies over TCP with a policy on this machine")
+    srv.add_argument("--policy", required=True, help="policy name; see 'bench list policies'")
+    _policy_options(srv)
+    srv.add_argument("--seed", type=int, default=0,
+                     help="policy seed (default 0): what the policy draws once (random weights); each episode's "
+                          "seed comes from the run")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for every network: no authentication)")
+    srv.add_argument("--port", type=NON_NEGATIVE, default=8765, help="port (default 8765; 0 picks a free one)")
+
     cmp = sub.add_parser("compare", help="exit non-zero if CANDIDATE regresses against BASELINE")
     cmp.add_argument("baseline")
     cmp.add_argument("candidate")
@@ -118,17 +120,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _policy_options(parser) -> None:
+    """The policy's options, as ``bench run`` and ``bench serve`` take them."""
+    parser.add_argument("--policy-arg", action="append", type=key_value, metavar="KEY=VALUE",
+                        help="policy option, repeatable")
+    parser.add_argument("--checkpoint", help="model checkpoint directory, or a Hugging Face Hub repository id found "
+                        "in the local Hub cache (same as --policy-arg checkpoint=DIR)")
+    parser.add_argument("--unnorm-key", help="dataset statistics entry of the checkpoint (policy option unnorm_key)")
+    parser.add_argument("--device", help="model device: auto, cpu, cuda (policy option device)")
+    parser.add_argument("--action-slice", choices=("train", "release"),
+                        help="hidden states fed to the action head: train (OFT's, the default) or release (the last "
+                             "56, as LightVLA's public code reads them) (policy option action_slice)")
+
+
+def _policy_args(args) -> dict[str, str]:
+    """``--policy-arg`` options with those given by flags of their own."""
+    policy_args = dict(args.policy_arg or [])
+    for option, value in (("checkpoint", args.checkpoint), ("unnorm_key", args.unnorm_key), ("device", args.device),
+                          ("action_slice", args.action_slice)):
+        if value is not None:
+            policy_args[option] = value
+    return policy_args
+
+
 def _config_from_args(args):
     from bench.config import RunConfig
     from bench.config_file import read_config_file
     from bench.plan import parse_index_list
     from bench.records import read_manifest
 
-    policy_args = dict(args.policy_arg or [])
-    for option, value in (("checkpoint", args.checkpoint), ("unnorm_key", args.unnorm_key), ("device", args.device),
-                          ("action_slice", args.action_slice)):
-        if value is not None:
-            policy_args[option] = value
+    policy_args = _policy_args(args)
     given = {
         "suite": args.suite,
         "policy": args.policy,
@@ -305,6 +326,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from bench.analysis import policy_label
+    from bench.serve import serve
+    from policies import make_policy
+
+    policy_args = _policy_args(args)
+    policy = make_policy(args.policy, policy_args, seed=args.seed)
+    label = policy_label({"policy": args.policy, "policy_args": policy_args})
+
+    def ready(address) -> None:
+        host, port = address
+        print(f"serving {label} on {host}:{port}; clients: bench run --policy remote "
+              f"--policy-arg address={host}:{port} (Ctrl-C stops)", flush=True)
+
+    try:
+        serve(policy, policy_args, args.host, args.port, on_ready=ready)
+    except KeyboardInterrupt:
+        print("\nbench: server stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_compare(args) -> int:
     import pandas as pd
 
@@ -332,7 +374,7 @@ def cmd_compare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
-                "report": cmd_report, "compare": cmd_compare}
+                "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
     from bench.pool import PoolStartError
     from bench.records import RunDirError
     from policies.base import PolicyOptionError

@@ -51,10 +51,10 @@ class Job:
     init_state: object
 
 
-class RemotePolicy(Policy):
+class WorkerStandIn(Policy):
     """Stands in for the real policy inside a worker: forwards each query to the main process."""
 
-    name = "remote"
+    name = "stand-in"
 
     def __init__(self, conn, needs_images: bool, needs_privileged: bool, chunk_length: int):
         super().__init__(Policy.Options(chunk_length=chunk_length))
@@ -75,7 +75,7 @@ def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tu
     from bench.runner import TaskEnv
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    policy = RemotePolicy(conn, *policy_traits)
+    policy = WorkerStandIn(conn, *policy_traits)
     envs = TaskEnv(env_factory)
     conn.send(("ready",))
     try:
@@ -147,7 +147,7 @@ class WorkerPool:
             while any(queues.values()) or any(w.job for w in self.workers):
                 for worker in self.workers:
                     if worker.job is None:
-                        self._assign(worker, queues)
+                        self._assign(worker, queues, on_result)
                 busy = [w for w in self.workers if w.job is not None]
                 if not busy:
                     break
@@ -175,7 +175,20 @@ class WorkerPool:
         finally:
             self.close()
 
-    def _assign(self, worker: _Worker, queues: dict[str, deque]) -> None:
+    def _assign(self, worker: _Worker, queues: dict[str, deque], on_result) -> None:
+        while (job := self._next_job(worker, queues)) is not None:
+            try:
+                self.policy.reset(job.episode)
+            except Exception as exc:  # noqa: BLE001 - as in the serial loop: that episode's error
+                result = EpisodeResult(outcome=ERROR, error=describe_error(exc))
+                end_episode(self.policy, job.episode, result)
+                on_result(job, result)
+                continue
+            worker.job, worker.task_key, worker.started, worker.latencies = job, job.task.key, time.monotonic(), []
+            worker.conn.send(job)
+            return
+
+    def _next_job(self, worker: _Worker, queues: dict[str, deque]) -> Job | None:
         # Stay on the worker's task while it has episodes (its env is built); else take the
         # task with most episodes left that no other worker is on.
         key = worker.task_key if queues.get(worker.task_key) else None
@@ -183,12 +196,9 @@ class WorkerPool:
             taken = {w.task_key for w in self.workers if w is not worker and w.job is not None}
             candidates = [k for k, q in queues.items() if q]
             if not candidates:
-                return
+                return None
             key = max(candidates, key=lambda k: (k not in taken, len(queues[k])))
-        job = queues[key].popleft()
-        self.policy.reset(job.episode)
-        worker.job, worker.task_key, worker.started, worker.latencies = job, key, time.monotonic(), []
-        worker.conn.send(job)
+        return queues[key].popleft()
 
     def _answer(self, queries: list) -> None:
         for start in range(0, len(queries), self.max_batch):

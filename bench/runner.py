@@ -318,8 +318,10 @@ def _manifest_for(run_dir: Path, config: RunConfig, policy: Policy, plan, settin
                 + "\nStart a new run directory instead."
             )
         # Each resumption's own code, machine and packages: episodes of several sessions mix.
-        recorded.setdefault("resumes", []).append(
-            {"at": now_iso(), "code": code_revision(), "host": host_info(), "versions": versions})
+        resumed = {"at": now_iso(), "code": code_revision(), "host": host_info(), "versions": versions}
+        if policy.provenance() is not None:
+            resumed["policy_provenance"] = policy.provenance()
+        recorded.setdefault("resumes", []).append(resumed)
         recorded["config"] = config.to_dict()  # non-protocol settings may change
         recorded["policy_caveat"] = policy.caveat  # runs recorded before caveats were kept gain theirs
         return recorded
@@ -342,6 +344,7 @@ def _manifest_for(run_dir: Path, config: RunConfig, policy: Policy, plan, settin
         },
         "policy": policy.identity(),
         "policy_caveat": policy.caveat,
+        "policy_provenance": policy.provenance(),
         "plan": [ep.key for ep in plan],
         "versions": versions,
         "code": code_revision(),

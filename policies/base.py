@@ -104,6 +104,11 @@ class Policy(ABC):
             ident["revision"] = self.revision
         return ident
 
+    def provenance(self) -> dict[str, Any] | None:
+        """Where the policy runs when that is not this process (a served policy's host, package
+        versions and code), for the run's manifest; None when it runs here."""
+        return None
+
 
 def parse_options(options_cls: type, args: dict[str, str], policy_name: str):
     """Build an options dataclass from ``key=value`` strings, by the fields' declared types."""

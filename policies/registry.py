@@ -15,6 +15,7 @@ POLICIES: dict[str, tuple[str, str]] = {
     "random": ("policies.simple:RandomPolicy", "uniform random actions, seeded per episode"),
     "replay": ("policies.simple:ReplayPolicy", "replays recorded actions from a .npy/.npz file"),
     "scripted": ("policies.scripted:ScriptedPolicy", "privileged-state expert: motion primitives from the BDDL goal"),
+    "remote": ("policies.remote:RemotePolicy", "a policy answered by 'bench serve' on this or another machine (address=HOST:PORT)"),
     "oft": ("policies.vla.policy:OFTPolicy", "OpenVLA-OFT from a local checkpoint (--checkpoint DIR or cached Hub REPO), or random weights"),
     "lightvla": ("policies.pruning.adapters:LightVLAPolicy", "OpenVLA-OFT + LightVLA query-based visual token selection"),
     "lightvla_star": ("policies.pruning.adapters:LightVLAStarPolicy", "LightVLA with learnable queries, after LLM layer L (llm:L) or vision block B (vision:B)"),

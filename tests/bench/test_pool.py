@@ -212,3 +212,26 @@ def test_every_episode_ends_on_the_real_policy_in_serial_and_pool_runs(tmp_path,
         execute(config(workers=workers), run, env_factory=factory, progress=False)
         assert sorted(policy.ended) == sorted(r["key"] for r in read_episodes(run))
         assert len(policy.ended) == 6
+
+
+def test_a_policy_that_cannot_start_an_episode_makes_it_an_error_and_the_run_goes_on(tmp_path, monkeypatch):
+    # As in the serial loop (a served policy whose server went away fails at the reset).
+    import bench.runner
+    from tests.fakes import CountingPolicy
+
+    class FailsToReset(CountingPolicy):
+        def reset(self, episode):
+            if episode.episode_id.startswith("libero_goal/1/"):
+                raise ConnectionError("no policy server answers")
+
+    for workers in (1, 2):
+        policy = FailsToReset()
+        monkeypatch.setattr(bench.runner, "make_policy", lambda *args, **kwargs: policy)
+        run = tmp_path / f"run{workers}"
+        execute(config(workers=workers), run, env_factory=fake_env, progress=False)
+        records = {r["key"]: r for r in read_episodes(run)}
+        assert len(records) == 6 and sorted(policy.ended) == sorted(records)
+        failed = sorted(k for k, r in records.items() if r["outcome"] == "error")
+        assert failed == ["libero_goal/1/0", "libero_goal/1/1"]
+        assert all(records[k]["error"].startswith("ConnectionError: no policy server answers") for k in failed)
+

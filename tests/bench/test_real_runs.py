@@ -6,6 +6,8 @@ import pytest
 
 from bench.cli import main
 from bench.records import read_episodes
+from bench.serve import ServerThread
+from policies import make_policy
 
 pytestmark = pytest.mark.sim
 
@@ -60,10 +62,12 @@ def test_random_policy_with_video(tmp_path):
     assert len(frames) == 17 and frames[0].shape == (256, 512, 3)
 
 
-def test_pool_and_serial_give_the_same_real_outcomes(tmp_path):
-    for mode, workers in (("serial", "1"), ("pool", "2")):
-        assert main(["run", "--suite", "libero_object", "--policy", "scripted", "--tasks", "0,1", "--init-states", "0",
-                     "--workers", workers, "--out", str(tmp_path / mode), "--no-progress", "--json"]) == 0
-    serial, pool = (sorted((r["key"], r["outcome"], r["steps"]) for r in read_episodes(tmp_path / m))
-                    for m in ("serial", "pool"))
-    assert serial == pool and len(serial) == 2
+def test_pool_serial_and_a_served_policy_give_the_same_real_outcomes(tmp_path):
+    with ServerThread(make_policy("scripted")) as server:
+        for mode, workers, policy in (("serial", "1", ["scripted"]), ("pool", "2", ["scripted"]),
+                                      ("served", "2", ["remote", "--policy-arg", f"address={server.address}"])):
+            assert main(["run", "--suite", "libero_object", "--policy", *policy, "--tasks", "0,1", "--init-states",
+                         "0", "--workers", workers, "--out", str(tmp_path / mode), "--no-progress", "--json"]) == 0
+    serial, pool, served = (sorted((r["key"], r["outcome"], r["steps"]) for r in read_episodes(tmp_path / m))
+                            for m in ("serial", "pool", "served"))
+    assert serial == pool == served and len(serial) == 2

@@ -1,0 +1,181 @@
+"""``bench serve``: one policy answering ``remote`` clients over TCP.
+
+The simulator needs CPUs and the model an accelerator; a server lets env workers on one
+machine (``bench run --policy remote --policy-arg address=HOST:PORT``) drive a model on
+another. Each connection gets a thread; calls into the policy are serialised by a lock (one
+model, one device). Requests and their replies (``policies/wire.py``):
+
+- ``{"op": "hello", "protocol"}``: the policy's traits, identity and provenance;
+- ``{"op": "select_suite", "suite"}``, ``{"op": "reset", "episode"}``, ``{"op": "end", "episode"}``;
+- ``{"op": "act", "observations"}``: ``{"outputs": [{"actions", "stats"}]}``, each query's stats
+  with ``served_ms``, the time the server spent answering.
+
+A failing call is answered ``{"error": {"type", "message"}}`` and the connection stays open.
+There is no authentication: serve on localhost or a network you trust.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+import time
+from typing import Callable
+
+from bench.provenance import code_revision, host_info, package_versions
+from policies.base import EpisodeInfo, Observation, Policy, PolicyOptionError
+from policies.wire import PROTOCOL, ProtocolError, receive, send
+
+
+class PolicyServer:
+    """What ``bench serve`` runs: the policy, its lock, and who evaluates which suite."""
+
+    def __init__(self, policy: Policy, policy_args: dict[str, str]):
+        self.policy = policy
+        self.policy_args = dict(policy_args)
+        self.lock = threading.Lock()
+        self.suites: dict[int, str] = {}  # connection id -> the suite it selected
+        self.provenance = {"host": host_info(), "versions": package_versions(), "code": code_revision()}
+
+    def hello(self) -> dict:
+        policy = self.policy
+        return {
+            "protocol": PROTOCOL,
+            "policy": policy.name,
+            "policy_args": self.policy_args,
+            "identity": policy.identity(),
+            "caveat": policy.caveat,
+            "needs_images": policy.needs_images,
+            "needs_privileged": policy.needs_privileged,
+            "chunk_length": policy.chunk_length,
+            "provenance": self.provenance,
+        }
+
+    def select_suite(self, connection: int, suite: str) -> None:
+        # One policy holds one suite's settings (a checkpoint's statistics): a client may not
+        # change them under another that is still evaluating.
+        others = {s for c, s in self.suites.items() if c != connection}
+        if others and suite not in others:
+            raise PolicyOptionError(f"this server's policy is evaluating {others.pop()} for another client; "
+                                    f"serve {suite} from a server of its own")
+        self.policy.select_suite(suite)
+        self.suites[connection] = suite
+
+    def act(self, observations: list[dict]) -> dict:
+        observations = [Observation(**obs) for obs in observations]
+        start = time.perf_counter()
+        outputs = self.policy.act(observations)
+        self.policy.synchronize()
+        served_ms = (time.perf_counter() - start) * 1000.0
+        if len(outputs) != len(observations):
+            raise RuntimeError(f"the policy returned {len(outputs)} outputs for {len(observations)} observations")
+        return {"outputs": [{"actions": out.actions, "stats": {**out.stats, "served_ms": served_ms}}
+                            for out in outputs]}
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    server: "_TCPServer"
+
+    def handle(self) -> None:
+        state = self.server.state
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small replies go out at once
+        open_episodes: dict[str, EpisodeInfo] = {}
+        try:
+            while (request := receive(sock)) is not None:
+                reply = self.answer(state, request, open_episodes)
+                try:
+                    send(sock, reply)
+                except TypeError as exc:  # packed before anything is written: the connection is intact
+                    send(sock, {"error": {"type": "TypeError", "message": f"the answer cannot be sent: {exc}"}})
+        except (ConnectionError, ProtocolError, OSError):
+            pass  # the client went away or spoke another protocol: drop the connection
+        finally:
+            with state.lock:
+                for episode in open_episodes.values():  # free the state of episodes left unfinished
+                    _quietly(state.policy.end, episode)
+                state.suites.pop(id(self), None)
+
+    def answer(self, state: PolicyServer, request: dict, open_episodes: dict) -> dict:
+        op = request.get("op")
+        try:
+            with state.lock:
+                if op == "hello":
+                    if request.get("protocol") != PROTOCOL:
+                        raise ProtocolError(f"the client speaks protocol {request.get('protocol')}, "
+                                            f"this server {PROTOCOL}: update one of them")
+                    return state.hello()
+                if op == "select_suite":
+                    state.select_suite(id(self), request["suite"])
+                    return {}
+                if op in ("reset", "end"):
+                    episode = EpisodeInfo(**request["episode"])
+                    if op == "reset":
+                        open_episodes[episode.episode_id] = episode
+                        state.policy.reset(episode)
+                    else:
+                        open_episodes.pop(episode.episode_id, None)
+                        state.policy.end(episode)
+                    return {}
+                if op == "act":
+                    return state.act(request["observations"])
+                raise ProtocolError(f"unknown request {op!r}")
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the client that caused it
+            return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address, state: PolicyServer):
+        super().__init__(address, _Connection)
+        self.state = state
+
+
+def serve(policy: Policy, policy_args: dict[str, str], host: str, port: int,
+          on_ready: Callable[[tuple[str, int]], None] | None = None,
+          stop: threading.Event | None = None) -> None:
+    """Answer clients until interrupted (or ``stop`` is set); ``on_ready`` gets the address
+    bound (port 0 picks a free one)."""
+    with _TCPServer((host, port), PolicyServer(policy, policy_args)) as server:
+        if on_ready is not None:
+            on_ready(server.server_address[:2])
+        if stop is not None:
+            threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
+        server.serve_forever(poll_interval=0.2)
+
+
+class ServerThread:
+    """``serve`` in a thread of this process on a free port (or ``port``), for scripts and tests:
+    ``with ServerThread(policy) as server: make_policy("remote", {"address": server.address})``."""
+
+    def __init__(self, policy: Policy, policy_args: dict[str, str] | None = None, port: int = 0):
+        ready, self._stop = threading.Event(), threading.Event()
+        bound = []
+        self._thread = threading.Thread(
+            target=serve, args=(policy, policy_args or {}, "127.0.0.1", port),
+            kwargs={"on_ready": lambda address: (bound.append(address), ready.set()), "stop": self._stop},
+            daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the policy server did not start within 30 s")
+        self.port = bound[0][1]
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def __enter__(self) -> "ServerThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _quietly(call, *args) -> None:
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - freeing state of a client that left: nothing to report to
+        pass
