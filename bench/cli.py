@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to listen on (default 127.0.0.1; 0.0.0.0 for every network: no authentication)")
     srv.add_argument("--port", type=NON_NEGATIVE, default=8765, help="port (default 8765; 0 picks a free one)")
+    srv.add_argument("--max-batch", type=NON_NEGATIVE, default=0,
+                     help="most observations per policy call when clients' queries wait together (default, or 0: "
+                          "all that wait)")
 
     cmp = sub.add_parser("compare", help="exit non-zero if CANDIDATE regresses against BASELINE")
     cmp.add_argument("baseline")
@@ -341,7 +344,7 @@ def cmd_serve(args) -> int:
               f"--policy-arg address={host}:{port} (Ctrl-C stops)", flush=True)
 
     try:
-        serve(policy, policy_args, args.host, args.port, on_ready=ready)
+        serve(policy, policy_args, args.host, args.port, args.max_batch, on_ready=ready)
     except KeyboardInterrupt:
         print("\nbench: server stopped", file=sys.stderr)
     return 0

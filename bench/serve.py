@@ -3,12 +3,14 @@
 The simulator needs CPUs and the model an accelerator; a server lets env workers on one
 machine (``bench run --policy remote --policy-arg address=HOST:PORT``) drive a model on
 another. Each connection gets a thread; calls into the policy are serialised by a lock (one
-model, one device). Requests and their replies (``policies/wire.py``):
+model, one device), and queries waiting together are answered by one call. Requests and their
+replies (``policies/wire.py``):
 
 - ``{"op": "hello", "protocol"}``: the policy's traits, identity and provenance;
 - ``{"op": "select_suite", "suite"}``, ``{"op": "reset", "episode"}``, ``{"op": "end", "episode"}``;
 - ``{"op": "act", "observations"}``: ``{"outputs": [{"actions", "stats"}]}``, each query's stats
-  with ``served_ms``, the time the server spent answering.
+  with ``served_ms``, the time the policy's call took, and ``served_batch``, the observations
+  it answered.
 
 A failing call is answered ``{"error": {"type", "message"}}`` and the connection stays open.
 There is no authentication: serve on localhost or a network you trust.
@@ -16,10 +18,13 @@ There is no authentication: serve on localhost or a network you trust.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import socketserver
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 from bench.provenance import code_revision, host_info, package_versions
@@ -27,17 +32,43 @@ from policies.base import EpisodeInfo, Observation, Policy, PolicyOptionError
 from policies.wire import PROTOCOL, ProtocolError, receive, send
 
 
-class PolicyServer:
-    """What ``bench serve`` runs: the policy, its lock, and who evaluates which suite."""
+@dataclass
+class _Request:
+    """One client's ``act`` request, waiting for the batch it joins."""
 
-    def __init__(self, policy: Policy, policy_args: dict[str, str]):
+    observations: list[Observation]
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: list[dict] | None = None
+    error: Exception | None = None
+
+
+class PolicyServer:
+    """What ``bench serve`` runs: the policy, its lock, who evaluates which suite, and the
+    batcher. ``act`` requests that arrive while the policy is busy are answered together by
+    its next call (at most ``max_batch`` observations, 0: no limit; a request is never split),
+    as the worker pool batches its workers' queries."""
+
+    def __init__(self, policy: Policy, policy_args: dict[str, str], max_batch: int = 0):
         self.policy = policy
         self.policy_args = dict(policy_args)
-        self.lock = threading.Lock()
+        self.max_batch = max_batch
+        self.lock = threading.Lock()  # one call into the policy at a time
         self.suites: dict[int, str] = {}  # connection id -> the suite it selected
         self.provenance = {"host": host_info(), "versions": package_versions(), "code": code_revision()}
+        self._waiting: deque[_Request] = deque()
+        self._arrived = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._answer_batches, daemon=True).start()
 
-    def hello(self) -> dict:
+    def close(self) -> None:
+        """Stop the batcher (requests still waiting are not answered)."""
+        with self._arrived:
+            self._closed = True
+            self._arrived.notify()
+
+    def hello(self, protocol) -> dict:
+        if protocol != PROTOCOL:
+            raise ProtocolError(f"the client speaks protocol {protocol}, this server {PROTOCOL}: update one of them")
         policy = self.policy
         return {
             "protocol": PROTOCOL,
@@ -54,23 +85,76 @@ class PolicyServer:
     def select_suite(self, connection: int, suite: str) -> None:
         # One policy holds one suite's settings (a checkpoint's statistics): a client may not
         # change them under another that is still evaluating.
-        others = {s for c, s in self.suites.items() if c != connection}
-        if others and suite not in others:
-            raise PolicyOptionError(f"this server's policy is evaluating {others.pop()} for another client; "
-                                    f"serve {suite} from a server of its own")
-        self.policy.select_suite(suite)
-        self.suites[connection] = suite
+        with self.lock:
+            others = {s for c, s in self.suites.items() if c != connection}
+            if others and suite not in others:
+                raise PolicyOptionError(f"this server's policy is evaluating {others.pop()} for another client; "
+                                        f"serve {suite} from a server of its own")
+            self.policy.select_suite(suite)
+            self.suites[connection] = suite
+
+    def reset(self, episode: EpisodeInfo) -> None:
+        with self.lock:
+            self.policy.reset(episode)
+
+    def end(self, episode: EpisodeInfo) -> None:
+        with self.lock:
+            self.policy.end(episode)
+
+    def disconnected(self, connection: int, open_episodes) -> None:
+        """Free what a client that went away left: its unfinished episodes' state, its suite."""
+        with self.lock:
+            for episode in open_episodes:
+                _quietly(self.policy.end, episode)
+            self.suites.pop(connection, None)
 
     def act(self, observations: list[dict]) -> dict:
-        observations = [Observation(**obs) for obs in observations]
-        start = time.perf_counter()
-        outputs = self.policy.act(observations)
-        self.policy.synchronize()
-        served_ms = (time.perf_counter() - start) * 1000.0
-        if len(outputs) != len(observations):
-            raise RuntimeError(f"the policy returned {len(outputs)} outputs for {len(observations)} observations")
-        return {"outputs": [{"actions": out.actions, "stats": {**out.stats, "served_ms": served_ms}}
-                            for out in outputs]}
+        request = _Request([Observation(**obs) for obs in observations])
+        with self._arrived:
+            self._waiting.append(request)
+            self._arrived.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return {"outputs": request.outputs}
+
+    def _answer_batches(self) -> None:
+        while True:
+            with self._arrived:
+                self._arrived.wait_for(lambda: self._waiting or self._closed)
+                if self._closed:
+                    return
+                batch = [self._waiting.popleft()]
+                size = len(batch[0].observations)
+                while self._waiting and self._fits(size + len(self._waiting[0].observations)):
+                    batch.append(self._waiting.popleft())
+                    size += len(batch[-1].observations)
+            self._answer(batch, size)
+
+    def _fits(self, size: int) -> bool:
+        return not self.max_batch or size <= self.max_batch
+
+    def _answer(self, batch: list[_Request], size: int) -> None:
+        observations = [obs for request in batch for obs in request.observations]
+        try:
+            with self.lock:
+                start = time.perf_counter()
+                outputs = self.policy.act(observations)
+                self.policy.synchronize()
+                served_ms = (time.perf_counter() - start) * 1000.0
+            if len(outputs) != size:
+                raise RuntimeError(f"the policy returned {len(outputs)} outputs for {size} observations")
+        except Exception as exc:  # noqa: BLE001 - a failure of the call is each waiting request's error
+            for request in batch:
+                request.error = exc
+                request.done.set()
+            return
+        answers = iter(outputs)
+        for request in batch:
+            request.outputs = [{"actions": out.actions, "stats": {**out.stats, "served_ms": served_ms,
+                                                                  "served_batch": size}}
+                               for out in itertools.islice(answers, len(request.observations))]
+            request.done.set()
 
 
 class _Connection(socketserver.BaseRequestHandler):
@@ -91,35 +175,28 @@ class _Connection(socketserver.BaseRequestHandler):
         except (ConnectionError, ProtocolError, OSError):
             pass  # the client went away or spoke another protocol: drop the connection
         finally:
-            with state.lock:
-                for episode in open_episodes.values():  # free the state of episodes left unfinished
-                    _quietly(state.policy.end, episode)
-                state.suites.pop(id(self), None)
+            state.disconnected(id(self), list(open_episodes.values()))
 
     def answer(self, state: PolicyServer, request: dict, open_episodes: dict) -> dict:
         op = request.get("op")
         try:
-            with state.lock:
-                if op == "hello":
-                    if request.get("protocol") != PROTOCOL:
-                        raise ProtocolError(f"the client speaks protocol {request.get('protocol')}, "
-                                            f"this server {PROTOCOL}: update one of them")
-                    return state.hello()
-                if op == "select_suite":
-                    state.select_suite(id(self), request["suite"])
-                    return {}
-                if op in ("reset", "end"):
-                    episode = EpisodeInfo(**request["episode"])
-                    if op == "reset":
-                        open_episodes[episode.episode_id] = episode
-                        state.policy.reset(episode)
-                    else:
-                        open_episodes.pop(episode.episode_id, None)
-                        state.policy.end(episode)
-                    return {}
-                if op == "act":
-                    return state.act(request["observations"])
+            if op == "hello":
+                return state.hello(request.get("protocol"))
+            if op == "select_suite":
+                state.select_suite(id(self), request["suite"])
+            elif op == "reset":
+                episode = EpisodeInfo(**request["episode"])
+                open_episodes[episode.episode_id] = episode
+                state.reset(episode)
+            elif op == "end":
+                episode = EpisodeInfo(**request["episode"])
+                open_episodes.pop(episode.episode_id, None)
+                state.end(episode)
+            elif op == "act":
+                return state.act(request["observations"])
+            else:
                 raise ProtocolError(f"unknown request {op!r}")
+            return {}
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the client that caused it
             return {"error": {"type": type(exc).__name__, "message": str(exc)}}
 
@@ -133,28 +210,33 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         self.state = state
 
 
-def serve(policy: Policy, policy_args: dict[str, str], host: str, port: int,
+def serve(policy: Policy, policy_args: dict[str, str], host: str, port: int, max_batch: int = 0,
           on_ready: Callable[[tuple[str, int]], None] | None = None,
           stop: threading.Event | None = None) -> None:
     """Answer clients until interrupted (or ``stop`` is set); ``on_ready`` gets the address
     bound (port 0 picks a free one)."""
-    with _TCPServer((host, port), PolicyServer(policy, policy_args)) as server:
-        if on_ready is not None:
-            on_ready(server.server_address[:2])
-        if stop is not None:
-            threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
-        server.serve_forever(poll_interval=0.2)
+    state = PolicyServer(policy, policy_args, max_batch)
+    try:
+        with _TCPServer((host, port), state) as server:
+            if on_ready is not None:
+                on_ready(server.server_address[:2])
+            if stop is not None:
+                threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
+            server.serve_forever(poll_interval=0.2)
+    finally:
+        state.close()
 
 
 class ServerThread:
     """``serve`` in a thread of this process on a free port (or ``port``), for scripts and tests:
     ``with ServerThread(policy) as server: make_policy("remote", {"address": server.address})``."""
 
-    def __init__(self, policy: Policy, policy_args: dict[str, str] | None = None, port: int = 0):
+    def __init__(self, policy: Policy, policy_args: dict[str, str] | None = None, port: int = 0,
+                 max_batch: int = 0):
         ready, self._stop = threading.Event(), threading.Event()
         bound = []
         self._thread = threading.Thread(
-            target=serve, args=(policy, policy_args or {}, "127.0.0.1", port),
+            target=serve, args=(policy, policy_args or {}, "127.0.0.1", port, max_batch),
             kwargs={"on_ready": lambda address: (bound.append(address), ready.set()), "stop": self._stop},
             daemon=True)
         self._thread.start()

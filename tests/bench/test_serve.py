@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -215,6 +216,53 @@ def test_a_served_policy_error_on_a_call_keeps_the_connection():
             client.act([Observation(np.zeros(8), "do it", "libero_goal/1/0")])
         client.reset(episode("fine"))
         assert len(client.act([Observation(np.zeros(8), "do it", "fine")])) == 1
+
+
+class Gated(Noting):
+    """Its first call waits for the gate, so that other clients' queries queue up meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def act(self, observations):
+        self.calls.append([obs.episode_id for obs in observations])
+        if len(self.calls) == 1:
+            self.gate.wait(10)
+        return super().act(observations)
+
+
+@pytest.mark.parametrize("max_batch", [0, 1])
+def test_queries_that_wait_together_are_answered_by_one_call(max_batch):
+    policy = Gated()
+    answers = {}
+    with ServerThread(policy, max_batch=max_batch) as server:
+        clients = {key: make_policy("remote", {"address": server.address}) for key in "abc"}
+        for key, client in clients.items():
+            client.reset(episode(key))
+
+        def query(key):
+            answers[key] = clients[key].act([Observation(np.zeros(8), "do it", key)])[0]
+
+        threads = {key: threading.Thread(target=query, args=(key,)) for key in "abc"}
+        threads["a"].start()
+        deadline = time.time() + 5
+        while not policy.calls and time.time() < deadline:
+            time.sleep(0.01)
+        threads["b"].start()
+        threads["c"].start()
+        time.sleep(0.5)  # b and c wait while a is answered
+        policy.gate.set()
+        for thread in threads.values():
+            thread.join(10)
+    calls = [sorted(call) for call in policy.calls]
+    assert calls[0] == ["a"]
+    assert sorted(calls[1:]) == ([["b", "c"]] if max_batch == 0 else [["b"], ["c"]])
+    order = [obs.episode_id for obs in policy.seen]
+    for key, answer in answers.items():  # each client its own chunk
+        assert answer.actions[0, 0] == 10 * order.index(key)
+        assert answer.stats["served_batch"] == (2 if max_batch == 0 and key != "a" else 1)
 
 
 class OddStats(CountingPolicy):
