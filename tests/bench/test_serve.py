@@ -286,9 +286,11 @@ def test_what_cannot_cross_is_an_error_of_that_call_and_the_connection_stays():
 
 def test_bench_serve_answers_a_run_and_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A shell's background jobs inherit an ignored SIGINT, and Python then never raises
+    # KeyboardInterrupt: give the server the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", "--policy", "random", "--policy-arg", "scale=0.5",
                              "--port", "0"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving random scale=0.5 on 127.0.0.1:"), line
