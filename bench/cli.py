@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch", type=NON_NEGATIVE, help="most observations per policy call (default, or 0: one per worker)")
     run.add_argument("--out", type=Path, help="run directory (default results/<suite>_<policy>_<time>)")
     run.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="with --resume: run again the episodes recorded as errors (their records move to "
+                          "retried_errors.jsonl)")
     run.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -201,7 +204,8 @@ def cmd_run(args) -> int:
         raise ValueError("--out and --resume name different directories; give one")
     config = _config_from_args(args)
     run_dir = args.resume or args.out or default_run_dir(config)
-    summary = execute(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    summary = execute(config, run_dir, resume=bool(args.resume), progress=not args.no_progress,
+                      retry_errors=args.retry_errors)
     df = load_results(summary.run_dir)
     if args.json:
         judged = summary.outcomes["success"] + summary.outcomes["failure"]

@@ -18,6 +18,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 EPISODES = "episodes.jsonl"
+RETRIED_ERRORS = "retried_errors.jsonl"  # records of error episodes that were run again
 
 
 class RunDirError(RuntimeError):
@@ -72,20 +73,23 @@ def _scan(path: Path) -> tuple[list[dict], int]:
     return records, valid
 
 
+def _line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _write_lines(path: Path, records: list[dict], mode: str) -> None:
+    with open(path, mode) as f:
+        f.writelines(_line(r) for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class EpisodeLog:
     """Append-only writer for ``episodes.jsonl``."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EPISODES
-        self._file = open(self.path, "a")
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise RunDirError(f"{run_dir} is in use: another process is running episodes into it") from None
-        except OSError as exc:  # a file system without locks: run, but say what is not guarded
-            print(f"warning: {self.path} cannot be locked ({exc}); do not run two processes into this run",
-                  file=sys.stderr)
+        self._file = self._open_locked()
         try:
             records, valid = _scan(self.path)
         except RunDirError:
@@ -96,10 +100,39 @@ class EpisodeLog:
         if self.path.stat().st_size != valid:
             self._file.truncate(valid)  # drop the torn tail of a killed run
 
+    def _open_locked(self):
+        file = open(self.path, "a")
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            raise RunDirError(f"{self.path.parent} is in use: another process is running episodes into it") from None
+        except OSError as exc:  # a file system without locks: run, but say what is not guarded
+            print(f"warning: {self.path} cannot be locked ({exc}); do not run two processes into this run",
+                  file=sys.stderr)
+        return file
+
+    def withdraw_errors(self) -> list[dict]:
+        """Take the episodes recorded as errors out of the run so that they run again (a server
+        or a GL context that failed for a while). Their records are kept: appended to
+        ``retried_errors.jsonl`` first, before ``episodes.jsonl`` is replaced by the others."""
+        errors = [r for r in self.records if r["outcome"] == "error"]
+        if not errors:
+            return []
+        kept = [r for r in self.records if r["outcome"] != "error"]
+        _write_lines(self.path.parent / RETRIED_ERRORS, errors, "a")
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        _write_lines(tmp, kept, "w")
+        os.replace(tmp, self.path)
+        previous, self._file = self._file, self._open_locked()  # the new file, locked before the old lets go
+        previous.close()
+        self.records, self.done_keys = kept, {r["key"] for r in kept}
+        return errors
+
     def append(self, record: dict) -> None:
         if record["key"] in self.done_keys:
             raise RunDirError(f"episode {record['key']} is already recorded")
-        self._file.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+        self._file.write(_line(record))
         self._file.flush()
         os.fsync(self._file.fileno())
         self.records.append(record)

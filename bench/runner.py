@@ -59,7 +59,12 @@ def execute(
     resume: bool = False,
     env_factory: Callable[[TaskSpec], object] | None = None,
     progress: bool = True,
+    retry_errors: bool = False,
 ) -> RunSummary:
+    """Run the planned episodes not yet recorded in ``run_dir`` (with ``retry_errors``, also
+    those of a resumed run recorded as errors)."""
+    if retry_errors and not resume:
+        raise ValueError("retrying errors continues a run: give the run directory with --resume")
     suite = get_suite(config.suite)
     config.suite = suite.name  # record the real suite, never an alias
     plan = plan_episodes(suite, config.tasks, config.episodes_per_task, config.init_states)
@@ -80,6 +85,8 @@ def execute(
     run_dir.mkdir(parents=True, exist_ok=True)
 
     with EpisodeLog(run_dir) as log:  # refuses a run directory another process is writing to
+        if retry_errors:
+            manifest["resumes"][-1]["retried_errors"] = [r["key"] for r in log.withdraw_errors()]
         write_json_atomic(run_dir / MANIFEST, manifest)
         todo = [ep for ep in plan if ep.key not in log.done_keys]
         bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)

@@ -304,3 +304,52 @@ def test_a_run_of_an_earlier_revision_of_its_policy_is_not_resumed_and_a_resumed
     with pytest.raises(RunDirError, match="policy identity"):
         run(Revised)
     assert len(read_episodes(tmp_path / "run")) == 1
+
+
+def test_retrying_errors_runs_them_again_and_keeps_their_records(tmp_path):
+    from bench.records import RETRIED_ERRORS
+
+    run = tmp_path / "run"
+    execute(config(), run, env_factory=EnvFactory(fail_on_step=15), progress=False)  # every episode an error
+    errors = read_episodes(run)
+    assert [r["outcome"] for r in errors] == ["error"] * 4
+    with pytest.raises(ValueError, match="--resume"):
+        execute(config(), tmp_path / "other", env_factory=EnvFactory(), progress=False, retry_errors=True)
+
+    execute(config(), run, resume=True, env_factory=EnvFactory(), progress=False)  # without retrying: nothing runs
+    assert read_episodes(run) == errors and not (run / RETRIED_ERRORS).exists()
+
+    summary = execute(config(), run, resume=True, env_factory=EnvFactory(), progress=False, retry_errors=True)
+    assert summary.ran_now == 4 and summary.outcomes == {"success": 0, "failure": 4, "error": 0}
+    assert [r["key"] for r in read_episodes(run)] == [r["key"] for r in errors]
+    assert [json.loads(line) for line in (run / RETRIED_ERRORS).read_text().splitlines()] == errors
+    assert read_manifest(run)["resumes"][-1]["retried_errors"] == [r["key"] for r in errors]
+
+    summary = execute(config(), run, resume=True, env_factory=EnvFactory(), progress=False, retry_errors=True)
+    assert summary.ran_now == 0 and read_manifest(run)["resumes"][-1]["retried_errors"] == []
+    assert len((run / RETRIED_ERRORS).read_text().splitlines()) == 4
+
+
+def test_errors_retried_again_add_to_the_kept_records(tmp_path):
+    from bench.records import RETRIED_ERRORS
+
+    run = tmp_path / "run"
+    execute(config(tasks=[0], episodes_per_task=1), run, env_factory=EnvFactory(fail_on_step=15), progress=False)
+    for _ in range(2):
+        execute(config(tasks=[0], episodes_per_task=1), run, resume=True, env_factory=EnvFactory(fail_on_step=15),
+                progress=False, retry_errors=True)
+    kept = [json.loads(line) for line in (run / RETRIED_ERRORS).read_text().splitlines()]
+    assert [r["key"] for r in kept] == ["libero_10/0/0"] * 2  # the first and the second attempt
+    assert [r["outcome"] for r in read_episodes(run)] == ["error"]  # the third
+
+
+def test_a_run_whose_errors_were_withdrawn_stays_locked(tmp_path):
+    from bench.records import EpisodeLog
+
+    run = tmp_path / "run"
+    execute(config(tasks=[0], episodes_per_task=1), run, env_factory=EnvFactory(fail_on_step=15), progress=False)
+    with EpisodeLog(run) as log:
+        assert [r["key"] for r in log.withdraw_errors()] == ["libero_10/0/0"]
+        with pytest.raises(RunDirError, match="in use"):
+            EpisodeLog(run)
+    assert read_episodes(run) == []
