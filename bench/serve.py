@@ -160,6 +160,14 @@ class PolicyServer:
 class _Connection(socketserver.BaseRequestHandler):
     server: "_TCPServer"
 
+    def setup(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.add(self.request)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.request)
+
     def handle(self) -> None:
         state = self.server.state
         sock: socket.socket = self.request
@@ -208,6 +216,17 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     def __init__(self, address, state: PolicyServer):
         super().__init__(address, _Connection)
         self.state = state
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def close_connections(self) -> None:
+        """End every client's connection, as the end of the process would."""
+        with self.connections_lock:
+            for sock in self.connections:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already gone
 
 
 def serve(policy: Policy, policy_args: dict[str, str], host: str, port: int, max_batch: int = 0,
@@ -222,7 +241,10 @@ def serve(policy: Policy, policy_args: dict[str, str], host: str, port: int, max
                 on_ready(server.server_address[:2])
             if stop is not None:
                 threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
-            server.serve_forever(poll_interval=0.2)
+            try:
+                server.serve_forever(poll_interval=0.2)
+            finally:
+                server.close_connections()
     finally:
         state.close()
 

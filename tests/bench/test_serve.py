@@ -123,6 +123,31 @@ def test_a_run_resumes_only_with_the_policy_it_was_recorded_with(tmp_path):
     assert len(read_episodes(run)) == 2
 
 
+def test_a_server_outage_costs_errors_that_a_retry_runs_again(tmp_path):
+    execute(config(), tmp_path / "local", env_factory=fake_env, progress=False)
+    server = ServerThread(make_policy("random", {"scale": "0.5"}))
+    started = []
+
+    def outage_at_the_third_episode(task):
+        class Env(FakeEnv):
+            def reset(self, init_state):
+                super().reset(init_state)
+                started.append(task.index)
+                if len(started) == 3:
+                    server.stop()  # mid-run: its connections end with it
+
+        return Env(task, succeed_after=10 + 12 + 3 * task.index)
+
+    run = tmp_path / "served"
+    execute(remote(server.address), run, env_factory=outage_at_the_third_episode, progress=False)
+    records = read_episodes(run)
+    assert [r["outcome"] for r in records] == ["success", "success", "error", "error"]
+    assert "closed the connection" in records[2]["error"] and "no policy server answers" in records[3]["error"]
+    with ServerThread(make_policy("random", {"scale": "0.5"}), port=server.port):
+        execute(remote(server.address), run, resume=True, env_factory=fake_env, progress=False, retry_errors=True)
+    assert outcomes(run) == outcomes(tmp_path / "local")
+
+
 class FailsOnEpisode(CountingPolicy):
     def act(self, observations):
         if any(obs.episode_id == "libero_goal/1/0" for obs in observations):
