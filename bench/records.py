@@ -4,7 +4,9 @@ Each finished episode is one JSON line, written and fsynced before the next epis
 so a run killed at any moment loses at most the episode in flight. A torn last line (the
 process died mid-write: no newline) is ignored on reading and cut off before appending; a
 finished line that does not parse is an error, so that no recorded episode is dropped unseen.
-One process at a time appends to a run (a lock on the file).
+One process at a time appends to a run (a lock on the file). The one rewrite is
+``withdraw_errors`` (``bench run --resume DIR --retry-errors``), and only after the records it
+takes out are kept in ``retried_errors.jsonl``.
 """
 
 from __future__ import annotations

@@ -326,8 +326,8 @@ def _manifest_for(run_dir: Path, config: RunConfig, policy: Policy, plan, settin
             )
         # Each resumption's own code, machine and packages: episodes of several sessions mix.
         resumed = {"at": now_iso(), "code": code_revision(), "host": host_info(), "versions": versions}
-        if policy.provenance() is not None:
-            resumed["policy_provenance"] = policy.provenance()
+        if (provenance := policy.provenance()) is not None:
+            resumed["policy_provenance"] = provenance
         recorded.setdefault("resumes", []).append(resumed)
         recorded["config"] = config.to_dict()  # non-protocol settings may change
         recorded["policy_caveat"] = policy.caveat  # runs recorded before caveats were kept gain theirs
