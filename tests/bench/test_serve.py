@@ -79,6 +79,29 @@ def test_a_served_policy_plays_the_episodes_a_local_one_plays(tmp_path):
     assert all(r["policy_stats"]["served_ms"] >= 0 for r in read_episodes(tmp_path / "served"))
 
 
+def test_a_served_vla_answers_as_the_same_vla_here():
+    pytest.importorskip("torch")
+    from tests.tiny_vla import fake_observation
+
+    args = {"size": "tiny"}  # LightVLA on random weights drawn from the seed
+    here = make_policy("lightvla", args, seed=3)
+    observations = [fake_observation(1), fake_observation(2)]
+    with ServerThread(make_policy("lightvla", args, seed=3), args) as server:
+        client = make_policy("remote", {"address": server.address})
+        answers = {}
+        for name, policy in (("served", client), ("here", here)):
+            policy.select_suite("libero_spatial")
+            for obs in observations:
+                policy.reset(EpisodeInfo(obs.episode_id, "libero_spatial", 0, "task", obs.instruction, 0, 0))
+            answers[name] = policy.act(observations)
+    assert client.identity() == {"name": "remote", "served": here.identity()}
+    assert client.needs_images and client.chunk_length == here.chunk_length
+    for served, local in zip(answers["served"], answers["here"], strict=True):
+        np.testing.assert_array_equal(served.actions, local.actions)
+        assert served.stats["visual_tokens_llm"] == local.stats["visual_tokens_llm"]
+        assert served.stats["served_batch"] == 2
+
+
 def test_a_worker_pool_runs_through_the_server(tmp_path):
     execute(config(tasks=[0, 1, 2]), tmp_path / "local", env_factory=fake_env, progress=False)
     with ServerThread(make_policy("random", {"scale": "0.5"})) as server:
