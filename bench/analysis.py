@@ -74,6 +74,8 @@ def run_frame(run_dir: Path) -> pd.DataFrame:
         "policy": policy,
         "policy_label": label,
         "policy_caveat": manifest.get("policy_caveat"),
+        # Episodes that ended as errors and were run again (their first records are in retried_errors.jsonl).
+        "retried_errors": sum(len(r.get("retried_errors", [])) for r in manifest.get("resumes", [])),
         **_flatten("config.", manifest["config"]),
         **_flatten("protocol.", manifest.get("protocol", {})),
         **_flatten("versions.", manifest.get("versions", {})),

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from bench.analysis import AVERAGE
+from bench.records import RETRIED_ERRORS
 from bench.stats import mcnemar_exact, wilson_interval
 
 ALL_TASKS = "all"
@@ -207,6 +208,12 @@ def markdown_report(df: pd.DataFrame, published: pd.DataFrame | None = None, by_
                 "Other models, checkpoints, hardware and episode counts: read beside the tables "
                 "above, not as rows of them.", "", to_markdown(rows),
             ]
+    if "retried_errors" in df:
+        retried = df.drop_duplicates("run_id").query("retried_errors > 0")
+        if not retried.empty:
+            parts += ["", "## Errors run again", ""]
+            parts += [f"- {r.run_id}: {r.retried_errors} episode(s) that ended as errors were run again "
+                      f"(`--retry-errors`; their first records are in {RETRIED_ERRORS})" for r in retried.itertuples()]
     errors = df[df["outcome"] == "error"]
     if not errors.empty:
         parts += ["", f"## Errors ({len(errors)}; not counted as failures)", ""]

@@ -307,7 +307,9 @@ def test_a_run_of_an_earlier_revision_of_its_policy_is_not_resumed_and_a_resumed
 
 
 def test_retrying_errors_runs_them_again_and_keeps_their_records(tmp_path):
+    from bench.analysis import load_results
     from bench.records import RETRIED_ERRORS
+    from bench.report import markdown_report
 
     run = tmp_path / "run"
     execute(config(), run, env_factory=EnvFactory(fail_on_step=15), progress=False)  # every episode an error
@@ -328,6 +330,8 @@ def test_retrying_errors_runs_them_again_and_keeps_their_records(tmp_path):
     summary = execute(config(), run, resume=True, env_factory=EnvFactory(), progress=False, retry_errors=True)
     assert summary.ran_now == 0 and read_manifest(run)["resumes"][-1]["retried_errors"] == []
     assert len((run / RETRIED_ERRORS).read_text().splitlines()) == 4
+    report = markdown_report(load_results(run))
+    assert "## Errors run again" in report and "run: 4 episode(s) that ended as errors were run again" in report
 
 
 def test_errors_retried_again_add_to_the_kept_records(tmp_path):
