@@ -334,10 +334,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import logging
+
     from bench.analysis import policy_label
     from bench.serve import serve
     from policies import make_policy
 
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     policy_args = _policy_args(args)
     policy = make_policy(args.policy, policy_args, seed=args.seed)
     label = policy_label({"policy": args.policy, "policy_args": policy_args})

@@ -19,6 +19,7 @@ There is no authentication: serve on localhost or a network you trust.
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import socketserver
 import threading
@@ -30,6 +31,8 @@ from typing import Callable
 from bench.provenance import code_revision, host_info, package_versions
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOptionError
 from policies.wire import PROTOCOL, ProtocolError, receive, send
+
+log = logging.getLogger(__name__)  # who connects, what fails; bench serve prints it
 
 
 @dataclass
@@ -161,6 +164,7 @@ class _Connection(socketserver.BaseRequestHandler):
     server: "_TCPServer"
 
     def setup(self) -> None:
+        self.client = "%s:%s" % self.client_address[:2]
         with self.server.connections_lock:
             self.server.connections.add(self.request)
 
@@ -173,17 +177,25 @@ class _Connection(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small replies go out at once
         open_episodes: dict[str, EpisodeInfo] = {}
+        client = self.client
+        log.info("%s connected", client)
+        ending = "disconnected"
         try:
             while (request := receive(sock)) is not None:
                 reply = self.answer(state, request, open_episodes)
                 try:
                     send(sock, reply)
                 except TypeError as exc:  # packed before anything is written: the connection is intact
-                    send(sock, {"error": {"type": "TypeError", "message": f"the answer cannot be sent: {exc}"}})
-        except (ConnectionError, ProtocolError, OSError):
-            pass  # the client went away or spoke another protocol: drop the connection
+                    reply = {"error": {"type": "TypeError", "message": f"the answer cannot be sent: {exc}"}}
+                    send(sock, reply)
+                if "error" in reply:
+                    log.warning("%s: %s failed: %s: %s", client, request.get("op"), reply["error"]["type"],
+                                reply["error"]["message"])
+        except (ConnectionError, ProtocolError, OSError) as exc:
+            ending = f"dropped ({type(exc).__name__}: {exc})"  # went away, or spoke another protocol
         finally:
             state.disconnected(id(self), list(open_episodes.values()))
+            log.info("%s %s; %d episode(s) left unfinished", client, ending, len(open_episodes))
 
     def answer(self, state: PolicyServer, request: dict, open_episodes: dict) -> dict:
         op = request.get("op")
@@ -192,6 +204,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 return state.hello(request.get("protocol"))
             if op == "select_suite":
                 state.select_suite(id(self), request["suite"])
+                log.info("%s evaluates %s", self.client, request["suite"])
             elif op == "reset":
                 episode = EpisodeInfo(**request["episode"])
                 open_episodes[episode.episode_id] = episode

@@ -348,7 +348,8 @@ def test_bench_serve_answers_a_run_and_stops_on_ctrl_c(tmp_path):
         assert [r["outcome"] for r in read_episodes(tmp_path / "run")] == ["success"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
-        assert "server stopped" in proc.stderr.read()
+        log = proc.stderr.read()
+        assert "evaluates libero_goal" in log and " connected" in log and "server stopped" in log
     finally:
         proc.kill()
         proc.wait()
