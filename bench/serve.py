@@ -64,9 +64,13 @@ class PolicyServer:
         threading.Thread(target=self._answer_batches, daemon=True).start()
 
     def close(self) -> None:
-        """Stop the batcher (requests still waiting are not answered)."""
+        """Stop the batcher; requests still waiting fail."""
         with self._arrived:
             self._closed = True
+            for request in self._waiting:
+                request.error = ConnectionError("the policy server is stopping")
+                request.done.set()
+            self._waiting.clear()
             self._arrived.notify()
 
     def hello(self, protocol) -> dict:
@@ -114,6 +118,8 @@ class PolicyServer:
     def act(self, observations: list[dict]) -> dict:
         request = _Request([Observation(**obs) for obs in observations])
         with self._arrived:
+            if self._closed:
+                raise ConnectionError("the policy server is stopping")
             self._waiting.append(request)
             self._arrived.notify()
         request.done.wait()
