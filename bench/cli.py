@@ -335,6 +335,7 @@ def cmd_report(args) -> int:
 
 def cmd_serve(args) -> int:
     import logging
+    import socket
 
     from bench.analysis import policy_label
     from bench.serve import serve
@@ -347,8 +348,10 @@ def cmd_serve(args) -> int:
 
     def ready(address) -> None:
         host, port = address
+        # Listening on every network: clients elsewhere reach it by this machine's name.
+        reach = socket.gethostname() if host in ("0.0.0.0", "::") else host
         print(f"serving {label} on {host}:{port}; clients: bench run --policy remote "
-              f"--policy-arg address={host}:{port} (Ctrl-C stops)", flush=True)
+              f"--policy-arg address={reach}:{port} (Ctrl-C stops)", flush=True)
 
     try:
         serve(policy, policy_args, args.host, args.port, args.max_batch, on_ready=ready)

@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -330,6 +331,16 @@ def test_what_cannot_cross_is_an_error_of_that_call_and_the_connection_stays():
         with pytest.raises(TypeError, match="type set cannot be sent"):
             client.act([Observation(np.zeros(8), "do it", "a", privileged={"ids": {1, 2}})])
         assert client.act([Observation(np.zeros(8), "do it", "a")])[0].actions.shape == (4, 7)
+
+
+def test_bench_serve_on_every_network_names_this_machine_to_its_clients(monkeypatch, capsys):
+    import bench.serve
+    from bench.cli import main
+
+    monkeypatch.setattr(bench.serve, "serve", lambda *args, on_ready, **kwargs: on_ready(("0.0.0.0", 8765)))
+    assert main(["serve", "--policy", "noop", "--host", "0.0.0.0"]) == 0
+    out = capsys.readouterr().out
+    assert f"--policy-arg address={socket.gethostname()}:8765" in out and "on 0.0.0.0:8765" in out
 
 
 def test_bench_serve_answers_a_run_and_stops_on_ctrl_c(tmp_path):
