@@ -338,7 +338,7 @@ def cmd_serve(args) -> int:
     import socket
 
     from bench.analysis import policy_label
-    from bench.serve import serve
+    from bench.serve import PolicyServer, serve
     from policies import make_policy
 
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
@@ -354,7 +354,7 @@ def cmd_serve(args) -> int:
               f"--policy-arg address={reach}:{port} (Ctrl-C stops)", flush=True)
 
     try:
-        serve(policy, policy_args, args.host, args.port, args.max_batch, on_ready=ready)
+        serve(PolicyServer(policy, policy_args, args.max_batch), args.host, args.port, on_ready=ready)
     except KeyboardInterrupt:
         print("\nbench: server stopped", file=sys.stderr)
     return 0

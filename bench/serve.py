@@ -127,6 +127,11 @@ class PolicyServer:
             raise request.error
         return {"outputs": request.outputs}
 
+    def waiting(self) -> int:
+        """Observations waiting for the policy's next call."""
+        with self._arrived:
+            return sum(len(request.observations) for request in self._waiting)
+
     def _answer_batches(self) -> None:
         while True:
             with self._arrived:
@@ -248,12 +253,10 @@ class _TCPServer(socketserver.ThreadingTCPServer):
                     pass  # already gone
 
 
-def serve(policy: Policy, policy_args: dict[str, str], host: str, port: int, max_batch: int = 0,
-          on_ready: Callable[[tuple[str, int]], None] | None = None,
+def serve(state: PolicyServer, host: str, port: int, on_ready: Callable[[tuple[str, int]], None] | None = None,
           stop: threading.Event | None = None) -> None:
     """Answer clients until interrupted (or ``stop`` is set); ``on_ready`` gets the address
     bound (port 0 picks a free one)."""
-    state = PolicyServer(policy, policy_args, max_batch)
     try:
         with _TCPServer((host, port), state) as server:
             if on_ready is not None:
@@ -276,8 +279,9 @@ class ServerThread:
                  max_batch: int = 0):
         ready, self._stop = threading.Event(), threading.Event()
         bound = []
+        self.state = PolicyServer(policy, policy_args or {}, max_batch)
         self._thread = threading.Thread(
-            target=serve, args=(policy, policy_args or {}, "127.0.0.1", port, max_batch),
+            target=serve, args=(self.state, "127.0.0.1", port),
             kwargs={"on_ready": lambda address: (bound.append(address), ready.set()), "stop": self._stop},
             daemon=True)
         self._thread.start()

@@ -301,7 +301,10 @@ def test_queries_that_wait_together_are_answered_by_one_call(max_batch):
             time.sleep(0.01)
         threads["b"].start()
         threads["c"].start()
-        time.sleep(0.5)  # b and c wait while a is answered
+        deadline = time.time() + 5
+        while server.state.waiting() < 2 and time.time() < deadline:  # b and c wait while a is answered
+            time.sleep(0.01)
+        assert server.state.waiting() == 2
         policy.gate.set()
         for thread in threads.values():
             thread.join(10)
