@@ -10,23 +10,12 @@ with two camera images (as a VLA policy reads them), and batches of them.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
+from bench.profile import percentiles, time_calls
 from bench.serve import ServerThread
 from policies import EpisodeInfo, Observation, make_policy
-
-
-def timed(call, repeats: int) -> tuple[float, float]:
-    for _ in range(10):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return float(np.median(times)), float(np.percentile(times, 90))
 
 
 def main() -> None:
@@ -49,8 +38,8 @@ def main() -> None:
                 key = f"{label}/{i}"
                 client.reset(EpisodeInfo(key, "libero_spatial", 0, "task", "do it", i, 0))
                 observations.append(Observation(np.zeros(8), "do it", key, shown))
-            median, p90 = timed(lambda: client.act(observations), args.repeats)
-            print(f"| {label} | {median:.2f} | {p90:.2f} |")
+            times = percentiles(time_calls(lambda: client.act(observations), "cpu", args.repeats, warmup=10))
+            print(f"| {label} | {times['p50']:.2f} | {times['p90']:.2f} |")
         client.close()
 
 
