@@ -58,6 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     rec.add_argument("--no-progress", action="store_true")
 
+    ft = sub.add_parser("finetune", help="fine-tune oft, lightvla or lightvla_star on demonstration files (LoRA)")
+    ft.add_argument("--demos", nargs="+", type=Path, metavar="FILE",
+                    help="HDF5 files written by bench record-demos")
+    ft.add_argument("--out", type=Path, required=True, help="run directory; its checkpoint/ is the fine-tuned model")
+    ft.add_argument("--resume", action="store_true", help="continue the run in --out with its recorded settings")
+    ft.add_argument("--policy", default="oft", help="oft, lightvla or lightvla_star (default oft)")
+    _policy_options(ft)
+    ft.add_argument("--steps", type=POSITIVE, default=1000, help="optimiser steps (default 1000)")
+    ft.add_argument("--batch-size", type=POSITIVE, default=8, help="samples per step (default 8)")
+    ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4, as OFT)")
+    ft.add_argument("--decay-at", type=NON_NEGATIVE, default=0,
+                    help="divide the learning rate by 10 after this many steps (default 0: never)")
+    ft.add_argument("--lora-rank", type=POSITIVE, default=32, help="LoRA rank (default 32)")
+    ft.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA alpha (default min(rank, 16))")
+    ft.add_argument("--no-image-aug", action="store_true", help="train without image augmentation")
+    ft.add_argument("--keep-noops", action="store_true", help="train on no-op steps too (OFT drops them)")
+    ft.add_argument("--save-every", type=NON_NEGATIVE, default=0,
+                    help="write the state and checkpoint every N steps too (default 0: at the end)")
+    ft.add_argument("--log-every", type=POSITIVE, default=10, help="steps per line of log.jsonl (default 10)")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--no-progress", action="store_true")
+
     spd = sub.add_parser("speed", help="time the same episodes: reference loop, render on demand, worker pool")
     spd.add_argument("--suite", default="libero_spatial")
     spd.add_argument("--tasks", type=POSITIVE, default=2, help="the first T tasks")
@@ -242,6 +264,27 @@ def cmd_record_demos(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from bench.finetune import FinetuneConfig, finetune
+
+    if args.resume:
+        config = None
+    else:
+        if not args.demos:
+            raise ValueError("--demos is required (unless --resume continues a run)")
+        config = FinetuneConfig(
+            demos=[str(p) for p in args.demos], policy=args.policy, policy_args=_policy_args(args), steps=args.steps,
+            batch_size=args.batch_size, learning_rate=args.lr, decay_at=args.decay_at, lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha, image_aug=not args.no_image_aug, drop_noops=not args.keep_noops,
+            save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+        )
+    summary = finetune(config, args.out, resume=args.resume, progress=not args.no_progress)
+    losses = "" if summary.first_loss is None else f"; L1 loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
+    print(f"{summary.steps} steps on {summary.samples} samples{losses}")
+    print(f"checkpoint: {summary.checkpoint}")
+    return 0
+
+
 def cmd_speed(args) -> int:
     from bench.speed import measure
 
@@ -386,7 +429,7 @@ def cmd_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
+    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "finetune": cmd_finetune, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
                 "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
     from bench.pool import PoolStartError
     from bench.records import RunDirError

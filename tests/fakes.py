@@ -167,3 +167,34 @@ class UnloadableEnvFactory:
 
     def __call__(self, task):
         return FakeEnv(task)
+
+
+def write_demo_file(path, episodes, image_size=32, suite="libero_spatial", seed=0, orientation=True):
+    """A demonstration file in ``bench record-demos``' layout. ``episodes``: per demonstration its
+    (T, 7) environment actions; the third-person image's brightness encodes the first action value,
+    so that a model can learn the actions from the images."""
+    import numpy as np
+
+    from bench.demos import IMAGE_ORIENTATION, DemoWriter
+
+    rng = np.random.default_rng(seed)
+    attrs = {"suite": suite, "image_size": image_size}
+    if orientation:
+        attrs["image_orientation"] = IMAGE_ORIENTATION
+    writer = DemoWriter(path, attrs)
+    for d, actions in enumerate(episodes):
+        steps = []
+        for action in np.asarray(actions, dtype=np.float64):
+            level = int(np.clip(128 + 127 * action[0], 0, 255))
+            steps.append({
+                "action": action, "state": rng.normal(size=6), "reward": 0.0,
+                "agentview_rgb": np.full((image_size, image_size, 3), level, np.uint8),
+                "eye_in_hand_rgb": rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8),
+                "ee_pos": rng.normal(size=3), "ee_ori": rng.normal(size=3),
+                "gripper_states": rng.normal(size=2) * 0.01, "joint_states": rng.normal(size=7),
+            })
+        steps[-1]["reward"] = 1.0
+        writer.add(steps, {"instruction": f"put object {d} on the plate", "suite": suite, "task_index": d,
+                           "init_state_index": 0})
+    writer.close()
+    return path

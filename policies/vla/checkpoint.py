@@ -209,8 +209,9 @@ def locate_checkpoint(name: Path | str) -> tuple[Path, dict | None]:
 
 def save_checkpoint(model: OFTModel, directory: Path | str, norm_stats: dict, step: int = 0,
                     tokenizer_file: Path | None = None, shard_bytes: int = 2 * 1024 ** 3,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write ``model`` in the OpenVLA-OFT layout (what ``load_checkpoint`` reads back)."""
+                    dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (or ``state``, a state dict of it) in the OpenVLA-OFT layout (what
+    ``load_checkpoint`` reads back)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -225,7 +226,7 @@ def save_checkpoint(model: OFTModel, directory: Path | str, norm_stats: dict, st
         return (t.to(dtype) if dtype is not None else t).detach().cpu().contiguous()
 
     main, parts = {}, {p: {} for p in SEPARATE_PARTS}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if state is None else state).items():
         part = key.split(".", 1)[0]
         if part in parts:
             parts[part][key.split(".", 1)[1]] = prepared(tensor)

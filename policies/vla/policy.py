@@ -131,7 +131,7 @@ class OFTPolicy(Policy):
     def _load(self) -> None:
         from policies.vla.checkpoint import CheckpointError, load_checkpoint
         from policies.vla.config import preset
-        from policies.vla.tokenizer import ByteTokenizer, SentencePieceTokenizer
+        from policies.vla.tokenizer import ByteTokenizer, checkpoint_tokenizer
 
         opts = self.options
         if opts.checkpoint:
@@ -141,7 +141,7 @@ class OFTPolicy(Policy):
                 raise PolicyOptionError(str(exc)) from None
             self.model, self.config, self.weights = ckpt.model, ckpt.config, ckpt.identity
             self.checkpoint_directory = ckpt.directory  # where a Hub repository id led
-            self.tokenizer = SentencePieceTokenizer(ckpt.directory / "tokenizer.model")
+            self.tokenizer = checkpoint_tokenizer(ckpt.directory)
             self.stats = self._select_stats(ckpt.norm_stats)
         else:
             self.config = preset(opts.size)

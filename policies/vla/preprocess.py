@@ -190,46 +190,57 @@ def _resample_rows(taps: list[tuple[np.ndarray, np.ndarray]], data: np.ndarray) 
 
 def center_crop(image: np.ndarray, area: float = CROP_AREA) -> np.ndarray:
     """Crop the central ``area`` fraction and resize back (tf.image.crop_and_resize, bilinear)."""
+    side = np.float32(np.sqrt(np.float32(area)))
+    start = (np.float32(1) - side) / np.float32(2)
+    return crop_and_resize(image, start, start, side)
+
+
+def crop_and_resize(image: np.ndarray, top: float, left: float, side: float) -> np.ndarray:
+    """The square box from (``top``, ``left``) with sides ``side`` (fractions of the image) resized
+    back to the image's size, as ``tf.image.crop_and_resize`` on [0, 1] floats, back to uint8."""
     h, w = image.shape[:2]
-    top, bottom, y_lerp, left, right, x_lerp = _crop_grid(h, w, area)
+    f32 = np.float32
+    top_rows, bottom_rows, y_lerp, left_cols, right_cols, x_lerp = _crop_grid(h, w, f32(top), f32(left), f32(side))
     img = image.astype(np.float32) * np.float32(1.0 / 255)  # convert_image_dtype multiplies by 1/255
     # TensorFlow computes top = tl + (tr - tl) * x_lerp on the corners' rows, bottom likewise,
     # then top + (bottom - top) * y_lerp. Interpolating along x on every row first gives the
     # same float32 values (each is computed from the same two pixels); the row pairs are then
     # picked from the result, so only two column gathers are needed instead of four.
-    across = np.take(img, right, axis=1)
-    left_values = np.take(img, left, axis=1)
+    across = np.take(img, right_cols, axis=1)
+    left_values = np.take(img, left_cols, axis=1)
     across -= left_values
     across *= x_lerp
     across += left_values
-    upper, lower = across[top], across[bottom]
+    upper, lower = across[top_rows], across[bottom_rows]
     lower -= upper
     lower *= y_lerp
     upper += lower
     np.clip(upper, 0.0, 1.0, out=upper)
-    upper *= np.float32(255.5)
-    return upper.astype(np.uint8)  # truncates, as convert_image_dtype's cast (values in 0..255.5)
+    return to_uint8(upper)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] float32 -> uint8 as convert_image_dtype: scale by 255.5 and truncate."""
+    return (image * np.float32(255.5)).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=8)
-def _crop_grid(h: int, w: int, area: float) -> tuple[np.ndarray, ...]:
+def _crop_grid(h: int, w: int, top: np.float32, left: np.float32, side: np.float32) -> tuple[np.ndarray, ...]:
     """crop_and_resize's sample rows and columns: the two neighbours of each and the weight of the second."""
     f32 = np.float32
-    side = f32(np.sqrt(f32(area)))
-    start = (f32(1) - side) / f32(2)
-    end = start + side
 
-    def sample_points(in_size, out_size):
+    def sample_points(start, in_size, out_size):
+        end = start + side
         step = (end - start) * f32(in_size - 1) / f32(out_size - 1)
         points = start * f32(in_size - 1) + np.arange(out_size, dtype=f32) * step
         low = np.floor(points).astype(int)
-        high = np.ceil(points).astype(int)
+        high = np.minimum(np.ceil(points).astype(int), in_size - 1)
         return low, high, (points - low).astype(f32)
 
-    top, bottom, y_lerp = sample_points(h, h)
-    left, right, x_lerp = sample_points(w, w)
+    top_rows, bottom_rows, y_lerp = sample_points(top, h, h)
+    left_cols, right_cols, x_lerp = sample_points(left, w, w)
     # x_lerp as a whole (h, w, 3) array: numpy multiplies by it faster than by a broadcast row.
-    return top, bottom, y_lerp[:, None, None], left, right, np.ascontiguousarray(np.broadcast_to(x_lerp[None, :, None], (h, w, 3)))
+    return top_rows, bottom_rows, y_lerp[:, None, None], left_cols, right_cols, np.ascontiguousarray(np.broadcast_to(x_lerp[None, :, None], (h, w, 3)))
 
 
 def prepare_image(image: np.ndarray, size: int = IMAGE_SIZE, crop: bool = True) -> np.ndarray:

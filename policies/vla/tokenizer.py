@@ -9,9 +9,12 @@ special tokens is exactly SentencePiece's ``encode`` (which adds the leading "â–
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 PROMPT = "In: What action should the robot take to {}?\nOut:"
+SENTENCEPIECE_FILE = "tokenizer.model"
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"  # marks a checkpoint fine-tuned from random weights
 EMPTY_PIECE = "\u2581"
 
 
@@ -27,7 +30,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_file: Path):
         import sentencepiece
 
-        model_file = Path(model_file)
+        model_file = self.model_file = Path(model_file)
         if not model_file.is_file():
             raise TokenizerError(f"missing tokenizer model file {model_file}")
         try:
@@ -60,3 +63,21 @@ class ByteTokenizer:
 
     def prompt_ids(self, instruction: str) -> list[int]:
         return [self.bos_id] + [3 + b for b in prompt_text(instruction).encode()] + [self.empty_id]
+
+
+def checkpoint_tokenizer(directory: Path):
+    """The tokenizer a checkpoint directory holds: its SentencePiece model, or the byte tokenizer
+    where a model fine-tuned from random weights says so."""
+    directory = Path(directory)
+    if not (directory / SENTENCEPIECE_FILE).exists() and (directory / BYTE_TOKENIZER_FILE).is_file():
+        return ByteTokenizer()
+    return SentencePieceTokenizer(directory / SENTENCEPIECE_FILE)
+
+
+def write_tokenizer(tokenizer, directory: Path) -> None:
+    """Store ``tokenizer`` in a checkpoint directory (what ``checkpoint_tokenizer`` reads back)."""
+    directory = Path(directory)
+    if isinstance(tokenizer, ByteTokenizer):
+        (directory / BYTE_TOKENIZER_FILE).write_text(json.dumps(ByteTokenizer.identity) + "\n")
+    else:
+        (directory / SENTENCEPIECE_FILE).write_bytes(Path(tokenizer.model_file).read_bytes())

@@ -1,0 +1,324 @@
+"""Fine-tune OpenVLA-OFT, LightVLA or LightVLA* on demonstrations, as their reference recipes do.
+
+The recipe (OpenVLA-OFT's ``finetune.py``, which LightVLA's training follows): LoRA adapters of
+rank 32 and alpha min(rank, 16) on every linear layer, the action head and proprio projector
+trained whole, the L1 loss between the predicted and the demonstrated normalised action chunks,
+AdamW at 5e-4 with a tenfold decay after ``decay_at`` steps, camera images augmented
+(``policies.vla.augment``). LightVLA trains through its straight-through selection with noise
+annealed from 1 to 0 over the run; LightVLA* trains its queries too.
+
+A run directory holds ``manifest.json`` (settings, the base policy, the demonstration files
+with their SHA-256, versions), ``log.jsonl`` (loss, learning rate, noise, time per logged
+interval), ``state.pt`` (adapters, trained parts, optimiser: what a resumed run continues
+from) and ``checkpoint/``, the merged model in the OpenVLA-OFT layout with
+``dataset_statistics.json`` under each suite's ``<suite>_no_noops`` key: ``bench run --policy
+lightvla --checkpoint OUT/checkpoint`` evaluates it. A run is deterministic given its seed: the
+batches, augmentations and selection noise of step s depend on (seed, s) alone, so a resumed
+run continues as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench.training_data import TrainingSet
+
+TRAINABLE_POLICIES = ("oft", "lightvla", "lightvla_star")
+MANIFEST = "manifest.json"
+LOG = "log.jsonl"
+STATE = "state.pt"
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class FinetuneConfig:
+    demos: list[str]
+    policy: str = "oft"
+    policy_args: dict[str, str] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    decay_at: int = 0  # step after which the learning rate is a tenth (0: never)
+    lora_rank: int = 32
+    lora_alpha: float = 0.0  # 0: min(rank, 16), as OFT
+    image_aug: bool = True
+    drop_noops: bool = True
+    save_every: int = 0  # also write state and checkpoint every N steps (0: at the end only)
+    log_every: int = 10
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.policy not in TRAINABLE_POLICIES:
+            raise ValueError(f"{self.policy} cannot be fine-tuned (trainable: {', '.join(TRAINABLE_POLICIES)}); "
+                             "the training-free methods run on a fine-tuned oft checkpoint")
+        for name in ("steps", "batch_size", "lora_rank", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("decay_at", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha or float(min(self.lora_rank, 16))
+
+
+@dataclass
+class FinetuneSummary:
+    out: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    samples: int
+    checkpoint: Path
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """One fine-tuning run: the policy's model with adapters, its data and optimiser."""
+
+    def __init__(self, config: FinetuneConfig, out: Path):
+        import torch
+
+        from policies import make_policy
+        from policies.vla.lora import add_lora
+
+        config.check()
+        self.config, self.out = config, Path(out)
+        args = {**config.policy_args, "cuda_graphs": "false", "speedups": "none"}  # training runs eagerly
+        self.policy = make_policy(config.policy, args, seed=config.seed)
+        self.model = self.policy.model
+        self.hooks = self.policy.hooks()
+        self.data = TrainingSet([Path(p) for p in config.demos], self.model.config.chunk_length, config.drop_noops)
+        self.adapted = add_lora(self.model, config.lora_rank, config.alpha, seed=config.seed)
+        trained_whole = [self.model.action_head, self.model.proprio_projector]
+        if isinstance(self.hooks, torch.nn.Module):  # LightVLA*'s queries
+            self.model.add_module("token_queries", self.hooks)
+            trained_whole.append(self.hooks)
+        for module in trained_whole:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        self.model.train()
+        if self.hooks is not None:
+            self.hooks.training = True  # LightVLA's selection: straight-through, with noise
+            if isinstance(self.hooks, torch.nn.Module):
+                self.hooks.train()
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
+        milestones = [config.decay_at] if config.decay_at else []
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
+        self.step = 0
+        self._orders: dict[int, np.ndarray] = {}  # the current epoch's sample order
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The samples of ``step``: epochs are permutations fixed by (seed, epoch)."""
+        n, b = len(self.data), self.config.batch_size
+        out = []
+        for k in range(step * b, (step + 1) * b):
+            epoch, position = divmod(k, n)
+            if epoch not in self._orders:
+                self._orders = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(n)}
+            out.append(int(self._orders[epoch][position]))
+        return out
+
+    def batch(self, step: int):
+        """(pixels, proprio, prompts, target actions) of ``step`` on the model's device."""
+        import torch
+
+        from policies.vla.augment import augment_image
+        from policies.vla.preprocess import pixel_values, prepare_image
+
+        cfg = self.model.config
+        rng = np.random.default_rng([self.config.seed, step, 1])
+        pixels, proprio, prompts, actions = [], [], [], []
+        for index in self.batch_indices(step):
+            sample = self.data.sample(index)
+            images = [prepare_image(image, cfg.image_sizes[0], crop=False) for image in sample["images"]]
+            if self.config.image_aug:
+                images = [augment_image(image, rng.random()) for image in images]
+            pixels.append(pixel_values(images, cfg.image_means, cfg.image_stds))
+            proprio.append(sample["proprio"])
+            prompts.append(self.policy.prompt_ids(sample["instruction"]))
+            actions.append(sample["actions"])
+        device = self.policy.device
+        as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays).astype(np.float32)).to(device)  # noqa: E731
+        return as_tensor(pixels), as_tensor(proprio), prompts, as_tensor(actions)
+
+    # --- training -----------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        pixels, proprio, prompts, target = self.batch(self.step)
+        torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # selection noise of this step
+        if hasattr(self.hooks, "set_progress"):
+            self.hooks.set_progress(self.step, self.config.steps)
+        predicted = self.model(pixels, proprio, prompts, self.policy.tokenizer.stop_id, self.hooks,
+                               self.policy.options.action_slice)
+        loss = F.l1_loss(predicted, target)
+        if not torch.isfinite(loss):
+            raise ValueError(f"the loss is {loss.item()} at step {self.step}; nothing of this step is saved")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return float(loss.detach())
+
+    # --- saving -------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        import torch
+
+        path = self.out / STATE
+        tmp = path.with_suffix(".tmp")
+        torch.save({"step": self.step, "trainable": {n: p.detach().cpu() for n, p in self.trainable.items()},
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp)
+        os.replace(tmp, path)
+
+    def load_state(self) -> None:
+        import torch
+
+        state = torch.load(self.out / STATE, map_location="cpu", weights_only=True)
+        missing = sorted(set(self.trainable) ^ set(state["trainable"]))
+        if missing:
+            raise ValueError(f"{self.out / STATE} does not fit this model: parameters {missing[:5]} differ")
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                self.trainable[name].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+
+    def norm_stats(self) -> dict:
+        """The statistics under each trained suite's key, as OFT names its LIBERO datasets."""
+        suites = self.data.suites or ["demos"]
+        suffix = "_no_noops" if self.config.drop_noops else ""
+        return {f"{suite}{suffix}": self.data.stats for suite in suites}
+
+    def save_checkpoint(self, manifest: dict) -> Path:
+        """The merged model in the OpenVLA-OFT layout, written aside and then put in place."""
+        from policies.vla.checkpoint import save_checkpoint
+        from policies.vla.lora import merged_state
+        from policies.vla.tokenizer import write_tokenizer
+
+        final, tmp = self.out / CHECKPOINT, self.out / (CHECKPOINT + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        state = {k: v for k, v in merged_state(self.model).items() if not k.startswith("token_queries.")}
+        save_checkpoint(self.model, tmp, self.norm_stats(), step=self.step, state=state)
+        write_tokenizer(self.policy.tokenizer, tmp)
+        if hasattr(self.hooks, "save"):
+            self.hooks.save(tmp, self.step)
+        write_json_atomic(tmp / "finetune.json", {**manifest, "step": self.step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+
+def manifest_for(config: FinetuneConfig, trainer: Trainer) -> dict:
+    from bench.provenance import code_revision, host_info, now_iso, package_versions
+
+    data = trainer.data
+    return {
+        "config": asdict(config),
+        "policy": trainer.policy.identity(),
+        "demos": [{"path": str(p), "sha256": file_sha256(p)} for p in data.paths],
+        "data": {"demonstrations": len(data.episodes), "kept_steps": data.stats["num_transitions"],
+                 "dropped_noops": data.dropped_noops, "samples": len(data), "suites": data.suites},
+        "adapted_layers": len(trainer.adapted),
+        "trainable_parameters": int(sum(p.numel() for p in trainer.trainable.values())),
+        "versions": package_versions(),
+        "code": code_revision(),
+        "host": host_info(),
+        "created_at": now_iso(),
+    }
+
+
+def finetune(config: FinetuneConfig | None, out: Path, resume: bool = False, progress: bool = True) -> FinetuneSummary:
+    """Train (or, with ``resume``, continue the run in ``out`` with its recorded config) and
+    write its checkpoint."""
+    out = Path(out)
+    if resume:
+        if not (out / MANIFEST).is_file():
+            raise FileNotFoundError(f"{out} holds no fine-tuning run to resume ({MANIFEST} missing)")
+        recorded = json.loads((out / MANIFEST).read_text())
+        config = FinetuneConfig(**recorded["config"])
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty: choose another --out, or continue it with --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, out)
+    try:
+        return _train(trainer, config, out, resume, progress)
+    finally:
+        trainer.data.close()
+
+
+def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, progress: bool) -> FinetuneSummary:
+    from tqdm import tqdm
+
+    manifest = manifest_for(config, trainer)
+    if resume:
+        recorded = json.loads((out / MANIFEST).read_text())
+        changed = [d["path"] for d, old in zip(manifest["demos"], recorded["demos"]) if d["sha256"] != old["sha256"]]
+        if changed:
+            raise ValueError(f"demonstration files changed since the run began: {', '.join(changed)}")
+        if (out / STATE).is_file():
+            trainer.load_state()
+        manifest = {**recorded, "resumed": recorded.get("resumed", []) + [
+            {"at_step": trainer.step, "versions": manifest["versions"], "code": manifest["code"],
+             "created_at": manifest["created_at"]}]}
+    write_json_atomic(out / MANIFEST, manifest)
+    first = last = None
+    window, started = [], time.perf_counter()
+    bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="fine-tuning", unit="step")
+    with open(out / LOG, "a") as log:
+        while trainer.step < config.steps:
+            loss = trainer.train_step()
+            first = loss if first is None else first
+            window.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if trainer.step % config.log_every == 0 or trainer.step == config.steps:
+                elapsed = time.perf_counter() - started
+                last = float(np.mean(window))
+                entry = {"step": trainer.step, "loss": last, "lr": trainer.scheduler.get_last_lr()[0],
+                         "step_ms": 1e3 * elapsed / len(window)}
+                if hasattr(trainer.hooks, "noise_scale"):
+                    entry["noise_scale"] = trainer.hooks.noise_scale
+                log.write(json.dumps(entry) + "\n")
+                log.flush()
+                window, started = [], time.perf_counter()
+            if config.save_every and trainer.step % config.save_every == 0 and trainer.step < config.steps:
+                trainer.save_state()
+                trainer.save_checkpoint(manifest)
+    bar.close()
+    trainer.save_state()
+    checkpoint = trainer.save_checkpoint(manifest)
+    return FinetuneSummary(out, trainer.step, first, last, len(trainer.data), checkpoint)
