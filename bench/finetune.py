@@ -242,6 +242,15 @@ class Trainer:
         return final
 
 
+def drop_log_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
 def manifest_for(config: FinetuneConfig, trainer: Trainer) -> dict:
     from bench.provenance import code_revision, host_info, now_iso, package_versions
 
@@ -291,6 +300,7 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
             raise ValueError(f"demonstration files changed since the run began: {', '.join(changed)}")
         if (out / STATE).is_file():
             trainer.load_state()
+        drop_log_after(out / LOG, trainer.step)  # steps after the saved state are trained again
         manifest = {**recorded, "resumed": recorded.get("resumed", []) + [
             {"at_step": trainer.step, "versions": manifest["versions"], "code": manifest["code"],
              "created_at": manifest["created_at"]}]}

@@ -1,7 +1,7 @@
 """Low-rank adapters (LoRA) on the model's linear layers, as OpenVLA-OFT fine-tunes.
 
 OpenVLA-OFT (and LightVLA after it) trains rank-32 adapters with alpha = min(rank, 16) on every
-linear layer of the VLA (vision towers, projector, LLM), A drawn from N(0, 1/rank^2) and B zero,
+linear layer of the VLA (vision towers, projector, LLM; not the vocabulary projection), A drawn from N(0, 1/rank^2) and B zero,
 so that an untrained adapter changes nothing. ``merged_state`` folds the adapters into the base
 weights: the result is a plain model's state dict, which ``save_checkpoint`` writes in the
 OpenVLA-OFT layout.
@@ -15,6 +15,9 @@ from torch import nn
 # The parts of OFTModel whose linear layers get adapters. The action head and the proprio
 # projector are trained whole (OFT builds them new); the vocabulary embedding stays frozen.
 ADAPTED_PARTS = ("vision_backbone", "projector", "language_model")
+# peft's "all-linear" leaves out the output layer: the LLM's vocabulary projection (never
+# computed here anyway).
+SKIPPED = ("language_model.lm_head",)
 
 
 class LoRALinear(nn.Module):
@@ -58,7 +61,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0,
     wrapped = []
     for part in parts:
         root = getattr(model, part)
-        targets = [(name, module) for name, module in root.named_modules() if isinstance(module, nn.Linear)]
+        targets = [(name, module) for name, module in root.named_modules()
+                   if isinstance(module, nn.Linear) and f"{part}.{name}" not in SKIPPED]
         for name, module in targets:
             parent_name, _, child = name.rpartition(".")
             parent = root.get_submodule(parent_name) if parent_name else root

@@ -36,10 +36,16 @@ def test_scripted_expert_succeeds(tmp_path, suite, task, init):
     assert record["outcome"] == "success", record["error"] or record["policy_stats"]
 
 
-def test_recorded_demo_replays_to_the_same_success(tmp_path, capsys):
-    demos = tmp_path / "demos.hdf5"
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    demos = tmp_path_factory.mktemp("recorded") / "demos.hdf5"
     assert main(["record-demos", "--suite", "libero_object", "--tasks", "1", "--init-states", "0",
                  "--image-size", "64", "--out", str(demos), "--no-progress"]) == 0
+    return demos
+
+
+def test_recorded_demo_replays_to_the_same_success(recorded, tmp_path):
+    demos = recorded
     (demo,) = read_demos(demos)
     assert demo.obs["agentview_rgb"].shape == (len(demo.actions), 64, 64, 3)
     assert demo.rewards[-1] == 1 and demo.rewards[:-1].sum() == 0
@@ -48,3 +54,19 @@ def test_recorded_demo_replays_to_the_same_success(tmp_path, capsys):
                  "--tasks", "1", "--init-states", "0", "--out", str(out), "--no-progress", "--json"]) == 0
     record = json.loads((out / "episodes.jsonl").read_text().splitlines()[0])
     assert record["outcome"] == "success" and record["steps"] == len(demo.actions)
+
+
+def test_a_model_fine_tuned_on_the_recorded_demo_runs_in_the_simulator(recorded, tmp_path, capsys):
+    out = tmp_path / "finetune"
+    assert main(["finetune", "--demos", str(recorded), "--policy", "lightvla", "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--lora-rank", "2", "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["run", "--suite", "libero_object", "--policy", "lightvla", "--checkpoint", str(out / "checkpoint"),
+                 "--tasks", "1", "--init-states", "0", "--max-steps", "16", "--out", str(run), "--no-progress",
+                 "--json"]) == 0
+    record = json.loads((run / "episodes.jsonl").read_text().splitlines()[0])
+    # two steps of training cannot do the task, but the episode runs to its budget with real queries
+    assert record["outcome"] == "failure" and record["steps"] == 16, record["error"]
+    assert record["queries"] == 2 and 0 < record["policy_stats"]["visual_tokens"] < 512
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["policy"]["unnorm_key"] == "libero_object_no_noops"

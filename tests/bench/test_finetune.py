@@ -1,0 +1,176 @@
+"""Fine-tuning: the loss falls, the checkpoint loads and acts as the trained model, runs resume exactly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cli import main
+from bench.finetune import FinetuneConfig, Trainer, finetune
+from policies import make_policy
+from policies.base import Observation
+from tests.fakes import write_demo_file
+
+
+def learnable_episodes(count=3, length=14):
+    """Each step's first action value is shown by the third-person image's brightness."""
+    rng = np.random.default_rng(0)
+    episodes = []
+    for _ in range(count):
+        first = rng.uniform(-0.9, 0.9, length)
+        episodes.append([[x, 0.5 * x, -0.2, 0.01, 0.0, 0.02, -1.0 if t < length // 2 else 1.0]
+                         for t, x in enumerate(first)])
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    return write_demo_file(tmp_path_factory.mktemp("demos") / "demos.hdf5", learnable_episodes())
+
+
+def config(demos, **changes):
+    settings = dict(demos=[str(demos)], steps=6, batch_size=2, lora_rank=4, log_every=2)
+    return FinetuneConfig(**{**settings, **changes})
+
+
+def observation(demos):
+    from bench.demos import read_demos
+
+    demo = read_demos(demos)[0]
+    proprio = np.concatenate([demo.obs[k][3] for k in ("ee_pos", "ee_ori", "gripper_states")])
+    return Observation(images={"agentview": demo.obs["agentview_rgb"][3], "wrist": demo.obs["eye_in_hand_rgb"][3]},
+                       proprio=proprio, instruction=demo.attrs["instruction"], episode_id="e")
+
+
+def test_the_loss_falls_and_the_run_is_recorded(demos, tmp_path):
+    summary = finetune(config(demos, steps=24), tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(2, 25, 2))
+    assert np.mean([e["loss"] for e in log[-3:]]) < 0.7 * np.mean([e["loss"] for e in log[:3]])
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data"] == {"demonstrations": 3, "kept_steps": 42, "dropped_noops": 0, "samples": 21,
+                                "suites": ["libero_spatial"]}
+    assert len(manifest["demos"][0]["sha256"]) == 64 and manifest["versions"]["torch"]
+    stats = json.loads((summary.checkpoint / "dataset_statistics.json").read_text())
+    assert list(stats) == ["libero_spatial_no_noops"]
+
+
+def test_the_checkpoint_acts_as_the_trained_model(demos, tmp_path):
+    trainer_out = tmp_path / "run"
+    summary = finetune(config(demos), trainer_out, progress=False)
+    policy = make_policy("oft", {"checkpoint": str(summary.checkpoint)})
+    policy.select_suite("libero_spatial")
+    loaded = policy.act([observation(demos)])[0].actions
+
+    # the same model with its adapters, from the saved training state
+    trainer = Trainer(config(demos), trainer_out)
+    trainer.load_state()
+    trainer.model.eval()
+    pixels, proprio, prompts = policy.prepare([observation(demos)])
+    with torch.no_grad():
+        normalized = trainer.model(pixels, proprio, prompts, policy.tokenizer.stop_id)
+    trainer.data.close()
+    from policies.vla.postprocess import gripper_to_env, unnormalize_actions
+
+    expected = gripper_to_env(unnormalize_actions(normalized[0].numpy(), policy.stats["action"]))
+    np.testing.assert_allclose(loaded, expected, rtol=1e-4, atol=1e-5)
+    untrained = make_policy("oft", {})
+    assert policy.identity()["weights"] != untrained.identity()["weights"]
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(demos, tmp_path, monkeypatch):
+    whole = finetune(config(demos, save_every=3), tmp_path / "whole", progress=False)
+
+    original = Trainer.train_step
+
+    def stop_at_step_4(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config(demos, save_every=3), tmp_path / "cut", progress=False)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = finetune(None, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.steps == whole.steps == 6
+    a = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "cut" / "state.pt", weights_only=True)["trainable"]
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert [r["at_step"] for r in manifest["resumed"]] == [3]
+    log = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert log == [2, 4, 6]  # step 4's line, written after the saved state, was dropped and written again
+
+
+def test_only_adapters_and_the_heads_change(demos, tmp_path):
+    trainer = Trainer(config(demos), tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    trainer.data.close()
+    assert changed and all(".lora_" in n or n.startswith(("action_head.", "proprio_projector.")) for n in changed)
+    # gradients reached the adapters of the vision towers and of the LLM's first layer
+    assert any(n.startswith("vision_backbone.") and n.endswith("lora_b") for n in changed)
+    assert any(n.startswith("language_model.model.layers.0.") and n.endswith("lora_b") for n in changed)
+
+
+def test_lightvla_trains_through_its_selection_with_annealed_noise(demos, tmp_path):
+    summary = finetune(config(demos, policy="lightvla"), tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # the noise of the last step of each logged interval: 1 - step / steps
+    np.testing.assert_allclose([e["noise_scale"] for e in log], [1 - 1 / 6, 1 - 3 / 6, 1 - 5 / 6])
+    policy = make_policy("lightvla", {"checkpoint": str(summary.checkpoint)})
+    policy.select_suite("libero_spatial")
+    output = policy.act([observation(demos)])[0]
+    assert 0 < output.stats["visual_tokens"] < 512  # inference keeps the union of argmax
+
+
+def test_lightvla_star_saves_its_trained_queries(demos, tmp_path):
+    args = {"queries": "16", "placement": "llm:1"}
+    summary = finetune(config(demos, policy="lightvla_star", policy_args=args), tmp_path / "run", progress=False)
+    from policies.pruning.lightvla_star import QUERIES_FILE
+
+    (saved,) = summary.checkpoint.glob(QUERIES_FILE.format(step="*"))
+    trained = torch.load(saved, weights_only=True)["queries"]
+    untrained = make_policy("lightvla_star", args).hooks().queries.detach()
+    assert trained.shape == untrained.shape and not torch.equal(trained, untrained)
+    policy = make_policy("lightvla_star", {**args, "checkpoint": str(summary.checkpoint)})
+    torch.testing.assert_close(policy.hooks().queries.detach(), trained)
+
+
+def test_bad_settings_are_refused_and_nothing_is_overwritten(demos, tmp_path):
+    with pytest.raises(ValueError, match="fastv cannot be fine-tuned"):
+        finetune(config(demos, policy="fastv"), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        finetune(config(demos, steps=0), tmp_path / "b", progress=False)
+    with pytest.raises(FileNotFoundError, match="no fine-tuning run to resume"):
+        finetune(None, tmp_path / "c", resume=True, progress=False)
+    done = tmp_path / "done"
+    finetune(config(demos, steps=2), done, progress=False)
+    with pytest.raises(FileExistsError, match="not empty"):
+        finetune(config(demos, steps=2), done, progress=False)
+
+
+def test_resume_refuses_changed_demonstrations(tmp_path):
+    path = write_demo_file(tmp_path / "demos.hdf5", learnable_episodes())
+    finetune(config(path, steps=2), tmp_path / "run", progress=False)
+    path.unlink()
+    write_demo_file(path, learnable_episodes(count=2))
+    with pytest.raises(ValueError, match="changed since the run began"):
+        finetune(None, tmp_path / "run", resume=True, progress=False)
+
+
+def test_the_cli(demos, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--demos", str(demos), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--lora-rank", "2", "--no-image-aug", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 steps on 21 samples; L1 loss" in printed and str(out / "checkpoint") in printed
+    recorded = json.loads((out / "manifest.json").read_text())["config"]
+    assert recorded["lora_rank"] == 2 and recorded["image_aug"] is False and recorded["lora_alpha"] == 0.0
+    assert main(["finetune", "--out", str(tmp_path / "x")]) == 2
+    assert "--demos is required" in capsys.readouterr().err
