@@ -121,11 +121,9 @@ class Trainer:
         for module in trained_whole:
             for p in module.parameters():
                 p.requires_grad_(True)
-        self.model.train()
+        self.model.train()  # LightVLA*'s queries too: they are a part of the model now
         if self.hooks is not None:
             self.hooks.training = True  # LightVLA's selection: straight-through, with noise
-            if isinstance(self.hooks, torch.nn.Module):
-                self.hooks.train()
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
         milestones = [config.decay_at] if config.decay_at else []
