@@ -8,8 +8,8 @@ AdamW at 5e-4 with a tenfold decay after ``decay_at`` steps, camera images augme
 annealed from 1 to 0 over the run; LightVLA* trains its queries too.
 
 A run directory holds ``manifest.json`` (settings, the base policy, the demonstration files
-with their SHA-256, versions), ``log.jsonl`` (loss, learning rate, noise, time per logged
-interval), ``state.pt`` (adapters, trained parts, optimiser: what a resumed run continues
+with their SHA-256, versions), ``log.jsonl`` (loss, learning rate, noise, LightVLA's distinct
+selected tokens, time per logged interval), ``state.pt`` (adapters, trained parts, optimiser: what a resumed run continues
 from) and ``checkpoint/``, the merged model in the OpenVLA-OFT layout with
 ``dataset_statistics.json`` under each suite's ``<suite>_no_noops`` key: ``bench run --policy
 lightvla --checkpoint OUT/checkpoint`` evaluates it. A run is deterministic given its seed: the
@@ -189,6 +189,11 @@ class Trainer:
         self.step += 1
         return float(loss.detach())
 
+    def selected_tokens(self) -> float | None:
+        """LightVLA's and LightVLA*'s distinct selected tokens in the last step, mean over its samples."""
+        selected = getattr(self.hooks, "selected_tokens", None)
+        return None if selected is None else float(selected.float().mean())
+
     # --- saving -------------------------------------------------------------------------------
 
     def save_state(self) -> None:
@@ -304,13 +309,15 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
              "created_at": manifest["created_at"]}]}
     write_json_atomic(out / MANIFEST, manifest)
     first = last = None
-    window, started = [], time.perf_counter()
+    window, selected, started = [], [], time.perf_counter()
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="fine-tuning", unit="step")
     with open(out / LOG, "a") as log:
         while trainer.step < config.steps:
             loss = trainer.train_step()
             first = loss if first is None else first
             window.append(loss)
+            if trainer.selected_tokens() is not None:
+                selected.append(trainer.selected_tokens())
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if trainer.step % config.log_every == 0 or trainer.step == config.steps:
@@ -320,9 +327,11 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
                          "step_ms": 1e3 * elapsed / len(window)}
                 if hasattr(trainer.hooks, "noise_scale"):
                     entry["noise_scale"] = trainer.hooks.noise_scale
+                if selected:
+                    entry["selected_tokens"] = float(np.mean(selected))
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
-                window, started = [], time.perf_counter()
+                window, selected, started = [], [], time.perf_counter()
             if config.save_every and trainer.step % config.save_every == 0 and trainer.step < config.steps:
                 trainer.save_state()
                 trainer.save_checkpoint(manifest)

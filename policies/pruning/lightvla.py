@@ -68,6 +68,13 @@ def straight_through(scores: torch.Tensor, noise_scale: float) -> tuple[torch.Te
     return hard + soft - soft.detach(), indices
 
 
+def distinct_selected(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """(B,) how many distinct tokens of ``count`` the (B, Q) selected ``indices`` name: what
+    inference would keep, were the scores the same (training reports it)."""
+    picked = torch.zeros(indices.shape[0], count, dtype=torch.bool, device=indices.device)
+    return picked.scatter(1, indices, True).sum(dim=1)
+
+
 def replace_visual(stream: TokenStream, columns: torch.Tensor, slots: torch.Tensor,
                    positions: torch.Tensor) -> TokenStream:
     """The stream with its visual block (at ``columns``) replaced by ``slots`` (same count)."""
@@ -104,6 +111,7 @@ class LightVLAPruner(Hooks):
         self.keep = keep  # 0: the learned selection; N: force N tokens (cost figures)
         self.training = False
         self.noise_scale = 0.0
+        self.selected_tokens: torch.Tensor | None = None  # training: (B,) distinct tokens the last query selected
 
     def set_progress(self, step: int, max_steps: int) -> None:
         self.noise_scale = noise_scale(step, max_steps)
@@ -116,6 +124,7 @@ class LightVLAPruner(Hooks):
             visual, columns = visual_block(stream)
             task, task_mask, _ = task_block(stream)
             weights, indices = straight_through(lightvla_scores(visual, task, task_mask), self.noise_scale)
+            self.selected_tokens = distinct_selected(indices, v)
             self.add_cost([2 * v * v * d] * len(task_counts))  # W @ P
             return replace_visual(stream, columns, weights @ visual, selected_positions(stream, columns, indices))
         # Everything up to the kept counts has fixed shapes: one graph (a GPU then idles only

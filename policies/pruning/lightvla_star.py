@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from policies.pruning.base import keep_chosen, keep_tokens, rms_norm, visual_block
-from policies.pruning.lightvla import choose, noise_scale, replace_visual, selected_positions, straight_through
+from policies.pruning.lightvla import (choose, distinct_selected, noise_scale, replace_visual, selected_positions,
+                                      straight_through)
 from policies.vla.hooks import Hooks, TokenStream, VisionSlots
 
 QUERIES_FILE = "token_queries--{step}_checkpoint.pt"
@@ -59,6 +60,7 @@ class LightVLAStarPruner(Hooks, nn.Module):
         self._slot_patches: torch.Tensor | None = None
         self.keep = keep
         self.noise_scale = 0.0
+        self.selected_tokens: torch.Tensor | None = None  # training: (B,) distinct tokens the last query selected
         self.eval()  # inference selection unless a trainer switches it to training
 
     @property
@@ -111,7 +113,9 @@ class LightVLAStarPruner(Hooks, nn.Module):
             raise ValueError(f"training needs at most {p} queries (the patches of an image), has {q}")
         images = self._images_per_sample(n)
         self.add_cost([2 * q * p * d * images] * (n // images))
-        return straight_through(self.scores(patches), self.noise_scale)
+        weights, indices = straight_through(self.scores(patches), self.noise_scale)
+        self.selected_tokens = distinct_selected(indices, p).reshape(-1, images).sum(dim=1)
+        return weights, indices
 
     def _fill_slots(self, tokens: torch.Tensor, prefix: int) -> VisionSlots:
         """This tower's patches mixed by tower 0's weights: both towers hold the same slots."""
@@ -154,6 +158,7 @@ class LightVLAStarPruner(Hooks, nn.Module):
             if self.queries.shape[0] > v:
                 raise ValueError(f"training needs at most {v} queries (the visual tokens), has {self.queries.shape[0]}")
             weights, indices = straight_through(scores, self.noise_scale)
+            self.selected_tokens = distinct_selected(indices, v)
             self.add_cost([2 * self.queries.shape[0] * v * d] * b)
             n = self.queries.shape[0]
             stream = replace_visual(stream, columns[:, :n], weights @ visual, selected_positions(stream, columns, indices))

@@ -123,6 +123,7 @@ def test_lightvla_trains_through_its_selection_with_annealed_noise(demos, tmp_pa
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # the noise of the last step of each logged interval: 1 - step / steps
     np.testing.assert_allclose([e["noise_scale"] for e in log], [1 - 1 / 6, 1 - 3 / 6, 1 - 5 / 6])
+    assert all(0 < e["selected_tokens"] <= 512 for e in log)
     policy = make_policy("lightvla", {"checkpoint": str(summary.checkpoint)})
     policy.select_suite("libero_spatial")
     output = policy.act([observation(demos)])[0]
@@ -134,6 +135,8 @@ def test_lightvla_star_saves_its_trained_queries(demos, tmp_path):
     summary = finetune(config(demos, policy="lightvla_star", policy_args=args), tmp_path / "run", progress=False)
     from policies.pruning.lightvla_star import QUERIES_FILE
 
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(0 < e["selected_tokens"] <= 16 for e in log)  # at most one token per query
     (saved,) = summary.checkpoint.glob(QUERIES_FILE.format(step="*"))
     trained = torch.load(saved, weights_only=True)["queries"]
     untrained = make_policy("lightvla_star", args).hooks().queries.detach()

@@ -115,6 +115,9 @@ def test_training_mode_keeps_512_slots_with_the_selected_positions():
     assert out.position_ids[0, 1:17].tolist() == (1 + scores[0].argmax(-1)).tolist()
     # forward value of W @ P is the selected tokens themselves (duplicates allowed)
     assert torch.allclose(out.hidden[0, 1:17], s.hidden[0, 1 + scores[0].argmax(-1)], atol=1e-6)
+    # without noise the training selection names as many distinct tokens as inference keeps
+    assert pruner.selected_tokens.tolist() == union_of_argmax(scores).sum(dim=1).tolist()
+    assert 0 < int(pruner.selected_tokens[0]) < 16  # duplicates: fewer than the 16 slots
 
 
 def test_noise_is_annealed_to_zero():
