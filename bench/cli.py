@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--save-every", type=NON_NEGATIVE, default=0,
                     help="write the state and checkpoint every N steps too (default 0: at the end)")
     ft.add_argument("--log-every", type=POSITIVE, default=10, help="steps per line of log.jsonl (default 10)")
+    ft.add_argument("--val-demos", nargs="+", type=Path, default=[], metavar="FILE",
+                    help="held-out demonstration files: L1 loss as evaluation queries the model (LightVLA: "
+                         "its inference selection) at the end, and every --val-every steps")
+    ft.add_argument("--val-every", type=NON_NEGATIVE, default=0, help="validate every N steps too (default 0)")
+    ft.add_argument("--val-samples", type=POSITIVE, default=256,
+                    help="held-out samples, spread evenly over them (default 256)")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--no-progress", action="store_true")
 
@@ -277,9 +283,12 @@ def cmd_finetune(args) -> int:
             batch_size=args.batch_size, learning_rate=args.lr, decay_at=args.decay_at, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, image_aug=not args.no_image_aug, drop_noops=not args.keep_noops,
             save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+            val_demos=[str(p) for p in args.val_demos], val_every=args.val_every, val_samples=args.val_samples,
         )
     summary = finetune(config, args.out, resume=args.resume, progress=not args.no_progress)
     losses = "" if summary.first_loss is None else f"; L1 loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}"
+    if summary.val_loss is not None:
+        losses += f"; held out {summary.val_loss:.4f}"
     print(f"{summary.steps} steps on {summary.samples} samples{losses}")
     print(f"checkpoint: {summary.checkpoint}")
     return 0

@@ -54,15 +54,18 @@ class FinetuneConfig:
     save_every: int = 0  # also write state and checkpoint every N steps (0: at the end only)
     log_every: int = 10
     seed: int = 0
+    val_demos: list[str] = field(default_factory=list)  # held-out files: L1 loss with inference's selection
+    val_every: int = 0  # validate every N steps too (0: at the end only)
+    val_samples: int = 256  # spread evenly over the held-out samples
 
     def check(self) -> None:
         if self.policy not in TRAINABLE_POLICIES:
             raise ValueError(f"{self.policy} cannot be fine-tuned (trainable: {', '.join(TRAINABLE_POLICIES)}); "
                              "the training-free methods run on a fine-tuned oft checkpoint")
-        for name in ("steps", "batch_size", "lora_rank", "log_every"):
+        for name in ("steps", "batch_size", "lora_rank", "log_every", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("decay_at", "save_every"):
+        for name in ("decay_at", "save_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -81,6 +84,7 @@ class FinetuneSummary:
     last_loss: float | None
     samples: int
     checkpoint: Path
+    val_loss: float | None = None  # the last validation's
 
 
 def file_sha256(path: Path) -> str:
@@ -112,7 +116,10 @@ class Trainer:
         self.policy = make_policy(config.policy, args, seed=config.seed)
         self.model = self.policy.model
         self.hooks = self.policy.hooks()
-        self.data = TrainingSet([Path(p) for p in config.demos], self.model.config.chunk_length, config.drop_noops)
+        chunk = self.model.config.chunk_length
+        self.data = TrainingSet([Path(p) for p in config.demos], chunk, config.drop_noops)
+        self.val = TrainingSet([Path(p) for p in config.val_demos], chunk, config.drop_noops,
+                               stats=self.data.stats) if config.val_demos else None
         self.adapted = add_lora(self.model, config.lora_rank, config.alpha, seed=config.seed)
         trained_whole = [self.model.action_head, self.model.proprio_projector]
         if isinstance(self.hooks, torch.nn.Module):  # LightVLA*'s queries
@@ -121,9 +128,8 @@ class Trainer:
         for module in trained_whole:
             for p in module.parameters():
                 p.requires_grad_(True)
-        self.model.train()  # LightVLA*'s queries too: they are a part of the model now
-        if self.hooks is not None:
-            self.hooks.training = True  # LightVLA's selection: straight-through, with noise
+        # LightVLA's selection: straight-through, with noise; LightVLA*'s queries are part of the model now
+        self.set_training(True)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
         milestones = [config.decay_at] if config.decay_at else []
@@ -146,19 +152,24 @@ class Trainer:
 
     def batch(self, step: int):
         """(pixels, proprio, prompts, target actions) of ``step`` on the model's device."""
+        rng = np.random.default_rng([self.config.seed, step, 1])
+        return self.tensors(self.data, self.batch_indices(step), rng if self.config.image_aug else None, crop=False)
+
+    def tensors(self, data: TrainingSet, indices: list[int], augment_rng: np.random.Generator | None, crop: bool):
+        """The samples' (pixels, proprio, prompts, target actions) on the model's device: images
+        augmented where ``augment_rng`` is given, else centre-cropped or not (``crop``)."""
         import torch
 
         from policies.vla.augment import augment_image
         from policies.vla.preprocess import pixel_values, prepare_image
 
         cfg = self.model.config
-        rng = np.random.default_rng([self.config.seed, step, 1])
         pixels, proprio, prompts, actions = [], [], [], []
-        for index in self.batch_indices(step):
-            sample = self.data.sample(index)
-            images = [prepare_image(image, cfg.image_sizes[0], crop=False) for image in sample["images"]]
-            if self.config.image_aug:
-                images = [augment_image(image, rng.random()) for image in images]
+        for index in indices:
+            sample = data.sample(index)
+            images = [prepare_image(image, cfg.image_sizes[0], crop=crop) for image in sample["images"]]
+            if augment_rng is not None:
+                images = [augment_image(image, augment_rng.random()) for image in images]
             pixels.append(pixel_values(images, cfg.image_means, cfg.image_stds))
             proprio.append(sample["proprio"])
             prompts.append(self.policy.prompt_ids(sample["instruction"]))
@@ -166,6 +177,38 @@ class Trainer:
         device = self.policy.device
         as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays).astype(np.float32)).to(device)  # noqa: E731
         return as_tensor(pixels), as_tensor(proprio), prompts, as_tensor(actions)
+
+    def validate(self) -> dict:
+        """Mean L1 loss on held-out samples as evaluation queries the model: no noise, LightVLA's
+        inference selection (kept tokens, not 512 slots), images centre-cropped if trained with
+        augmentation. Returns the loss and the mean visual tokens entering the LLM."""
+        import torch
+
+        from policies.vla.hooks import QueryTrace
+
+        n, b = len(self.val), self.config.batch_size
+        indices = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.config.val_samples))})
+        losses, tokens = [], []
+        self.set_training(False)
+        try:
+            with torch.no_grad():
+                for start in range(0, len(indices), b):
+                    chunk = indices[start:start + b]
+                    pixels, proprio, prompts, target = self.tensors(self.val, chunk, None, crop=self.config.image_aug)
+                    traces = [QueryTrace() for _ in chunk]
+                    predicted = self.model(pixels, proprio, prompts, self.policy.tokenizer.stop_id, self.hooks,
+                                           self.policy.options.action_slice, traces)
+                    losses += (predicted - target).abs().mean(dim=(1, 2)).tolist()
+                    tokens += [t.llm_visual_tokens[0] for t in traces]
+        finally:
+            self.set_training(True)
+        return {"val_loss": float(np.mean(losses)), "val_visual_tokens": float(np.mean(tokens)),
+                "val_samples": len(indices)}
+
+    def set_training(self, training: bool) -> None:
+        self.model.train(training)
+        if self.hooks is not None:
+            self.hooks.training = training
 
     # --- training -----------------------------------------------------------------------------
 
@@ -257,13 +300,19 @@ def drop_log_after(path: Path, step: int) -> None:
 def manifest_for(config: FinetuneConfig, trainer: Trainer) -> dict:
     from bench.provenance import code_revision, host_info, now_iso, package_versions
 
-    data = trainer.data
+    data, val = trainer.data, trainer.val
+    files = [{"path": str(p), "sha256": file_sha256(p)} for p in data.paths]
+    val_files = [{"path": str(p), "sha256": file_sha256(p)} for p in (val.paths if val else [])]
+    shared = {f["sha256"] for f in files} & {f["sha256"] for f in val_files}
+    if shared:
+        raise ValueError("a validation file is also a training file: validation needs held-out demonstrations")
     return {
         "config": asdict(config),
         "policy": trainer.policy.identity(),
-        "demos": [{"path": str(p), "sha256": file_sha256(p)} for p in data.paths],
+        "demos": files + val_files,
         "data": {"demonstrations": len(data.episodes), "kept_steps": data.stats["num_transitions"],
-                 "dropped_noops": data.dropped_noops, "samples": len(data), "suites": data.suites},
+                 "dropped_noops": data.dropped_noops, "samples": len(data), "suites": data.suites,
+                 "val_demonstrations": len(val.episodes) if val else 0, "val_samples": len(val) if val else 0},
         "adapted_layers": len(trainer.adapted),
         "trainable_parameters": int(sum(p.numel() for p in trainer.trainable.values())),
         "versions": package_versions(),
@@ -290,6 +339,8 @@ def finetune(config: FinetuneConfig | None, out: Path, resume: bool = False, pro
         return _train(trainer, config, out, resume, progress)
     finally:
         trainer.data.close()
+        if trainer.val is not None:
+            trainer.val.close()
 
 
 def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, progress: bool) -> FinetuneSummary:
@@ -308,7 +359,7 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
             {"at_step": trainer.step, "versions": manifest["versions"], "code": manifest["code"],
              "created_at": manifest["created_at"]}]}
     write_json_atomic(out / MANIFEST, manifest)
-    first = last = None
+    first = last = val_loss = None
     window, selected, started = [], [], time.perf_counter()
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="fine-tuning", unit="step")
     with open(out / LOG, "a") as log:
@@ -332,10 +383,16 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
                 window, selected, started = [], [], time.perf_counter()
+            if trainer.val is not None and (trainer.step == config.steps or (
+                    config.val_every and trainer.step % config.val_every == 0)):
+                val = trainer.validate()
+                log.write(json.dumps({"step": trainer.step, **val}) + "\n")
+                log.flush()
+                val_loss = val["val_loss"]
             if config.save_every and trainer.step % config.save_every == 0 and trainer.step < config.steps:
                 trainer.save_state()
                 trainer.save_checkpoint(manifest)
     bar.close()
     trainer.save_state()
     checkpoint = trainer.save_checkpoint(manifest)
-    return FinetuneSummary(out, trainer.step, first, last, len(trainer.data), checkpoint)
+    return FinetuneSummary(out, trainer.step, first, last, len(trainer.data), checkpoint, val_loss)

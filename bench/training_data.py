@@ -83,7 +83,8 @@ class TrainingSet:
     """Samples of every demonstration in ``paths`` (files written by ``bench record-demos`` or in
     the same layout). Holds the files open for reading images; ``close`` when done."""
 
-    def __init__(self, paths: list[Path], chunk_length: int, drop_noops: bool = True):
+    def __init__(self, paths: list[Path], chunk_length: int, drop_noops: bool = True, stats: dict | None = None):
+        """``stats``: normalise with these (a validation set takes its training set's)."""
         import h5py
 
         if not paths:
@@ -105,7 +106,7 @@ class TrainingSet:
         self.samples = [(i, t) for i, e in enumerate(self.episodes) for t in range(len(e.steps) - chunk_length + 1)]
         if not self.samples:
             raise ValueError(f"no demonstration is {chunk_length} steps long (after dropping no-ops): nothing to train on")
-        self.stats = {
+        self.stats = stats or {
             "action": statistics(np.concatenate([e.actions for e in self.episodes]), [True] * 6 + [False]),
             "proprio": statistics(np.concatenate([e.proprio for e in self.episodes]), [True] * 8),
             "num_transitions": int(sum(len(e.steps) for e in self.episodes)),

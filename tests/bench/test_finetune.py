@@ -50,7 +50,7 @@ def test_the_loss_falls_and_the_run_is_recorded(demos, tmp_path):
     assert np.mean([e["loss"] for e in log[-3:]]) < 0.7 * np.mean([e["loss"] for e in log[:3]])
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["data"] == {"demonstrations": 3, "kept_steps": 42, "dropped_noops": 0, "samples": 21,
-                                "suites": ["libero_spatial"]}
+                                "suites": ["libero_spatial"], "val_demonstrations": 0, "val_samples": 0}
     assert len(manifest["demos"][0]["sha256"]) == 64 and manifest["versions"]["torch"]
     stats = json.loads((summary.checkpoint / "dataset_statistics.json").read_text())
     assert list(stats) == ["libero_spatial_no_noops"]
@@ -173,7 +173,33 @@ def test_the_cli(demos, tmp_path, capsys):
                  "--lora-rank", "2", "--no-image-aug", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "2 steps on 21 samples; L1 loss" in printed and str(out / "checkpoint") in printed
+    assert "held out" not in printed
     recorded = json.loads((out / "manifest.json").read_text())["config"]
     assert recorded["lora_rank"] == 2 and recorded["image_aug"] is False and recorded["lora_alpha"] == 0.0
     assert main(["finetune", "--out", str(tmp_path / "x")]) == 2
     assert "--demos is required" in capsys.readouterr().err
+
+
+def test_validation_queries_as_evaluation_does_and_leaves_training_unchanged(demos, tmp_path):
+    held_out = write_demo_file(tmp_path / "held_out.hdf5", learnable_episodes(count=2), seed=5)
+    plain = finetune(config(demos, policy="lightvla"), tmp_path / "plain", progress=False)
+    checked = finetune(config(demos, policy="lightvla", val_demos=[str(held_out)], val_every=3, val_samples=5),
+                       tmp_path / "checked", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "checked" / "log.jsonl").read_text().splitlines()]
+    vals = [e for e in log if "val_loss" in e]
+    assert [e["step"] for e in vals] == [3, 6] and all(e["val_samples"] == 5 for e in vals)
+    # LightVLA's inference selection: kept tokens enter the LLM, not 512 slots
+    assert all(0 < e["val_visual_tokens"] < 512 for e in vals) and checked.val_loss == vals[-1]["val_loss"]
+    # validating draws nothing from the training's random streams
+    a = torch.load(tmp_path / "plain" / "state.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "checked" / "state.pt", weights_only=True)["trainable"]
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert plain.last_loss == checked.last_loss
+    manifest = json.loads((tmp_path / "checked" / "manifest.json").read_text())
+    assert manifest["data"]["val_demonstrations"] == 2 and len(manifest["demos"]) == 2
+
+
+def test_validation_on_a_training_file_is_refused(demos, tmp_path):
+    with pytest.raises(ValueError, match="also a training file"):
+        finetune(config(demos, val_demos=[str(demos)]), tmp_path / "run", progress=False)
