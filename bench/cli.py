@@ -274,6 +274,11 @@ def cmd_finetune(args) -> int:
     from bench.finetune import FinetuneConfig, finetune
 
     if args.resume:
+        defaults = vars(build_parser().parse_args(["finetune", "--out", str(args.out), "--resume"]))
+        given = sorted(k for k, v in vars(args).items() if k not in ("out", "resume", "no_progress") and v != defaults[k])
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"--resume continues with the run's recorded settings: leave out {flags}")
         config = None
     else:
         if not args.demos:

@@ -178,6 +178,10 @@ def test_the_cli(demos, tmp_path, capsys):
     assert recorded["lora_rank"] == 2 and recorded["image_aug"] is False and recorded["lora_alpha"] == 0.0
     assert main(["finetune", "--out", str(tmp_path / "x")]) == 2
     assert "--demos is required" in capsys.readouterr().err
+    assert main(["finetune", "--out", str(out), "--resume", "--steps", "5", "--lr", "1e-3"]) == 2
+    assert "recorded settings: leave out --lr, --steps" in capsys.readouterr().err
+    assert main(["finetune", "--out", str(out), "--resume", "--no-progress"]) == 0  # nothing left to train
+    assert "2 steps on 21 samples" in capsys.readouterr().out
 
 
 def test_validation_queries_as_evaluation_does_and_leaves_training_unchanged(demos, tmp_path):
