@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -136,6 +137,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
         self.step = 0
         self._orders: dict[int, np.ndarray] = {}  # the current epoch's sample order
+        self._threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="images")
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._next: tuple[int, Future] | None = None  # the next step's batch, prepared while this one trains
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -155,6 +159,25 @@ class Trainer:
         rng = np.random.default_rng([self.config.seed, step, 1])
         return self.tensors(self.data, self.batch_indices(step), rng if self.config.image_aug else None, crop=False)
 
+    def next_batch(self):
+        """``batch(step)``, prepared in the background during the step before; starts the next one's."""
+        if self._next is not None and self._next[0] == self.step:
+            batch = self._next[1].result()
+        else:
+            batch = self.batch(self.step)
+        following = self.step + 1
+        self._next = (following, self._prefetcher.submit(self.batch, following)) if following < self.config.steps else None
+        return batch
+
+    def close(self) -> None:
+        if self._next is not None:
+            self._next[1].cancel()
+        self._prefetcher.shutdown(wait=True)
+        self._threads.shutdown(wait=True)
+        self.data.close()
+        if self.val is not None:
+            self.val.close()
+
     def tensors(self, data: TrainingSet, indices: list[int], augment_rng: np.random.Generator | None, crop: bool):
         """The samples' (pixels, proprio, prompts, target actions) on the model's device: images
         augmented where ``augment_rng`` is given, else centre-cropped or not (``crop``)."""
@@ -164,16 +187,20 @@ class Trainer:
         from policies.vla.preprocess import pixel_values, prepare_image
 
         cfg = self.model.config
-        pixels, proprio, prompts, actions = [], [], [], []
-        for index in indices:
-            sample = data.sample(index)
-            images = [prepare_image(image, cfg.image_sizes[0], crop=crop) for image in sample["images"]]
-            if augment_rng is not None:
-                images = [augment_image(image, augment_rng.random()) for image in images]
-            pixels.append(pixel_values(images, cfg.image_means, cfg.image_stds))
-            proprio.append(sample["proprio"])
-            prompts.append(self.policy.prompt_ids(sample["instruction"]))
-            actions.append(sample["actions"])
+        samples = [data.sample(index) for index in indices]
+        draws = [augment_rng.random() if augment_rng is not None else None for _ in samples for _ in range(2)]
+
+        def prepared(job):
+            image, u = job
+            image = prepare_image(image, cfg.image_sizes[0], crop=crop)
+            return image if u is None else augment_image(image, u)
+
+        # numpy and JPEG coding release the GIL: the batch's images on several threads
+        images = list(self._threads.map(prepared, zip([i for s in samples for i in s["images"]], draws)))
+        pixels = [pixel_values(images[2 * i:2 * i + 2], cfg.image_means, cfg.image_stds) for i in range(len(samples))]
+        proprio = [s["proprio"] for s in samples]
+        prompts = [self.policy.prompt_ids(s["instruction"]) for s in samples]
+        actions = [s["actions"] for s in samples]
         device = self.policy.device
         as_tensor = lambda arrays: torch.from_numpy(np.stack(arrays).astype(np.float32)).to(device)  # noqa: E731
         return as_tensor(pixels), as_tensor(proprio), prompts, as_tensor(actions)
@@ -216,7 +243,7 @@ class Trainer:
         import torch
         import torch.nn.functional as F
 
-        pixels, proprio, prompts, target = self.batch(self.step)
+        pixels, proprio, prompts, target = self.next_batch()
         torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # selection noise of this step
         if hasattr(self.hooks, "set_progress"):
             self.hooks.set_progress(self.step, self.config.steps)
@@ -338,9 +365,7 @@ def finetune(config: FinetuneConfig | None, out: Path, resume: bool = False, pro
     try:
         return _train(trainer, config, out, resume, progress)
     finally:
-        trainer.data.close()
-        if trainer.val is not None:
-            trainer.val.close()
+        trainer.close()
 
 
 def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, progress: bool) -> FinetuneSummary:

@@ -39,9 +39,11 @@ def augment_image(image: np.ndarray, u: float) -> np.ndarray:
     x = np.clip(x + lerp(-BRIGHTNESS, BRIGHTNESS, u), 0, 1)
     mean = x.mean(axis=(0, 1), keepdims=True, dtype=np.float32)
     x = np.clip((x - mean) * lerp(*CONTRAST, u) + mean, 0, 1)
+    # Saturation then hue, each an HSV round trip in the reference, in one: scaling the
+    # saturation leaves hue and value as they are (and every channel within [0, value]), so
+    # the second conversion would give back the same hue and value and the scaled saturation.
     h, s, v = rgb_to_hsv(x)
-    x = np.clip(hsv_to_rgb(h, np.clip(s * lerp(*SATURATION, u), 0, 1), v), 0, 1)
-    h, s, v = rgb_to_hsv(x)
+    s = np.clip(s * lerp(*SATURATION, u), 0, 1)
     x = np.clip(hsv_to_rgb(np.mod(h + lerp(-HUE, HUE, u), f32(1)), s, v), 0, 1)
     return to_uint8(x.astype(np.float32))
 

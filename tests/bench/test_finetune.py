@@ -70,7 +70,7 @@ def test_the_checkpoint_acts_as_the_trained_model(demos, tmp_path):
     pixels, proprio, prompts = policy.prepare([observation(demos)])
     with torch.no_grad():
         normalized = trainer.model(pixels, proprio, prompts, policy.tokenizer.stop_id)
-    trainer.data.close()
+    trainer.close()
     from policies.vla.postprocess import gripper_to_env, unnormalize_actions
 
     expected = gripper_to_env(unnormalize_actions(normalized[0].numpy(), policy.stats["action"]))
@@ -111,7 +111,7 @@ def test_only_adapters_and_the_heads_change(demos, tmp_path):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train_step()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
-    trainer.data.close()
+    trainer.close()
     assert changed and all(".lora_" in n or n.startswith(("action_head.", "proprio_projector.")) for n in changed)
     # gradients reached the adapters of the vision towers and of the LLM's first layer
     assert any(n.startswith("vision_backbone.") and n.endswith("lora_b") for n in changed)
