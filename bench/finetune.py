@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.training_data import TrainingSet
+from bench.training_data import CAMERA_KEYS, TrainingSet
 
 TRAINABLE_POLICIES = ("oft", "lightvla", "lightvla_star")
 MANIFEST = "manifest.json"
@@ -188,7 +188,8 @@ class Trainer:
 
         cfg = self.model.config
         samples = [data.sample(index) for index in indices]
-        draws = [augment_rng.random() if augment_rng is not None else None for _ in samples for _ in range(2)]
+        cameras = len(CAMERA_KEYS)
+        draws = [augment_rng.random() if augment_rng is not None else None for _ in samples for _ in range(cameras)]
 
         def prepared(job):
             image, u = job
@@ -197,7 +198,8 @@ class Trainer:
 
         # numpy and JPEG coding release the GIL: the batch's images on several threads
         images = list(self._threads.map(prepared, zip([i for s in samples for i in s["images"]], draws)))
-        pixels = [pixel_values(images[2 * i:2 * i + 2], cfg.image_means, cfg.image_stds) for i in range(len(samples))]
+        pixels = [pixel_values(images[i:i + cameras], cfg.image_means, cfg.image_stds)
+                  for i in range(0, len(images), cameras)]
         proprio = [s["proprio"] for s in samples]
         prompts = [self.policy.prompt_ids(s["instruction"]) for s in samples]
         actions = [s["actions"] for s in samples]
