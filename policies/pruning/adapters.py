@@ -23,12 +23,37 @@ class LightVLAPolicy(OFTPolicy):
     @dataclass
     class Options(OFTPolicy.Options):
         keep: int = 0  # 0: LightVLA's own selection; N: force N visual tokens (cost figures with random weights)
+        # the paper's ablations: N random visual tokens added to each selection, or a random
+        # share of each selection dropped; random per query, reproducible per episode seed
+        extra_random: int = 0
+        drop_kept: float = 0.0
 
     @classmethod
     def build_hooks(cls, options, config):
         from policies.pruning.lightvla import LightVLAPruner
 
-        return LightVLAPruner(keep=options.keep)
+        return LightVLAPruner(keep=options.keep, extra_random=options.extra_random, drop_kept=options.drop_kept)
+
+    def __init__(self, options, seed: int = 0):
+        super().__init__(options, seed)
+        self.generators: dict = {}  # episode id -> the generator of its ablation draws
+
+    def reset(self, episode) -> None:
+        import torch
+
+        super().reset(episode)
+        self.generators[episode.episode_id] = torch.Generator().manual_seed(episode.seed)
+
+    def end(self, episode) -> None:
+        self.generators.pop(episode.episode_id, None)
+
+    def act(self, observations):
+        if self._hooks.ablated:
+            import torch
+
+            fallback = torch.Generator().manual_seed(self.seed)  # observations of no episode reset here
+            self._hooks.generators = [self.generators.get(o.episode_id, fallback) for o in observations]
+        return super().act(observations)
 
 
 class LightVLAStarPolicy(OFTPolicy):

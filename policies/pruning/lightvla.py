@@ -91,6 +91,26 @@ def selected_positions(stream: TokenStream, columns: torch.Tensor, indices: torc
     return positions.gather(1, indices.to(positions.device))
 
 
+def random_ranks(candidates: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B, V) each candidate's place 0, 1, ... in a random order of its row's candidates (the
+    others come after them all); row i draws from ``generators[i]``."""
+    noise = torch.stack([torch.rand(candidates.shape[1], generator=g) for g in generators]).to(candidates.device)
+    noise = noise.masked_fill(~candidates, 2.0)
+    return noise.argsort(dim=1).argsort(dim=1)
+
+
+def add_random(chosen: torch.Tensor, count: int, generators: list[torch.Generator]) -> torch.Tensor:
+    """``chosen`` with ``count`` more tokens drawn uniformly from the unchosen (all, if fewer)."""
+    return chosen | (random_ranks(~chosen, generators) < count) & ~chosen
+
+
+def drop_random(chosen: torch.Tensor, fraction: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """``chosen`` less round(fraction x its count) of its tokens drawn uniformly (one is always kept)."""
+    counts = chosen.sum(dim=1, keepdim=True)
+    drop = torch.minimum(torch.round(counts * fraction), counts - 1)
+    return chosen & ~(random_ranks(chosen, generators) < drop)
+
+
 def choose(scores: torch.Tensor, keep: int, method: str) -> torch.Tensor:
     """(B, Q, V) scores -> (B, V) bool chosen tokens: the union of argmax, or ``keep`` forced.
 
@@ -107,14 +127,27 @@ def choose(scores: torch.Tensor, keep: int, method: str) -> torch.Tensor:
 
 
 class LightVLAPruner(Hooks):
-    def __init__(self, keep: int = 0):
+    def __init__(self, keep: int = 0, extra_random: int = 0, drop_kept: float = 0.0):
+        if extra_random < 0 or not 0.0 <= drop_kept < 1.0:
+            raise ValueError(f"extra_random must be >= 0 and drop_kept in [0, 1), got {extra_random} and {drop_kept}")
+        if keep and (extra_random or drop_kept):
+            raise ValueError("keep forces a count; the ablations extra_random and drop_kept change the learned one")
         self.keep = keep  # 0: the learned selection; N: force N tokens (cost figures)
+        # The paper's ablations at inference: random tokens added to the selection, or a random
+        # share of it dropped. Row i of a batch draws from ``generators[i]`` (the policy gives
+        # each episode its own, so that draws do not depend on which episodes share a batch).
+        self.extra_random, self.drop_kept = extra_random, drop_kept
+        self.generators: list[torch.Generator] | None = None
         self.training = False
         self.noise_scale = 0.0
         self.selected_tokens: torch.Tensor | None = None  # training: (B,) distinct tokens the last query selected
 
     def set_progress(self, step: int, max_steps: int) -> None:
         self.noise_scale = noise_scale(step, max_steps)
+
+    @property
+    def ablated(self) -> bool:
+        return bool(self.extra_random or self.drop_kept)
 
     def before_llm(self, stream: TokenStream) -> TokenStream:
         v, task_counts = visual_count(stream), list(stream.host_sizes().task)
@@ -132,7 +165,7 @@ class LightVLAPruner(Hooks):
         n, masked = max(task_counts), min(task_counts) != max(task_counts)
         layout = functools.partial(self.layout, visual_count=v, task_count=n, masked=masked)
         args = (stream.hidden, stream.visual, stream.task, stream.padding)
-        if self.graphs is not None and not on_meta(stream.hidden):
+        if self.graphs is not None and not on_meta(stream.hidden) and not self.ablated:  # ablations draw on the host
             order, masks, counts = self.graphs.run(f"lightvla keep={self.keep} visual={v} task={n} masked={masked}",
                                                    layout, *args)
         else:
@@ -152,4 +185,14 @@ class LightVLAPruner(Hooks):
 
     def chosen(self, visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, V) bool: the visual tokens inference keeps."""
-        return choose(lightvla_scores(visual, task, task_mask), self.keep, "LightVLA")
+        chosen = choose(lightvla_scores(visual, task, task_mask), self.keep, "LightVLA")
+        if not self.ablated:
+            return chosen
+        generators = self.generators or [torch.Generator().manual_seed(0)] * chosen.shape[0]
+        if len(generators) != chosen.shape[0]:
+            raise ValueError(f"{len(generators)} random generators for a batch of {chosen.shape[0]}")
+        if self.extra_random:
+            chosen = add_random(chosen, self.extra_random, generators)
+        if self.drop_kept:
+            chosen = drop_random(chosen, self.drop_kept, generators)
+        return chosen

@@ -8,7 +8,7 @@ import torch
 from policies.pruning.base import keep_tokens
 from policies.pruning.lightvla import LightVLAPruner, lightvla_scores, straight_through, union_of_argmax
 from policies.vla import flops
-from policies.vla.hooks import QueryTrace
+from policies.vla.hooks import QueryTrace, TokenStream
 from tests.tiny_vla import inputs, tiny_model, toy_stream
 
 
@@ -200,3 +200,54 @@ def test_gradients_reach_unselected_tokens_and_the_towers_only_in_training(train
         assert torch.equal(reached, kept) and int(kept.sum()) < 512
     assert model.vision_backbone.featurizer.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.language_model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def kept_positions(pruner, stream, generator_seeds):
+    """The original positions of the visual tokens each sample keeps."""
+    pruner.generators = [torch.Generator().manual_seed(x) for x in generator_seeds]
+    out = pruner.before_llm(stream)
+    return [set(out.position_ids[i][out.visual[i]].tolist()) for i in range(out.visual.shape[0])]
+
+
+def test_the_papers_ablations_add_random_tokens_or_drop_a_share_of_the_selection():
+    s = toy_stream(batch=2, visual=64, task=6, seed=3)
+    learned = kept_positions(LightVLAPruner(), s, [])
+    more = kept_positions(LightVLAPruner(extra_random=5), s, [1, 2])
+    fewer = kept_positions(LightVLAPruner(drop_kept=0.25), s, [1, 2])
+    for i in range(2):
+        assert learned[i] < more[i] and len(more[i]) == len(learned[i]) + 5  # the learned tokens and 5 others
+        assert fewer[i] < learned[i] and len(fewer[i]) == len(learned[i]) - round(0.25 * len(learned[i]))
+    # row i draws from generator i alone: a sample keeps the same tokens in a batch and alone
+    second = TokenStream(s.hidden[1:], s.position_ids[1:], s.visual[1:], s.task[1:])
+    assert kept_positions(LightVLAPruner(extra_random=5), second, [2]) == [more[1]]
+    assert kept_positions(LightVLAPruner(extra_random=5), s, [7, 2])[0] != more[0]  # and its seed decides
+
+
+def test_the_ablation_policy_draws_per_episode(tiny_checkpoint):
+    from policies import make_policy
+    from policies.base import EpisodeInfo
+    from tests.tiny_vla import fake_observation
+
+    args = {"checkpoint": str(tiny_checkpoint), "device": "cpu"}
+    a, b = fake_observation(1), fake_observation(2)
+    learned = [out.stats["visual_tokens"] for out in make_policy("lightvla", args).act([a, b])]
+    policy = make_policy("lightvla", {**args, "extra_random": "3"})
+
+    def episodes(seed_a, seed_b):
+        for obs, seed in ((a, seed_a), (b, seed_b)):
+            policy.reset(EpisodeInfo(obs.episode_id, "libero_spatial", 0, "t", obs.instruction, 0, seed))
+        return [out.stats["visual_tokens"] for out in policy.act([a, b])], policy._hooks.generators
+
+    counts, generators = episodes(5, 6)
+    assert counts == [n + 3 for n in learned]
+    first = [g.get_state() for g in generators]
+    episodes(5, 9)
+    second = [g.get_state() for g in policy._hooks.generators]
+    assert torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])  # each episode its own draws
+
+
+def test_ablation_options_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="keep forces a count"):
+        LightVLAPruner(keep=78, extra_random=10)
+    with pytest.raises(ValueError, match=r"drop_kept in \[0, 1\)"):
+        LightVLAPruner(drop_kept=1.0)
