@@ -34,6 +34,7 @@ class Demo:
     rewards: np.ndarray
     dones: np.ndarray
     obs: dict[str, np.ndarray] = field(default_factory=dict)
+    name: str = ""  # its group in the file, e.g. demo_3
 
     @property
     def key(self) -> str:
@@ -147,5 +148,6 @@ def read_demos(path: str | Path, images: bool = True) -> list[Demo]:
                 rewards=g["rewards"][()],
                 dones=g["dones"][()],
                 obs={key: g["obs"][key][()] for key in g["obs"] if images or not key.endswith("_rgb")},
+                name=name,
             ))
     return demos

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.records import write_json_atomic
 from bench.training_data import CAMERA_KEYS, TrainingSet
 
 TRAINABLE_POLICIES = ("oft", "lightvla", "lightvla_star")
@@ -96,12 +97,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 class Trainer:
     """One fine-tuning run: the policy's model with adapters, its data and optimiser."""
 
@@ -136,7 +131,7 @@ class Trainer:
         milestones = [config.decay_at] if config.decay_at else []
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
         self.step = 0
-        self._orders: dict[int, np.ndarray] = {}  # the current epoch's sample order
+        self._order: tuple[int, np.ndarray] | None = None  # an epoch and its sample order
         self._threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="images")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._next: tuple[int, Future] | None = None  # the next step's batch, prepared while this one trains
@@ -149,9 +144,9 @@ class Trainer:
         out = []
         for k in range(step * b, (step + 1) * b):
             epoch, position = divmod(k, n)
-            if epoch not in self._orders:
-                self._orders = {epoch: np.random.default_rng([self.config.seed, epoch]).permutation(n)}
-            out.append(int(self._orders[epoch][position]))
+            if self._order is None or self._order[0] != epoch:
+                self._order = (epoch, np.random.default_rng([self.config.seed, epoch]).permutation(n))
+            out.append(int(self._order[1][position]))
         return out
 
     def batch(self, step: int):
@@ -394,8 +389,8 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
             loss = trainer.train_step()
             first = loss if first is None else first
             window.append(loss)
-            if trainer.selected_tokens() is not None:
-                selected.append(trainer.selected_tokens())
+            if (picked := trainer.selected_tokens()) is not None:
+                selected.append(picked)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if trainer.step % config.log_every == 0 or trainer.step == config.steps:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.demos import read_demos
+
 NOOP_THRESHOLD = 1e-4
 CAMERA_KEYS = ("agentview_rgb", "eye_in_hand_rgb")  # third-person first, as the policies' cameras
 PROPRIO_KEYS = ("ee_pos", "ee_ori", "gripper_states")  # 3 + 3 + 2 = the 8-D proprio
@@ -97,9 +99,8 @@ class TrainingSet:
         for index, path in enumerate(self.paths):
             if not path.is_file():
                 raise FileNotFoundError(f"demonstration file {path} does not exist")
-            f = h5py.File(path, "r")
-            self.files.append(f)
-            self.episodes += self._read_episodes(f, index, path)
+            self.episodes += self._read_episodes(path, index)
+            self.files.append(h5py.File(path, "r"))  # the images, read per sample
         self.dropped_noops = sum(e.recorded_steps - len(e.steps) for e in self.episodes)
         if not self.episodes:
             raise ValueError("the demonstration files hold no demonstrations")
@@ -113,25 +114,28 @@ class TrainingSet:
             "num_trajectories": len(self.episodes),
         }
 
-    def _read_episodes(self, f, index: int, path: Path) -> list[Episode]:
-        if "data" not in f:
-            raise ValueError(f"{path} is not a demonstration file: it has no 'data' group")
-        orientation = f["data"].attrs.get("image_orientation")
+    def _read_episodes(self, path: Path, index: int) -> list[Episode]:
+        import h5py
+
+        demos = read_demos(path, images=False)  # refuses a file that is no demonstration file
+        with h5py.File(path, "r") as f:
+            orientation = f["data"].attrs.get("image_orientation")
+            cameras = [[key in f["data"][demo.name]["obs"] for key in CAMERA_KEYS] for demo in demos]
         if orientation is None or not str(orientation).startswith("upright"):
             # LIBERO's original files hold raw (upside-down) renders and another proprio layout.
             raise ValueError(f"{path}: its images are not marked upright (attribute data.image_orientation); "
                              "train on files written by bench record-demos")
         episodes = []
-        for name in sorted(f["data"], key=lambda n: int(n.split("_")[1])):
-            group = f["data"][name]
-            missing = [k for k in CAMERA_KEYS + PROPRIO_KEYS if k not in group["obs"]]
-            if missing or "actions" not in group:
-                raise ValueError(f"{path}: {name} lacks {', '.join(missing or ['actions'])}")
-            actions = group["actions"][()]
-            steps = kept_steps(actions, self.drop_noops)
-            proprio = np.concatenate([group["obs"][k][()] for k in PROPRIO_KEYS], axis=1)
-            episodes.append(Episode(index, name, steps, training_actions(actions[steps]), proprio[steps],
-                                    str(group.attrs["instruction"]), str(group.attrs.get("suite", "")), len(actions)))
+        for demo, has_camera in zip(demos, cameras):
+            missing = [k for k, has in zip(CAMERA_KEYS, has_camera) if not has]
+            missing += [k for k in PROPRIO_KEYS if k not in demo.obs]
+            if missing:
+                raise ValueError(f"{path}: {demo.name} lacks {', '.join(missing)}")
+            steps = kept_steps(demo.actions, self.drop_noops)
+            proprio = np.concatenate([demo.obs[k] for k in PROPRIO_KEYS], axis=1)
+            episodes.append(Episode(index, demo.name, steps, training_actions(demo.actions[steps]), proprio[steps],
+                                    str(demo.attrs["instruction"]), str(demo.attrs.get("suite", "")),
+                                    len(demo.actions)))
         return episodes
 
     @property

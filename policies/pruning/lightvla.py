@@ -32,10 +32,15 @@ def lightvla_scores(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.T
     return queries @ p.transpose(-2, -1) / math.sqrt(p.shape[-1])
 
 
+def picked(indices: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, Q) token indices -> (B, count) bool: token j is named by some query."""
+    keep = torch.zeros(indices.shape[0], count, dtype=torch.bool, device=indices.device)
+    return keep.scatter(1, indices, True)
+
+
 def union_of_argmax(scores: torch.Tensor) -> torch.Tensor:
     """(B, Q, V) scores -> (B, V) bool: token j is some query's argmax."""
-    keep = torch.zeros(scores.shape[0], scores.shape[-1], dtype=torch.bool, device=scores.device)
-    return keep.scatter(1, scores.argmax(dim=-1), True)
+    return picked(scores.argmax(dim=-1), scores.shape[-1])
 
 
 def top_voted(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -71,8 +76,7 @@ def straight_through(scores: torch.Tensor, noise_scale: float) -> tuple[torch.Te
 def distinct_selected(indices: torch.Tensor, count: int) -> torch.Tensor:
     """(B,) how many distinct tokens of ``count`` the (B, Q) selected ``indices`` name: what
     inference would keep, were the scores the same (training reports it)."""
-    picked = torch.zeros(indices.shape[0], count, dtype=torch.bool, device=indices.device)
-    return picked.scatter(1, indices, True).sum(dim=1)
+    return picked(indices, count).sum(dim=1)
 
 
 def replace_visual(stream: TokenStream, columns: torch.Tensor, slots: torch.Tensor,

@@ -23,11 +23,11 @@ import torch
 from policies.vla.config import VLAConfig, read_config, read_json
 from policies.vla.hub import HubCacheError, cached_snapshot, hub_repo_id
 from policies.vla.model import OFTModel
+from policies.vla.tokenizer import SENTENCEPIECE_FILE as TOKENIZER_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 STATS_FILE = "dataset_statistics.json"
-TOKENIZER_FILE = "tokenizer.model"
 SEPARATE_PARTS = ("action_head", "proprio_projector")  # saved as .pt files beside the safetensors
 
 

@@ -190,17 +190,19 @@ def _resample_rows(taps: list[tuple[np.ndarray, np.ndarray]], data: np.ndarray) 
 
 def center_crop(image: np.ndarray, area: float = CROP_AREA) -> np.ndarray:
     """Crop the central ``area`` fraction and resize back (tf.image.crop_and_resize, bilinear)."""
-    side = np.float32(np.sqrt(np.float32(area)))
-    start = (np.float32(1) - side) / np.float32(2)
-    return crop_and_resize(image, start, start, side)
+    return _resample(image, _center_grid(*image.shape[:2], area))
 
 
 def crop_and_resize(image: np.ndarray, top: float, left: float, side: float) -> np.ndarray:
     """The square box from (``top``, ``left``) with sides ``side`` (fractions of the image) resized
     back to the image's size, as ``tf.image.crop_and_resize`` on [0, 1] floats, back to uint8."""
-    h, w = image.shape[:2]
     f32 = np.float32
-    top_rows, bottom_rows, y_lerp, left_cols, right_cols, x_lerp = _crop_grid(h, w, f32(top), f32(left), f32(side))
+    return _resample(image, _crop_grid(*image.shape[:2], f32(top), f32(left), f32(side)))
+
+
+def _resample(image: np.ndarray, grid: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Bilinear sampling of ``image`` at a crop's grid, as crop_and_resize computes it."""
+    top_rows, bottom_rows, y_lerp, left_cols, right_cols, x_lerp = grid
     img = image.astype(np.float32) * np.float32(1.0 / 255)  # convert_image_dtype multiplies by 1/255
     # TensorFlow computes top = tl + (tr - tl) * x_lerp on the corners' rows, bottom likewise,
     # then top + (bottom - top) * y_lerp. Interpolating along x on every row first gives the
@@ -225,6 +227,13 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
+def _center_grid(h: int, w: int, area: float) -> tuple[np.ndarray, ...]:
+    """The centre crop's grid, computed once per image size (every evaluation query uses it)."""
+    side = np.float32(np.sqrt(np.float32(area)))
+    start = (np.float32(1) - side) / np.float32(2)
+    return _crop_grid(h, w, start, start, side)
+
+
 def _crop_grid(h: int, w: int, top: np.float32, left: np.float32, side: np.float32) -> tuple[np.ndarray, ...]:
     """crop_and_resize's sample rows and columns: the two neighbours of each and the weight of the second."""
     f32 = np.float32
