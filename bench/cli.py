@@ -58,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     rec.add_argument("--no-progress", action="store_true")
 
+    reg = sub.add_parser("regenerate-demos", help="replay LIBERO's own demonstration files into training files, "
+                         "as OpenVLA-OFT made its LIBERO datasets")
+    reg.add_argument("--suite", required=True)
+    reg.add_argument("--source", nargs="+", type=Path, required=True, metavar="PATH",
+                     help="LIBERO's <task name>_demo.hdf5 files, or directories of them")
+    reg.add_argument("--out", type=Path, required=True, help="HDF5 file to write (bench record-demos' layout)")
+    reg.add_argument("--tasks", help="task indices (default: every task with a file)")
+    reg.add_argument("--demos-per-task", type=POSITIVE, help="the first N demonstrations of each file (default all)")
+    reg.add_argument("--image-size", type=POSITIVE, default=256, help="camera images are rendered at this size (OFT: 256)")
+    reg.add_argument("--keep-noops", action="store_true",
+                     help="replay and record no-op actions too (OFT skips them: neither executed nor recorded)")
+    reg.add_argument("--resume", action="store_true", help="continue --out: replay only what it does not settle yet")
+    reg.add_argument("--no-progress", action="store_true")
+
     ft = sub.add_parser("finetune", help="fine-tune oft, lightvla or lightvla_star on demonstration files (LoRA)")
     ft.add_argument("--demos", nargs="+", type=Path, metavar="FILE",
                     help="HDF5 files written by bench record-demos")
@@ -270,6 +284,23 @@ def cmd_record_demos(args) -> int:
     return 0
 
 
+def cmd_regenerate_demos(args) -> int:
+    from bench.plan import parse_index_list
+    from bench.regenerate import regenerate_demos
+
+    summary = regenerate_demos(
+        args.suite, args.source, args.out, tasks=parse_index_list(args.tasks, "task"),
+        demos_per_task=args.demos_per_task, image_size=args.image_size, drop_noops=not args.keep_noops,
+        resume=args.resume, progress=not args.no_progress,
+    )
+    print(f"{summary.path}: recorded {summary.recorded} of {summary.attempted} replays "
+          f"({summary.skipped_noops} no-op actions skipped)"
+          + (f"; {summary.already_done} were settled before" if args.resume else ""))
+    for key, why in summary.not_recorded.items():
+        print(f"  not recorded {key}: {why}")
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from bench.finetune import FinetuneConfig, finetune
 
@@ -443,7 +474,8 @@ def cmd_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "finetune": cmd_finetune, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
+    handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "regenerate-demos": cmd_regenerate_demos,
+                "finetune": cmd_finetune, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
                 "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
     from bench.pool import PoolStartError
     from bench.records import RunDirError

@@ -93,18 +93,25 @@ class RecordingEnv:
 
 
 class DemoWriter:
-    def __init__(self, path: Path, file_attrs: dict):
+    """Writes demonstrations one by one, flushed after each. ``append``: add to an existing file
+    (a resumed run), whose attributes ``file_attrs`` then update."""
+
+    def __init__(self, path: Path, file_attrs: dict, append: bool = False):
         import h5py
 
         self.path = Path(path)
-        if self.path.exists():  # demonstrations take long to record: never overwrite them
-            raise FileExistsError(f"{self.path} already exists; choose another --out or remove it first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = h5py.File(self.path, "w-")
-        self._data = self._file.create_group("data")
+        if append:
+            self._file = h5py.File(self.path, "r+")
+            self._data = self._file["data"]
+        else:
+            if self.path.exists():  # demonstrations take long to record: never overwrite them
+                raise FileExistsError(f"{self.path} already exists; choose another --out or remove it first")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = h5py.File(self.path, "w-")
+            self._data = self._file.create_group("data")
         for key, value in file_attrs.items():
             self._data.attrs[key] = value
-        self.count = 0
+        self.count = len(self._data)
 
     def add(self, steps: list[dict], attrs: dict) -> None:
         if not steps:
@@ -124,6 +131,10 @@ class DemoWriter:
             group.attrs[key] = value
         self._file.flush()
         self.count += 1
+
+    def set_file_attr(self, key: str, value) -> None:
+        self._data.attrs[key] = value
+        self._file.flush()
 
     def close(self) -> None:
         self._data.attrs["num_demos"] = self.count

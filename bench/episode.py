@@ -72,7 +72,7 @@ def run_episode(
     result = EpisodeResult(outcome=FAILURE)
     start = clock()
     try:
-        with _watchdog(settings.watchdog_s):
+        with watchdog(settings.watchdog_s):
             _loop(env, policy, episode, init_state, settings, on_frame, clock, start, result)
     except Exception as exc:  # noqa: BLE001 - every failure of env or policy is an error outcome
         result.outcome = ERROR
@@ -165,7 +165,7 @@ class _Deferral:
 
 
 @contextmanager
-def _watchdog(limit_s: float | None):
+def watchdog(limit_s: float | None):
     """Interrupt a call that hangs in Python code (env or policy) once the episode's time is up.
 
     The step loop also checks the deadline itself. A hang inside C code that never returns

@@ -124,7 +124,8 @@ class TrainingSet:
         if orientation is None or not str(orientation).startswith("upright"):
             # LIBERO's original files hold raw (upside-down) renders and another proprio layout.
             raise ValueError(f"{path}: its images are not marked upright (attribute data.image_orientation); "
-                             "train on files written by bench record-demos")
+                             "train on files written by bench record-demos, or make them from LIBERO's own "
+                             "files with bench regenerate-demos")
         episodes = []
         for demo, has_camera in zip(demos, cameras):
             missing = [k for k, has in zip(CAMERA_KEYS, has_camera) if not has]

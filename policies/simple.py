@@ -103,16 +103,21 @@ class ReplayPolicy(Policy):
 
 
 def _demo_actions(path: Path) -> dict[str, np.ndarray]:
-    """Actions of each demonstration in a LIBERO-layout HDF5 file, keyed task{t}_init{i}."""
+    """Actions of each demonstration in a LIBERO-layout HDF5 file, keyed task{t}_init{i}. Only
+    demonstrations recorded from an evaluation init state have one (not those replayed from
+    LIBERO's own files, which start from their own states)."""
     import h5py
 
     with h5py.File(path, "r") as f:
         if "data" not in f:
             raise PolicyOptionError(f"{path.name} has no 'data' group: not a demonstration file")
-        return {
+        recordings = {
             f"task{g.attrs['task_index']}_init{g.attrs['init_state_index']}": g["actions"][()]
-            for g in f["data"].values()
+            for g in f["data"].values() if "init_state_index" in g.attrs
         }
+    if not recordings:
+        raise PolicyOptionError(f"{path.name} holds no demonstration recorded from an evaluation init state")
+    return recordings
 
 
 def _load_recordings(path: Path) -> dict[str, np.ndarray]:

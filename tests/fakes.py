@@ -198,3 +198,49 @@ def write_demo_file(path, episodes, image_size=32, suite="libero_spatial", seed=
                            "init_state_index": 0})
     writer.close()
     return path
+
+
+def write_libero_source_file(path, demos, instruction="do the thing", bddl_file_name=None, image_size=16, seed=0):
+    """A demonstration file in LIBERO's own layout, as its datasets ship: ``demos`` holds per
+    demonstration its (T, 7) actions and (T, S) simulator states. Images are upside down, as
+    LIBERO rendered them ("opengl" convention)."""
+    import json
+
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_name"] = "Libero_Tabletop_Manipulation"
+        data.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation",
+                                                 "domain_name": "robosuite", "language_instruction": instruction})
+        data.attrs["bddl_file_name"] = bddl_file_name or "chiliocosm/bddl_files/unknown.bddl"
+        data.attrs["env_args"] = json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation"})
+        data.attrs["macros_image_convention"] = "opengl"
+        data.attrs["tag"] = "libero-v1"
+        data.attrs["num_demos"] = len(demos)
+        data.attrs["total"] = sum(len(actions) for actions, _ in demos)
+        for i, (actions, states) in enumerate(demos):
+            group = data.create_group(f"demo_{i}")
+            steps = len(actions)
+            group.create_dataset("actions", data=np.asarray(actions, dtype=np.float64))
+            group.create_dataset("states", data=np.asarray(states, dtype=np.float64))
+            group.create_dataset("robot_states", data=rng.normal(size=(steps, 9)))
+            rewards = np.zeros(steps, np.uint8)
+            rewards[-1] = 1
+            group.create_dataset("rewards", data=rewards)
+            group.create_dataset("dones", data=rewards)
+            obs = group.create_group("obs")
+            for key in ("agentview_rgb", "eye_in_hand_rgb"):
+                obs.create_dataset(key, data=rng.integers(0, 256, (steps, image_size, image_size, 3), dtype=np.uint8))
+            ee = rng.normal(size=(steps, 6))
+            obs.create_dataset("ee_states", data=ee)
+            obs.create_dataset("ee_pos", data=ee[:, :3])
+            obs.create_dataset("ee_ori", data=ee[:, 3:])
+            obs.create_dataset("gripper_states", data=rng.normal(size=(steps, 2)) * 0.01)
+            obs.create_dataset("joint_states", data=rng.normal(size=(steps, 7)))
+            group.attrs["init_state"] = np.asarray(states[0], dtype=np.float64)
+            group.attrs["model_file"] = "<mujoco model=\"base\"/>"
+            group.attrs["num_samples"] = steps
+    return path

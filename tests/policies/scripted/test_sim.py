@@ -70,3 +70,32 @@ def test_a_model_fine_tuned_on_the_recorded_demo_runs_in_the_simulator(recorded,
     assert record["queries"] == 2 and 0 < record["policy_stats"]["visual_tokens"] < 512
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["policy"]["unnorm_key"] == "libero_object_no_noops"
+
+
+def test_a_demonstration_in_liberos_own_layout_regenerates_to_the_recorded_episode(recorded, tmp_path):
+    """The expert's episode written as LIBERO ships its demonstrations (with a teleoperator's
+    pauses added) and replayed by `bench regenerate-demos`: the pauses are skipped, and the replay
+    is the recorded episode, state for state and image for image."""
+    import numpy as np
+
+    from suites import get_suite
+    from tests.fakes import write_libero_source_file
+
+    (demo,) = read_demos(recorded)
+    task = get_suite("libero_object").task(1)
+    pause = np.array([0, 0, 0, 0, 0, 0, demo.actions[20, 6]])
+    actions = np.concatenate([[[0, 0, 0, 0, 0, 0, -1.0]] * 3, demo.actions[:21], [pause] * 2, demo.actions[21:]])
+    states = np.repeat(demo.attrs["init_state"][None], len(actions), axis=0)  # LIBERO's first state: the scene's
+    source = tmp_path / "libero_object"
+    source.mkdir()
+    write_libero_source_file(source / f"{task.name}_demo.hdf5", [(actions, states)], instruction=task.instruction)
+    out = tmp_path / "regenerated.hdf5"
+    assert main(["regenerate-demos", "--suite", "libero_object", "--source", str(source), "--image-size", "64",
+                 "--out", str(out), "--no-progress"]) == 0
+    (replayed,) = read_demos(out)
+    assert replayed.attrs["skipped_noops"] == 5
+    np.testing.assert_array_equal(replayed.actions, demo.actions)
+    np.testing.assert_array_equal(replayed.states, demo.states)
+    for key in ("agentview_rgb", "eye_in_hand_rgb", "ee_pos", "gripper_states"):
+        np.testing.assert_array_equal(replayed.obs[key], demo.obs[key])
+    assert replayed.rewards[-1] == 1

@@ -1,0 +1,261 @@
+"""``bench regenerate-demos``: LIBERO's own demonstrations replayed into training files.
+
+LIBERO ships its demonstrations as one HDF5 file per task, ``{task name}_demo.hdf5``, with
+128x128 images rendered upside down and the pauses of teleoperation left in. OpenVLA-OFT made
+its LIBERO training data by replaying each of them in the simulator (``regenerate_libero_dataset.py``
+in its repository), and this does the same:
+
+- one env per task, seeded as for evaluation; the task's demonstrations are replayed in order,
+  demonstration i after i resets, from the first of its recorded states, after the evaluation's
+  settling steps;
+- no-op actions (the first six values' norm below 1e-4, and the gripper command of the last kept
+  action) are skipped: neither executed nor recorded (``drop_noops=False`` replays every action);
+- both cameras are rendered at ``image_size`` (OFT: 256) for every kept step and stored upright;
+- a demonstration is kept only if the task's goal holds after its last action.
+
+The output is in ``bench record-demos``' layout, so ``bench finetune`` trains on it. One
+difference from OFT's script: the state stored with the first step is the simulator's after
+settling (OFT copies the original's first state there), so each stored state is the one its
+observation was rendered from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench.demos import IMAGE_ORIENTATION, DemoWriter, RecordingEnv
+from bench.episode import describe_error, watchdog
+from bench.provenance import now_iso, package_versions
+from bench.runner import TaskEnv
+from bench.training_data import kept_steps
+from suites import SuiteSpec, TaskSpec, get_suite
+from suites.registry import SETTLE_ACTION
+
+SOURCE_SUFFIX = "_demo.hdf5"  # LIBERO names a task's file after the task
+WATCHDOG_S = 900.0
+REPLAY_POLICY = "replay of LIBERO demonstrations"  # the output's "policy" attribute, as record-demos names its policy
+
+
+@dataclass
+class SourceDemo:
+    file: Path
+    name: str  # demo_i in the source file
+    index: int  # i: the resets before its replay
+    actions: np.ndarray  # (T, 7)
+    init_state: np.ndarray  # the first recorded simulator state
+
+    def key(self, task_index: int) -> str:
+        return f"task{task_index}/{self.name}"
+
+
+@dataclass
+class RegenerateSummary:
+    path: Path
+    attempted: int  # replays in this call
+    recorded: int  # demonstrations written in this call
+    skipped_noops: int  # no-op actions left out of the recorded demonstrations
+    not_recorded: dict[str, str] = field(default_factory=dict)  # this call's: key -> why
+    already_done: int = 0  # replays a resumed file had already settled
+
+
+def source_task(path: Path, suite: SuiteSpec) -> TaskSpec:
+    """The suite's task a LIBERO demonstration file belongs to: by its name, else by the task file it records."""
+    import h5py
+
+    names = {task.name: task for task in suite.tasks}
+    if path.name.endswith(SOURCE_SUFFIX) and path.name[: -len(SOURCE_SUFFIX)] in names:
+        return names[path.name[: -len(SOURCE_SUFFIX)]]
+    with h5py.File(path, "r") as f:
+        bddl = f["data"].attrs.get("bddl_file_name") if "data" in f else None
+    stem = Path(str(bddl)).stem if bddl is not None else None
+    if stem in names:
+        return names[stem]
+    raise ValueError(f"{path.name} is not a demonstration file of a {suite.name} task: its name is not "
+                     f"'<task name>{SOURCE_SUFFIX}' and it records no task file of the suite")
+
+
+def source_files(suite: SuiteSpec, sources: list[Path]) -> dict[int, Path]:
+    """Task index -> its LIBERO file, from files and directories of files."""
+    files: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            files += sorted(source.glob("*.hdf5"))
+        elif source.is_file():
+            files.append(source)
+        else:
+            raise FileNotFoundError(f"demonstration source {source} does not exist")
+    if not files:
+        raise ValueError(f"no .hdf5 files in {', '.join(map(str, sources))}")
+    by_task: dict[int, Path] = {}
+    for path in files:
+        task = source_task(path, suite)
+        if task.index in by_task:
+            raise ValueError(f"two files hold task {task.index} ({task.name}): {by_task[task.index]} and {path}")
+        by_task[task.index] = path
+    return dict(sorted(by_task.items()))
+
+
+def read_source(path: Path, task: TaskSpec, limit: int | None = None) -> list[SourceDemo]:
+    """The first ``limit`` (all: None) demonstrations of a LIBERO file, in the order OFT replays them."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise ValueError(f"{path} is not a demonstration file: it has no 'data' group")
+        data = f["data"]
+        if str(data.attrs.get("image_orientation", "")).startswith("upright"):
+            raise ValueError(f"{path} was written by bench record-demos or regenerate-demos: train on it as it is")
+        _check_instruction(path, data.attrs.get("problem_info"), task)
+        names = sorted(data, key=lambda n: int(n.split("_")[1]))[:limit]
+        demos = []
+        for name in names:
+            group = data[name]
+            actions = np.asarray(group["actions"][()], dtype=np.float64)
+            if actions.ndim != 2 or actions.shape[1] != 7 or not len(actions):
+                raise ValueError(f"{path}: {name}'s actions have shape {actions.shape}, expected (T, 7) with T > 0")
+            if not np.isfinite(actions).all():
+                raise ValueError(f"{path}: {name}'s actions hold NaN or infinite values")
+            demos.append(SourceDemo(path, name, int(name.split("_")[1]), actions, np.asarray(group["states"][0])))
+    return demos
+
+
+def _check_instruction(path: Path, problem_info, task: TaskSpec) -> None:
+    if problem_info is None:
+        return
+    instruction = json.loads(problem_info).get("language_instruction")
+    if instruction is not None and " ".join(str(instruction).lower().split()) != " ".join(task.instruction.lower().split()):
+        raise ValueError(f"{path.name} records the instruction {instruction!r}, task {task.index} of {task.suite} "
+                         f"is {task.instruction!r}")
+
+
+def replay(env: RecordingEnv, demo: SourceDemo, steps: np.ndarray, settle_steps: int) -> bool:
+    """Replay ``demo``'s actions at ``steps``; whether the goal holds after the last one."""
+    env.reset(demo.init_state)
+    for _ in range(settle_steps):
+        env.step(np.asarray(SETTLE_ACTION), render=False)  # RecordingEnv renders the last one
+    done = False
+    for step in steps:
+        done = env.step(demo.actions[step], render=False)
+    return done
+
+
+def regenerate_demos(
+    suite_name: str,
+    sources: list[Path],
+    out: Path,
+    tasks: list[int] | None = None,
+    demos_per_task: int | None = None,
+    image_size: int = 256,
+    drop_noops: bool = True,
+    resume: bool = False,
+    env_factory: Callable[[TaskSpec], object] | None = None,
+    progress: bool = True,
+) -> RegenerateSummary:
+    from tqdm import tqdm
+
+    suite = get_suite(suite_name)
+    files = source_files(suite, sources)
+    if tasks is not None:
+        missing = [t for t in tasks if t not in files]
+        if missing:
+            raise ValueError(f"no demonstration file for task(s) {missing} of {suite.name} in the sources")
+        files = {t: files[t] for t in tasks}
+    plan = [(suite.task(t), demo) for t, path in files.items() for demo in read_source(path, suite.task(t), demos_per_task)]
+
+    settings = {"suite": suite.name, "image_size": image_size, "drop_noops": drop_noops}
+    settled: dict[str, str] = {}
+    if resume:
+        settled = _settled_replays(out, settings)
+    elif Path(out).exists():
+        raise FileExistsError(f"{out} already exists; continue it with --resume, or choose another --out")
+    if env_factory is None:
+        from suites.libero_env import LiberoEnv
+
+        def env_factory(task):
+            return LiberoEnv(task, camera_size=image_size)
+
+    writer = DemoWriter(out, {
+        **settings,
+        "policy": REPLAY_POLICY,
+        "image_orientation": IMAGE_ORIENTATION,
+        "sources": json.dumps({p.name: _sha256(p) for p in files.values()}),
+        "versions": str(package_versions()),
+        "updated_at": now_iso(),
+    }, append=resume)
+    if not resume:
+        writer.set_file_attr("created_at", now_iso())
+    summary = RegenerateSummary(Path(out), 0, 0, 0, already_done=sum(d.key(t.index) in settled for t, d in plan))
+    failures = {k: why for k, why in settled.items() if why != "recorded"}
+    envs = TaskEnv(lambda task: RecordingEnv(env_factory(task), suite.settle_steps))
+    try:
+        for task, demo in tqdm(plan, unit="demo", disable=not progress):
+            key = demo.key(task.index)
+            if key in settled:
+                continue
+            summary.attempted += 1
+            steps = kept_steps(demo.actions, drop_noops)
+            try:
+                env = envs.get(task, demo.index)
+                with watchdog(WATCHDOG_S):
+                    success = replay(env, demo, steps, suite.settle_steps)
+            except Exception as exc:  # noqa: BLE001 - a replay that crashes is reported, the others go on
+                why = f"error: {describe_error(exc)}"
+                envs.discard()
+            else:
+                if success:
+                    writer.add(env.steps, {
+                        "suite": suite.name, "task_index": task.index, "task_name": task.name,
+                        "instruction": task.instruction, "init_state": demo.init_state,
+                        "source_file": demo.file.name, "source_demo": demo.name,
+                        "source_steps": len(demo.actions), "skipped_noops": len(demo.actions) - len(steps),
+                    })
+                    summary.recorded += 1
+                    summary.skipped_noops += len(demo.actions) - len(steps)
+                    continue
+                why = "failure: the goal does not hold after the last action"
+            summary.not_recorded[key] = why
+            if not why.startswith("error"):
+                failures[key] = why
+                writer.set_file_attr("failed_replays", json.dumps(failures))
+    finally:
+        envs.discard()
+        writer.close()
+    return summary
+
+
+def _settled_replays(out: Path, settings: dict) -> dict[str, str]:
+    """A resumed file's replays that need no second try: those recorded, and those that failed
+    (a replay is deterministic). Replays that crashed are tried again."""
+    import h5py
+
+    if not Path(out).is_file():
+        raise FileNotFoundError(f"--resume: {out} does not exist")
+    with h5py.File(out, "r") as f:
+        if "data" not in f or f["data"].attrs.get("policy") != REPLAY_POLICY:
+            raise ValueError(f"--resume: {out} was not written by bench regenerate-demos")
+        data = f["data"]
+        differing = [f"{k} {_plain(data.attrs.get(k))!r} (now {v!r})" for k, v in settings.items()
+                     if _plain(data.attrs.get(k)) != v]
+        if differing:
+            raise ValueError(f"--resume: {out} was written with other settings: {', '.join(differing)}")
+        settled = {f"task{g.attrs['task_index']}/{g.attrs['source_demo']}": "recorded" for g in data.values()}
+        settled.update(json.loads(data.attrs.get("failed_replays", "{}")))
+    return settled
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
