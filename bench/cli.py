@@ -284,6 +284,13 @@ def cmd_record_demos(args) -> int:
     return 0
 
 
+RESUME_HINTS = {  # what continues an interrupted command
+    "run": "bench run --resume DIR",
+    "regenerate-demos": "the same command with --resume",
+    "finetune": "bench finetune --resume --out DIR (from its last saved state)",
+}
+
+
 def cmd_regenerate_demos(args) -> int:
     from bench.plan import parse_index_list
     from bench.regenerate import regenerate_demos
@@ -489,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: {exc}", file=sys.stderr)  # OSError: a path that cannot be written or read
         return 2
     except KeyboardInterrupt:
-        print("\nbench: interrupted; recorded episodes are kept. Continue with: bench run --resume DIR",
+        hint = RESUME_HINTS.get(args.command)
+        print("\nbench: interrupted" + (f"; what was recorded is kept. Continue with: {hint}" if hint else ""),
               file=sys.stderr)
         return 130
 

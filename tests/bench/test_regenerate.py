@@ -239,3 +239,15 @@ def test_the_replay_policy_refuses_a_regenerated_file_by_name(tmp_path):
     # its demonstrations start from LIBERO's recorded states, not from an evaluation init state
     with pytest.raises(PolicyOptionError, match="no demonstration recorded from an evaluation init state"):
         make_policy("replay", {"path": str(tmp_path / "out.hdf5")})
+
+
+def test_an_interrupted_regeneration_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    import bench.regenerate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.regenerate, "regenerate_demos", interrupted)
+    assert main(["regenerate-demos", "--suite", "libero_spatial", "--source", str(tmp_path),
+                 "--out", str(tmp_path / "out.hdf5"), "--no-progress"]) == 130
+    assert "Continue with: the same command with --resume" in capsys.readouterr().err
