@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--policy", default="oft", help="oft, lightvla or lightvla_star (default oft)")
     _policy_options(ft)
     ft.add_argument("--steps", type=POSITIVE, default=1000, help="optimiser steps (default 1000)")
-    ft.add_argument("--batch-size", type=POSITIVE, default=8, help="samples per step (default 8)")
+    ft.add_argument("--batch-size", type=POSITIVE, default=8,
+                    help="samples per step, over all processes when torchrun starts several (default 8)")
     ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4, as OFT)")
     ft.add_argument("--decay-at", type=NON_NEGATIVE, default=0,
                     help="divide the learning rate by 10 after this many steps (default 0: never)")

@@ -15,6 +15,10 @@ from) and ``checkpoint/``, the merged model in the OpenVLA-OFT layout with
 lightvla --checkpoint OUT/checkpoint`` evaluates it. A run is deterministic given its seed: the
 batches, augmentations and selection noise of step s depend on (seed, s) alone, so a resumed
 run continues as an uninterrupted one would.
+
+Started by ``torchrun --nproc_per_node N``, the run trains on N processes (one per GPU, see
+``bench.distributed``): each computes its share of every step's batch (``batch_size`` is the
+whole step's), with the same augmentation as one process would give those samples.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import distributed
+from bench.distributed import Processes
 from bench.records import write_json_atomic
 from bench.training_data import CAMERA_KEYS, TrainingSet
 
@@ -100,15 +106,18 @@ def file_sha256(path: Path) -> str:
 class Trainer:
     """One fine-tuning run: the policy's model with adapters, its data and optimiser."""
 
-    def __init__(self, config: FinetuneConfig, out: Path):
+    def __init__(self, config: FinetuneConfig, out: Path, procs: Processes = Processes(), device: str | None = None):
+        """``device``: this process's, where it is not the configured one (one GPU per process)."""
         import torch
 
         from policies import make_policy
         from policies.vla.lora import add_lora
 
         config.check()
-        self.config, self.out = config, Path(out)
+        self.config, self.out, self.procs = config, Path(out), procs
         args = {**config.policy_args, "cuda_graphs": "false", "speedups": "none"}  # training runs eagerly
+        if device is not None:
+            args["device"] = device
         self.policy = make_policy(config.policy, args, seed=config.seed)
         self.model = self.policy.model
         self.hooks = self.policy.hooks()
@@ -150,9 +159,15 @@ class Trainer:
         return out
 
     def batch(self, step: int):
-        """(pixels, proprio, prompts, target actions) of ``step`` on the model's device."""
+        """(pixels, proprio, prompts, target actions) of this process's share of ``step`` on the
+        model's device. The augmentation draws are the whole step's, so a sample is augmented
+        alike whichever process takes it."""
+        indices, cameras = self.batch_indices(step), len(CAMERA_KEYS)
         rng = np.random.default_rng([self.config.seed, step, 1])
-        return self.tensors(self.data, self.batch_indices(step), rng if self.config.image_aug else None, crop=False)
+        draws = [rng.random() if self.config.image_aug else None for _ in range(len(indices) * cameras)]
+        mine = self.procs.share(list(range(len(indices))))
+        return self.tensors(self.data, [indices[i] for i in mine],
+                            [draws[i * cameras + c] for i in mine for c in range(cameras)], crop=False)
 
     def next_batch(self):
         """``batch(step)``, prepared in the background during the step before; starts the next one's."""
@@ -173,9 +188,9 @@ class Trainer:
         if self.val is not None:
             self.val.close()
 
-    def tensors(self, data: TrainingSet, indices: list[int], augment_rng: np.random.Generator | None, crop: bool):
+    def tensors(self, data: TrainingSet, indices: list[int], draws: list[float | None] | None, crop: bool):
         """The samples' (pixels, proprio, prompts, target actions) on the model's device: images
-        augmented where ``augment_rng`` is given, else centre-cropped or not (``crop``)."""
+        augmented by their ``draws`` (one per sample and camera), else centre-cropped or not (``crop``)."""
         import torch
 
         from policies.vla.augment import augment_image
@@ -184,7 +199,7 @@ class Trainer:
         cfg = self.model.config
         samples = [data.sample(index) for index in indices]
         cameras = len(CAMERA_KEYS)
-        draws = [augment_rng.random() if augment_rng is not None else None for _ in samples for _ in range(cameras)]
+        draws = draws or [None] * (len(samples) * cameras)
 
         def prepared(job):
             image, u = job
@@ -210,14 +225,15 @@ class Trainer:
 
         from policies.vla.hooks import QueryTrace
 
-        n, b = len(self.val), self.config.batch_size
+        n, b = len(self.val), self.config.batch_size // self.procs.world
         indices = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.config.val_samples))})
+        mine = indices[self.procs.rank::self.procs.world]
         losses, tokens = [], []
         self.set_training(False)
         try:
             with torch.no_grad():
-                for start in range(0, len(indices), b):
-                    chunk = indices[start:start + b]
+                for start in range(0, len(mine), b):
+                    chunk = mine[start:start + b]
                     pixels, proprio, prompts, target = self.tensors(self.val, chunk, None, crop=self.config.image_aug)
                     traces = [QueryTrace() for _ in chunk]
                     predicted = self.model(pixels, proprio, prompts, self.policy.tokenizer.stop_id, self.hooks,
@@ -226,7 +242,9 @@ class Trainer:
                     tokens += [t.llm_visual_tokens[0] for t in traces]
         finally:
             self.set_training(True)
-        return {"val_loss": float(np.mean(losses)), "val_visual_tokens": float(np.mean(tokens)),
+        sums = torch.tensor([sum(losses), sum(tokens)], dtype=torch.float64, device=self.policy.device)
+        loss_sum, token_sum = distributed.total(sums, self.procs).tolist()
+        return {"val_loss": loss_sum / len(indices), "val_visual_tokens": token_sum / len(indices),
                 "val_samples": len(indices)}
 
     def set_training(self, training: bool) -> None:
@@ -241,25 +259,28 @@ class Trainer:
         import torch.nn.functional as F
 
         pixels, proprio, prompts, target = self.next_batch()
-        torch.manual_seed(self.config.seed * 1_000_003 + self.step)  # selection noise of this step
+        # selection noise of this step, and of this process's samples
+        torch.manual_seed(self.config.seed * 1_000_003 + self.step + (self.procs.rank << 40))
         if hasattr(self.hooks, "set_progress"):
             self.hooks.set_progress(self.step, self.config.steps)
         predicted = self.model(pixels, proprio, prompts, self.policy.tokenizer.stop_id, self.hooks,
                                self.policy.options.action_slice)
         loss = F.l1_loss(predicted, target)
-        if not torch.isfinite(loss):
-            raise ValueError(f"the loss is {loss.item()} at step {self.step}; nothing of this step is saved")
+        step_loss = float(distributed.mean(loss.detach().float().reshape(1), self.procs))  # the whole batch's
+        if not np.isfinite(step_loss):
+            raise ValueError(f"the loss is {step_loss} at step {self.step}; nothing of this step is saved")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(self.trainable.values(), self.procs)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return float(loss.detach())
+        return step_loss
 
     def selected_tokens(self) -> float | None:
         """LightVLA's and LightVLA*'s distinct selected tokens in the last step, mean over its samples."""
         selected = getattr(self.hooks, "selected_tokens", None)
-        return None if selected is None else float(selected.float().mean())
+        return None if selected is None else float(distributed.mean(selected.float().mean().reshape(1), self.procs))
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -357,18 +378,32 @@ def finetune(config: FinetuneConfig | None, out: Path, resume: bool = False, pro
         config = FinetuneConfig(**recorded["config"])
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty: choose another --out, or continue it with --resume")
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, out)
+    procs, device = distributed.from_environment(), None
+    if procs.distributed:
+        from policies.vla.policy import resolve_device
+
+        if config.batch_size % procs.world:
+            raise ValueError(f"--batch-size {config.batch_size} (the whole step's) does not divide among "
+                             f"{procs.world} processes")
+        device = distributed.process_device(resolve_device(config.policy_args.get("device", "auto")), procs)
+        distributed.start(procs, device)  # every process has checked --out before any writes to it
     try:
-        return _train(trainer, config, out, resume, progress)
+        if procs.main:
+            out.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(config, out, procs, device)
+        try:
+            return _train(trainer, config, out, resume, progress and procs.main)
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        distributed.stop()
 
 
 def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, progress: bool) -> FinetuneSummary:
     from tqdm import tqdm
 
-    manifest = manifest_for(config, trainer)
+    procs = trainer.procs
+    manifest = {**manifest_for(config, trainer), "processes": procs.world}
     if resume:
         recorded = json.loads((out / MANIFEST).read_text())
         changed = [d["path"] for d, old in zip(manifest["demos"], recorded["demos"]) if d["sha256"] != old["sha256"]]
@@ -376,15 +411,18 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
             raise ValueError(f"demonstration files changed since the run began: {', '.join(changed)}")
         if (out / STATE).is_file():
             trainer.load_state()
-        drop_log_after(out / LOG, trainer.step)  # steps after the saved state are trained again
+        if procs.main:
+            drop_log_after(out / LOG, trainer.step)  # steps after the saved state are trained again
         manifest = {**recorded, "resumed": recorded.get("resumed", []) + [
-            {"at_step": trainer.step, "versions": manifest["versions"], "code": manifest["code"],
-             "created_at": manifest["created_at"]}]}
-    write_json_atomic(out / MANIFEST, manifest)
+            {"at_step": trainer.step, "processes": procs.world, "versions": manifest["versions"],
+             "code": manifest["code"], "created_at": manifest["created_at"]}]}
+    if procs.main:
+        write_json_atomic(out / MANIFEST, manifest)
     first = last = val_loss = None
     window, selected, started = [], [], time.perf_counter()
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not progress, desc="fine-tuning", unit="step")
-    with open(out / LOG, "a") as log:
+    # one process writes; every process computes the values (they take part in the averaging)
+    with open(out / LOG, "a") if procs.main else open(os.devnull, "w") as log:
         while trainer.step < config.steps:
             loss = trainer.train_step()
             first = loss if first is None else first
@@ -411,10 +449,13 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
                 log.write(json.dumps({"step": trainer.step, **val}) + "\n")
                 log.flush()
                 val_loss = val["val_loss"]
-            if config.save_every and trainer.step % config.save_every == 0 and trainer.step < config.steps:
+            if config.save_every and trainer.step % config.save_every == 0 and trainer.step < config.steps \
+                    and procs.main:
                 trainer.save_state()
                 trainer.save_checkpoint(manifest)
     bar.close()
-    trainer.save_state()
-    checkpoint = trainer.save_checkpoint(manifest)
-    return FinetuneSummary(out, trainer.step, first, last, len(trainer.data), checkpoint, val_loss)
+    if procs.main:
+        trainer.save_state()
+        trainer.save_checkpoint(manifest)
+    distributed.barrier(procs)  # every process returns once the checkpoint is written
+    return FinetuneSummary(out, trainer.step, first, last, len(trainer.data), out / CHECKPOINT, val_loss)
