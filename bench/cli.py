@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--resume", action="store_true", help="continue --out: replay only what it does not settle yet")
     reg.add_argument("--no-progress", action="store_true")
 
+    imp = sub.add_parser("import-rlds", help="OpenVLA-OFT's LIBERO RLDS datasets as a demonstration file "
+                         "(read without TensorFlow)")
+    imp.add_argument("--source", type=Path, required=True,
+                     help="the dataset's version directory, e.g. modified_libero_rlds/libero_spatial_no_noops/1.0.0")
+    imp.add_argument("--out", type=Path, required=True, help="HDF5 file to write (bench record-demos' layout)")
+    imp.add_argument("--suite", help="the dataset's suite (default: from its name, <suite>_no_noops)")
+    imp.add_argument("--no-progress", action="store_true")
+
     ft = sub.add_parser("finetune", help="fine-tune oft, lightvla or lightvla_star on demonstration files (LoRA)")
     ft.add_argument("--demos", nargs="+", type=Path, metavar="FILE",
                     help="HDF5 files written by bench record-demos")
@@ -309,6 +317,14 @@ def cmd_regenerate_demos(args) -> int:
     return 0
 
 
+def cmd_import_rlds(args) -> int:
+    from bench.rlds import import_rlds
+
+    summary = import_rlds(args.source, args.out, args.suite, progress=not args.no_progress)
+    print(f"{summary.path}: {summary.episodes} episodes, {summary.steps} steps of {summary.dataset}")
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from bench.finetune import FinetuneConfig, finetune
 
@@ -483,6 +499,7 @@ def cmd_compare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "record-demos": cmd_record_demos, "regenerate-demos": cmd_regenerate_demos,
+                "import-rlds": cmd_import_rlds,
                 "finetune": cmd_finetune, "speed": cmd_speed, "profile": cmd_profile, "list": cmd_list,
                 "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
     from bench.pool import PoolStartError

@@ -202,12 +202,14 @@ class Trainer:
         draws = draws or [None] * (len(samples) * cameras)
 
         def prepared(job):
-            image, u = job
-            image = prepare_image(image, cfg.image_sizes[0], crop=crop)
+            image, from_jpeg, u = job
+            image = prepare_image(image, cfg.image_sizes[0], crop=crop, from_jpeg=from_jpeg)
             return image if u is None else augment_image(image, u)
 
         # numpy and JPEG coding release the GIL: the batch's images on several threads
-        images = list(self._threads.map(prepared, zip([i for s in samples for i in s["images"]], draws)))
+        jobs = zip([i for s in samples for i in s["images"]], [s["from_jpeg"] for s in samples for _ in range(cameras)],
+                   draws)
+        images = list(self._threads.map(prepared, jobs))
         pixels = [pixel_values(images[i:i + cameras], cfg.image_means, cfg.image_stds)
                   for i in range(0, len(images), cameras)]
         proprio = [s["proprio"] for s in samples]

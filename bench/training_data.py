@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.demos import read_demos
+from bench.rlds import JPEG_IMAGE_SOURCE
 
 NOOP_THRESHOLD = 1e-4
 CAMERA_KEYS = ("agentview_rgb", "eye_in_hand_rgb")  # third-person first, as the policies' cameras
@@ -79,11 +80,12 @@ class Episode:
     instruction: str
     suite: str
     recorded_steps: int  # before no-ops were dropped
+    from_jpeg: bool = False  # images decoded from stored JPEG files (bench.rlds), not rendered
 
 
 class TrainingSet:
-    """Samples of every demonstration in ``paths`` (files written by ``bench record-demos`` or in
-    the same layout). Holds the files open for reading images; ``close`` when done."""
+    """Samples of every demonstration in ``paths`` (files written by ``bench record-demos``,
+    ``regenerate-demos`` or ``import-rlds``). Holds the files open for reading images; ``close`` when done."""
 
     def __init__(self, paths: list[Path], chunk_length: int, drop_noops: bool = True, stats: dict | None = None):
         """``stats``: normalise with these (a validation set takes its training set's)."""
@@ -120,6 +122,7 @@ class TrainingSet:
         demos = read_demos(path, images=False)  # refuses a file that is no demonstration file
         with h5py.File(path, "r") as f:
             orientation = f["data"].attrs.get("image_orientation")
+            from_jpeg = f["data"].attrs.get("image_source") == JPEG_IMAGE_SOURCE
             cameras = [[key in f["data"][demo.name]["obs"] for key in CAMERA_KEYS] for demo in demos]
         if orientation is None or not str(orientation).startswith("upright"):
             # LIBERO's original files hold raw (upside-down) renders and another proprio layout.
@@ -136,7 +139,7 @@ class TrainingSet:
             proprio = np.concatenate([demo.obs[k] for k in PROPRIO_KEYS], axis=1)
             episodes.append(Episode(index, demo.name, steps, training_actions(demo.actions[steps]), proprio[steps],
                                     str(demo.attrs["instruction"]), str(demo.attrs.get("suite", "")),
-                                    len(demo.actions)))
+                                    len(demo.actions), from_jpeg))
         return episodes
 
     @property
@@ -154,6 +157,7 @@ class TrainingSet:
         step = int(episode.steps[t])
         return {
             "images": [group[key][step] for key in CAMERA_KEYS],
+            "from_jpeg": episode.from_jpeg,
             "proprio": normalize(episode.proprio[t], self.stats["proprio"]),
             "actions": normalize(episode.actions[t:t + self.chunk_length], self.stats["action"]),
             "instruction": episode.instruction,

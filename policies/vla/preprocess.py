@@ -26,24 +26,37 @@ JPEG_QUALITY = 95  # tf.image.encode_jpeg's default
 
 
 def jpeg_roundtrip(image: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
-    """tf.image.encode_jpeg (quality 95, 4:2:0) then tf.io.decode_image, bit for bit.
+    """tf.image.encode_jpeg (quality 95, 4:2:0) then tf.io.decode_image, bit for bit."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=2)  # 2 = 4:2:0
+    return decode_jpeg(buffer.getvalue())
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """A JPEG file's pixels (HxWx3 uint8) as tf.io.decode_image gives them, bit for bit.
 
     TensorFlow decodes with libjpeg's fast integer IDCT (JDCT_IFAST) and "fancy" (triangle)
     chroma upsampling; Pillow's normal decode uses the slow integer IDCT. Pillow's draft flag
     selects JDCT_IFAST but also turns fancy upsampling off, so decode to YCbCr with plain 2x2
     replication, take the subsampled chroma planes back and redo libjpeg's fancy upsampling
-    and YCbCr->RGB conversion here in integer arithmetic.
+    and YCbCr->RGB conversion here in integer arithmetic. 4:2:0 and 4:4:4 colour JPEGs only.
     """
-    from PIL import Image
+    from PIL import Image, JpegImagePlugin
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=2)  # 2 = 4:2:0
-    buffer.seek(0)
-    decoded = Image.open(buffer)
+    decoded = Image.open(io.BytesIO(data))
+    if decoded.format != "JPEG" or decoded.mode != "RGB":
+        raise ValueError(f"expected an RGB JPEG image, got {decoded.format} {decoded.mode}")
+    sampling = JpegImagePlugin.get_sampling(decoded)  # 2: 4:2:0, 0: 4:4:4
+    if sampling not in (0, 2):
+        raise ValueError(f"JPEG chroma subsampling {sampling} is not decoded here (4:2:0 and 4:4:4 are)")
     decoded.draft("YCbCr", None)  # keep libjpeg's output in YCbCr
     decoded.decoderconfig = (1, 1)  # (scale 1, draft): dct_method = JDCT_IFAST, no fancy upsampling
     ycc = np.asarray(decoded)
-    if ycc.shape != image.shape or not (ycc[1::2, 1::2, 1:] == ycc[: ycc.shape[0] // 2 * 2 : 2, : ycc.shape[1] // 2 * 2 : 2, 1:]).all():
+    if sampling == 0:
+        return _ycc_to_rgb(ycc[..., 0], ycc[..., 1].astype(np.int32), ycc[..., 2].astype(np.int32))
+    if not (ycc[1::2, 1::2, 1:] == ycc[: ycc.shape[0] // 2 * 2 : 2, : ycc.shape[1] // 2 * 2 : 2, 1:]).all():
         raise RuntimeError("Pillow's JPEG draft decode no longer gives replicated 4:2:0 chroma")
     h, w = ycc.shape[:2]
     cb = _fancy_upsample_h2v2(ycc[::2, ::2, 1].astype(np.int32), h, w)
@@ -252,12 +265,15 @@ def _crop_grid(h: int, w: int, top: np.float32, left: np.float32, side: np.float
     return top_rows, bottom_rows, y_lerp[:, None, None], left_cols, right_cols, np.ascontiguousarray(np.broadcast_to(x_lerp[None, :, None], (h, w, 3)))
 
 
-def prepare_image(image: np.ndarray, size: int = IMAGE_SIZE, crop: bool = True) -> np.ndarray:
-    """A rotated camera image (HxWx3 uint8) -> the model's size x size x 3 uint8 input."""
+def prepare_image(image: np.ndarray, size: int = IMAGE_SIZE, crop: bool = True, from_jpeg: bool = False) -> np.ndarray:
+    """A rotated camera image (HxWx3 uint8) -> the model's size x size x 3 uint8 input.
+
+    ``from_jpeg``: the image was decoded from a stored JPEG file (OFT's training data), so it is
+    resized without the round trip that stands in for that storage."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 image, got shape {image.shape} dtype {image.dtype}")
     if image.shape[:2] != (size, size):
-        image = lanczos_resize(jpeg_roundtrip(image), size)
+        image = lanczos_resize(image if from_jpeg else jpeg_roundtrip(image), size)
     return center_crop(image) if crop else image
 
 

@@ -137,3 +137,26 @@ def test_pipeline_equals_tensorflow_on_real_libero_frames():
         assert frame.shape == (256, 256, 3)
         assert np.array_equal(pp.jpeg_roundtrip(frame), data[f"frame{i}_tf_jpeg"])
         assert np.array_equal(pp.prepare_image(frame), data[f"frame{i}_tf_final"])
+
+
+def test_jpeg_files_without_chroma_subsampling_decode_as_tensorflow_decodes_them():
+    """Two real LIBERO frames encoded by tf.image.encode_jpeg at 4:4:4 and TensorFlow 2.21's
+    decode of them (tests/bench/data/rlds/make_rlds_fixture.py)."""
+    from pathlib import Path
+
+    data = np.load(Path(__file__).parent / "data" / "jpeg_444_by_tf.npz")
+    for i in range(2):
+        assert np.array_equal(pp.decode_jpeg(data[f"frame{i}_444_jpeg"].tobytes()), data[f"frame{i}_444_tf"])
+
+
+def test_an_image_decoded_from_a_stored_jpeg_is_resized_without_a_second_round_trip():
+    frame = np.load(__import__("pathlib").Path(__file__).parent / "data" / "tf_preprocess_reference.npz")["frame0"]
+    assert np.array_equal(pp.prepare_image(frame, crop=False, from_jpeg=True), pp.lanczos_resize(frame))
+    assert not np.array_equal(pp.prepare_image(frame, crop=False, from_jpeg=True), pp.prepare_image(frame, crop=False))
+    with pytest.raises(ValueError, match="expected an RGB JPEG image, got PNG"):
+        from PIL import Image
+        import io
+
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        pp.decode_jpeg(buffer.getvalue())
