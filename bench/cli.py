@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--steps", type=POSITIVE, default=1000, help="optimiser steps (default 1000)")
     ft.add_argument("--batch-size", type=POSITIVE, default=8,
                     help="samples per step, over all processes when torchrun starts several (default 8)")
+    ft.add_argument("--grad-accumulation", type=POSITIVE, default=1,
+                    help="split each process's share of a step into N micro-batches: the same step in less "
+                         "memory (default 1)")
     ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4, as OFT)")
     ft.add_argument("--decay-at", type=NON_NEGATIVE, default=0,
                     help="divide the learning rate by 10 after this many steps (default 0: never)")
@@ -340,7 +343,8 @@ def cmd_finetune(args) -> int:
             raise ValueError("--demos is required (unless --resume continues a run)")
         config = FinetuneConfig(
             demos=[str(p) for p in args.demos], policy=args.policy, policy_args=_policy_args(args), steps=args.steps,
-            batch_size=args.batch_size, learning_rate=args.lr, decay_at=args.decay_at, lora_rank=args.lora_rank,
+            batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, learning_rate=args.lr,
+            decay_at=args.decay_at, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, image_aug=not args.no_image_aug, drop_noops=not args.keep_noops,
             save_every=args.save_every, log_every=args.log_every, seed=args.seed,
             val_demos=[str(p) for p in args.val_demos], val_every=args.val_every, val_samples=args.val_samples,

@@ -99,6 +99,18 @@ def mean(values, procs: Processes):
     return total(values, procs) / procs.world
 
 
+def broadcast(tensors, procs: Processes) -> None:
+    """Give every process rank 0's values of ``tensors`` (in place)."""
+    import torch
+    import torch.distributed as dist
+
+    if not procs.distributed:
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
 def average_gradients(parameters, procs: Processes) -> None:
     """Replace each parameter's gradient by its mean over the processes (a missing one counts as zeros)."""
     import torch

@@ -52,7 +52,8 @@ class FinetuneConfig:
     policy: str = "oft"
     policy_args: dict[str, str] = field(default_factory=dict)
     steps: int = 1000
-    batch_size: int = 8
+    batch_size: int = 8  # samples per step, over all processes
+    grad_accumulation: int = 1  # micro-batches each process splits its share into (one optimiser step)
     learning_rate: float = 5e-4
     decay_at: int = 0  # step after which the learning rate is a tenth (0: never)
     lora_rank: int = 32
@@ -70,12 +71,15 @@ class FinetuneConfig:
         if self.policy not in TRAINABLE_POLICIES:
             raise ValueError(f"{self.policy} cannot be fine-tuned (trainable: {', '.join(TRAINABLE_POLICIES)}); "
                              "the training-free methods run on a fine-tuned oft checkpoint")
-        for name in ("steps", "batch_size", "lora_rank", "log_every", "val_samples"):
+        for name in ("steps", "batch_size", "grad_accumulation", "lora_rank", "log_every", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("decay_at", "save_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(f"--batch-size {self.batch_size} does not divide into {self.grad_accumulation} "
+                             "micro-batches (--grad-accumulation)")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
@@ -136,6 +140,8 @@ class Trainer:
         # LightVLA's selection: straight-through, with noise; LightVLA*'s queries are part of the model now
         self.set_training(True)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        # the processes draw the same initial values from the seed; rank 0's make sure of it
+        distributed.broadcast(self.trainable.values(), procs)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
         milestones = [config.decay_at] if config.decay_at else []
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
@@ -261,18 +267,27 @@ class Trainer:
         import torch.nn.functional as F
 
         pixels, proprio, prompts, target = self.next_batch()
-        # selection noise of this step, and of this process's samples
-        torch.manual_seed(self.config.seed * 1_000_003 + self.step + (self.procs.rank << 40))
         if hasattr(self.hooks, "set_progress"):
             self.hooks.set_progress(self.step, self.config.steps)
-        predicted = self.model(pixels, proprio, prompts, self.policy.tokenizer.stop_id, self.hooks,
-                               self.policy.options.action_slice)
-        loss = F.l1_loss(predicted, target)
-        step_loss = float(distributed.mean(loss.detach().float().reshape(1), self.procs))  # the whole batch's
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulation = self.config.grad_accumulation
+        size = len(prompts) // accumulation
+        loss_sum, selected = torch.zeros((), device=target.device), []
+        for micro in range(accumulation):  # the mean of the micro-batches' gradients is the share's
+            # selection noise of this step, and of this process's samples
+            torch.manual_seed(self.config.seed * 1_000_003 + self.step + (self.procs.rank << 40) + (micro << 50))
+            part = slice(micro * size, (micro + 1) * size)
+            predicted = self.model(pixels[part], proprio[part], prompts[part], self.policy.tokenizer.stop_id,
+                                   self.hooks, self.policy.options.action_slice)
+            loss = F.l1_loss(predicted, target[part]) / accumulation
+            loss.backward()
+            loss_sum += loss.detach().float()
+            if (picked := getattr(self.hooks, "selected_tokens", None)) is not None:
+                selected.append(picked.float().mean())
+        self._selected = torch.stack(selected).mean() if selected else None
+        step_loss = float(distributed.mean(loss_sum.reshape(1), self.procs))  # the whole batch's
         if not np.isfinite(step_loss):
             raise ValueError(f"the loss is {step_loss} at step {self.step}; nothing of this step is saved")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         distributed.average_gradients(self.trainable.values(), self.procs)
         self.optimizer.step()
         self.scheduler.step()
@@ -281,8 +296,8 @@ class Trainer:
 
     def selected_tokens(self) -> float | None:
         """LightVLA's and LightVLA*'s distinct selected tokens in the last step, mean over its samples."""
-        selected = getattr(self.hooks, "selected_tokens", None)
-        return None if selected is None else float(distributed.mean(selected.float().mean().reshape(1), self.procs))
+        selected = getattr(self, "_selected", None)
+        return None if selected is None else float(distributed.mean(selected.reshape(1), self.procs))
 
     # --- saving -------------------------------------------------------------------------------
 
@@ -384,9 +399,9 @@ def finetune(config: FinetuneConfig | None, out: Path, resume: bool = False, pro
     if procs.distributed:
         from policies.vla.policy import resolve_device
 
-        if config.batch_size % procs.world:
+        if config.batch_size % (procs.world * config.grad_accumulation):
             raise ValueError(f"--batch-size {config.batch_size} (the whole step's) does not divide among "
-                             f"{procs.world} processes")
+                             f"{procs.world} processes x {config.grad_accumulation} micro-batches")
         device = distributed.process_device(resolve_device(config.policy_args.get("device", "auto")), procs)
         distributed.start(procs, device)  # every process has checked --out before any writes to it
     try:

@@ -94,8 +94,11 @@ def test_two_processes_train_as_one_does_on_the_whole_batch(tmp_path, policy):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_process_prepares_only_its_share_of_the_batch_augmented_as_one_process_would(tmp_path):
+def test_a_process_prepares_only_its_share_of_the_batch_augmented_as_one_process_would(tmp_path, monkeypatch):
+    import bench.distributed
     from bench.finetune import Trainer
+
+    monkeypatch.setattr(bench.distributed, "broadcast", lambda tensors, procs: None)  # no process group here
 
     demos = write_demo_file(tmp_path / "demos.hdf5", episodes(3))
     config = FinetuneConfig(demos=[str(demos)], batch_size=4, lora_rank=2, policy_args={"device": "cpu"})

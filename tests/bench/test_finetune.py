@@ -207,3 +207,18 @@ def test_validation_queries_as_evaluation_does_and_leaves_training_unchanged(dem
 def test_validation_on_a_training_file_is_refused(demos, tmp_path):
     with pytest.raises(ValueError, match="also a training file"):
         finetune(config(demos, val_demos=[str(demos)]), tmp_path / "run", progress=False)
+
+
+def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(demos, tmp_path):
+    whole = finetune(config(demos, batch_size=4), tmp_path / "whole", progress=False)
+    split = finetune(config(demos, batch_size=4, grad_accumulation=2), tmp_path / "split", progress=False)
+    assert whole.steps == split.steps == 6
+    one = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([e["loss"] for e in two], [e["loss"] for e in one], rtol=1e-5)
+    a = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["trainable"]
+    b = torch.load(tmp_path / "split" / "state.pt", weights_only=True)["trainable"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="--batch-size 4 does not divide into 3 micro-batches"):
+        finetune(config(demos, batch_size=4, grad_accumulation=3), tmp_path / "bad", progress=False)
