@@ -3,6 +3,7 @@ backward, AdamW), with random weights on a generated demonstration file, and the
 
     python scripts/finetune_timing.py --size tiny --device cpu
     python scripts/finetune_timing.py --size full --device cuda --policy lightvla --batch-size 8
+    python scripts/finetune_timing.py --size full --device cuda --batch-size 64 --grad-accumulation 8
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="lightvla", choices=["oft", "lightvla", "lightvla_star"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per step")
     args = parser.parse_args(argv)
 
     import torch
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         demos = generated_demos(Path(tmp) / "demos.hdf5", steps=args.batch_size + 16)
         config = FinetuneConfig(demos=[str(demos)], policy=args.policy, steps=steps, batch_size=args.batch_size,
-                                lora_rank=args.lora_rank,
+                                grad_accumulation=args.grad_accumulation, lora_rank=args.lora_rank,
                                 policy_args={"size": args.size, "device": args.device, "dtype": args.dtype})
         trainer = Trainer(config, Path(tmp) / "run")
         try:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             result = {
                 "policy": args.policy, "size": args.size, "device": device_name(device),
                 "dtype": str(trainer.policy.dtype).removeprefix("torch."), "batch_size": args.batch_size,
-                "lora_rank": args.lora_rank, "trainable_parameters": sum(p.numel() for p in trainer.trainable.values()),
+                "grad_accumulation": args.grad_accumulation, "lora_rank": args.lora_rank, "trainable_parameters": sum(p.numel() for p in trainer.trainable.values()),
                 "step_ms": percentiles(step_ms), "samples_per_s": 1e3 * args.batch_size / float(np.median(step_ms)),
                 "peak_memory_mb": peak_mb,
             }
