@@ -23,7 +23,6 @@ whole step's), with the same augmentation as one process would give those sample
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -97,14 +96,6 @@ class FinetuneSummary:
     samples: int
     checkpoint: Path
     val_loss: float | None = None  # the last validation's
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Trainer:
@@ -360,7 +351,7 @@ def drop_log_after(path: Path, step: int) -> None:
 
 
 def manifest_for(config: FinetuneConfig, trainer: Trainer) -> dict:
-    from bench.provenance import code_revision, host_info, now_iso, package_versions
+    from bench.provenance import code_revision, file_sha256, host_info, now_iso, package_versions
 
     data, val = trainer.data, trainer.val
     files = [{"path": str(p), "sha256": file_sha256(p)} for p in data.paths]

@@ -21,7 +21,6 @@ observation was rendered from.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 
 from bench.demos import IMAGE_ORIENTATION, DemoWriter, RecordingEnv
 from bench.episode import describe_error, watchdog
-from bench.provenance import now_iso, package_versions
+from bench.provenance import file_sha256, now_iso, package_versions
 from bench.runner import TaskEnv
 from bench.training_data import kept_steps
 from suites import SuiteSpec, TaskSpec, get_suite
@@ -184,7 +183,7 @@ def regenerate_demos(
         **settings,
         "policy": REPLAY_POLICY,
         "image_orientation": IMAGE_ORIENTATION,
-        "sources": json.dumps({p.name: _sha256(p) for p in files.values()}),
+        "sources": json.dumps({p.name: file_sha256(p) for p in files.values()}),
         "versions": str(package_versions()),
         "updated_at": now_iso(),
     }, append=resume)
@@ -251,11 +250,3 @@ def _settled_replays(out: Path, settings: dict) -> dict[str, str]:
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
