@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--max-steps", type=POSITIVE)
     rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
+    rec.add_argument("--resume", action="store_true",
+                     help="continue --out: run only the episodes it does not hold or record as failed")
     rec.add_argument("--no-progress", action="store_true")
 
     reg = sub.add_parser("regenerate-demos", help="replay LIBERO's own demonstration files into training files, "
@@ -288,9 +290,10 @@ def cmd_record_demos(args) -> int:
         args.suite, args.out, args.policy, dict(args.policy_arg or []),
         tasks=parse_index_list(args.tasks, "task"), episodes_per_task=args.episodes_per_task,
         init_states=parse_index_list(args.init_states, "init state"), image_size=args.image_size,
-        seed=args.seed, max_steps=args.max_steps, progress=not args.no_progress,
+        seed=args.seed, max_steps=args.max_steps, progress=not args.no_progress, resume=args.resume,
     )
-    print(f"{summary.path}: recorded {summary.recorded} of {summary.attempted} episodes")
+    print(f"{summary.path}: recorded {summary.recorded} of {summary.attempted} episodes"
+          + (f"; {summary.already_done} were settled before" if args.resume else ""))
     for key, why in summary.not_recorded.items():
         print(f"  not recorded {key}: {why}")
     return 0
@@ -298,6 +301,7 @@ def cmd_record_demos(args) -> int:
 
 RESUME_HINTS = {  # what continues an interrupted command
     "run": "bench run --resume DIR",
+    "record-demos": "the same command with --resume",
     "regenerate-demos": "the same command with --resume",
     "finetune": "bench finetune --resume --out DIR (from its last saved state)",
 }

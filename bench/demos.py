@@ -17,13 +17,16 @@ Only the steps that are recorded render images.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 IMAGE_ORIENTATION = "upright (raw robosuite render rotated 180 degrees)"
 LOW_DIM_KEYS = ("ee_pos", "ee_ori", "gripper_states", "joint_states")
+FAILED_ATTR = "failed"  # file attribute: JSON {attempt: why} of the attempts that gave no demonstration
 
 
 @dataclass
@@ -139,6 +142,29 @@ class DemoWriter:
     def close(self) -> None:
         self._data.attrs["num_demos"] = self.count
         self._file.close()
+
+
+def settled_attempts(path: Path, command: str, settings: dict, key_of: Callable[[dict], str]) -> dict[str, str]:
+    """What a resumed recording into ``path`` need not try again: its demonstrations (keyed by
+    ``key_of(their attributes)``) and its failures, which would fail again; attempts that crashed
+    are not in the file and are tried again. Refuses a file ``command`` did not write, or wrote
+    with other ``settings`` (file attributes)."""
+    import h5py
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist")
+    with h5py.File(path, "r") as f:
+        if "data" not in f or f["data"].attrs.get("command") != command:
+            raise ValueError(f"--resume: {path} was not written by bench {command}")
+        data = f["data"]
+        plain = lambda v: v.item() if isinstance(v, np.generic) else v  # noqa: E731
+        differing = [f"{k} {plain(data.attrs.get(k))!r} (now {v!r})" for k, v in settings.items()
+                     if plain(data.attrs.get(k)) != v]
+        if differing:
+            raise ValueError(f"--resume: {path} was written with other settings: {', '.join(differing)}")
+        settled = {key_of(dict(g.attrs)): "recorded" for g in data.values()}
+        settled.update(json.loads(data.attrs.get(FAILED_ATTR, "{}")))
+    return settled
 
 
 def read_demos(path: str | Path, images: bool = True) -> list[Demo]:

@@ -1,12 +1,17 @@
-"""``bench record-demos``: run a policy and keep its successful episodes as demonstrations."""
+"""``bench record-demos``: run a policy and keep its successful episodes as demonstrations.
+
+``resume`` continues a file: episodes it holds, and those that failed (a seeded episode fails
+again), are not run again; those that ended in an error are.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.demos import IMAGE_ORIENTATION, DemoWriter, RecordingEnv
+from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, settled_attempts
 from bench.episode import SUCCESS, EpisodeSettings, run_episode
 from bench.plan import plan_episodes
 from bench.provenance import now_iso, package_versions
@@ -21,6 +26,9 @@ class RecordSummary:
     attempted: int
     recorded: int
     not_recorded: dict[str, str]  # episode key -> outcome (and error)
+    already_done: int = 0  # planned episodes a resumed file had settled
+
+COMMAND = "record-demos"  # the output's "command" attribute, checked by --resume
 
 
 def record_demos(
@@ -36,6 +44,7 @@ def record_demos(
     max_steps: int | None = None,
     env_factory: Callable[[TaskSpec], object] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> RecordSummary:
     from tqdm import tqdm
 
@@ -50,18 +59,29 @@ def record_demos(
         def env_factory(task):
             return LiberoEnv(task, camera_size=image_size)
 
+    file_settings = {"suite": suite.name, "policy": policy_name, "image_size": image_size, "seed": seed,
+                     "policy_args": json.dumps(policy_args or {}, sort_keys=True), "max_steps": settings.max_steps}
+    settled: dict[str, str] = {}
+    if resume:
+        settled = settled_attempts(out, COMMAND, file_settings,
+                                   lambda a: f"{a['suite']}/{a['task_index']}/{a['init_state_index']}")
+    elif Path(out).exists():
+        raise FileExistsError(f"{out} already exists; continue it with --resume, or choose another --out")
     writer = DemoWriter(out, {
-        "suite": suite.name,
-        "policy": policy_name,
-        "image_size": image_size,
+        **file_settings,
+        "command": COMMAND,
         "image_orientation": IMAGE_ORIENTATION,
         "versions": str(package_versions()),
-        "created_at": now_iso(),
-    })
+        "updated_at": now_iso(),
+    }, append=resume)
+    if not resume:
+        writer.set_file_attr("created_at", now_iso())
+    failed = {key: why for key, why in settled.items() if why != "recorded"}
+    todo = [planned for planned in plan if planned.key not in settled]
     envs = TaskEnv(lambda task: RecordingEnv(env_factory(task), suite.settle_steps))
-    not_recorded = {}
+    not_recorded, recorded_before = {}, writer.count
     try:
-        for planned in tqdm(plan, unit="ep", disable=not progress):
+        for planned in tqdm(todo, unit="ep", disable=not progress):
             task = suite.task(planned.task_index)
             episode = episode_info(planned, task, seed)
             init_state = task.init_states()[planned.init_state_index]
@@ -76,6 +96,9 @@ def record_demos(
                 not_recorded[planned.key] = result.outcome + (f": {result.error}" if result.error else "")
                 if result.error:
                     envs.discard()
+                else:  # a failure is settled: the seeded episode would fail again
+                    failed[planned.key] = result.outcome
+                    writer.set_file_attr(FAILED_ATTR, json.dumps(failed))
                 continue
             writer.add(env.steps, {
                 "suite": suite.name,
@@ -89,4 +112,4 @@ def record_demos(
     finally:
         envs.discard()
         writer.close()
-    return RecordSummary(Path(out), len(plan), writer.count, not_recorded)
+    return RecordSummary(Path(out), len(todo), writer.count - recorded_before, not_recorded, len(plan) - len(todo))

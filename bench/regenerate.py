@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.demos import IMAGE_ORIENTATION, DemoWriter, RecordingEnv
+from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, settled_attempts
 from bench.episode import describe_error, watchdog
 from bench.provenance import file_sha256, now_iso, package_versions
 from bench.runner import TaskEnv
@@ -38,7 +38,7 @@ from suites.registry import SETTLE_ACTION
 
 SOURCE_SUFFIX = "_demo.hdf5"  # LIBERO names a task's file after the task
 WATCHDOG_S = 900.0
-REPLAY_POLICY = "replay of LIBERO demonstrations"  # the output's "policy" attribute, as record-demos names its policy
+COMMAND = "regenerate-demos"  # the output's "command" attribute, checked by --resume
 
 
 @dataclass
@@ -170,7 +170,8 @@ def regenerate_demos(
     settings = {"suite": suite.name, "image_size": image_size, "drop_noops": drop_noops}
     settled: dict[str, str] = {}
     if resume:
-        settled = _settled_replays(out, settings)
+        settled = settled_attempts(out, COMMAND, settings,
+                                   lambda attrs: f"task{attrs['task_index']}/{attrs['source_demo']}")
     elif Path(out).exists():
         raise FileExistsError(f"{out} already exists; continue it with --resume, or choose another --out")
     if env_factory is None:
@@ -181,7 +182,8 @@ def regenerate_demos(
 
     writer = DemoWriter(out, {
         **settings,
-        "policy": REPLAY_POLICY,
+        "command": COMMAND,
+        "policy": "replay of LIBERO demonstrations",
         "image_orientation": IMAGE_ORIENTATION,
         "sources": json.dumps({p.name: file_sha256(p) for p in files.values()}),
         "versions": str(package_versions()),
@@ -221,32 +223,8 @@ def regenerate_demos(
             summary.not_recorded[key] = why
             if not why.startswith("error"):
                 failures[key] = why
-                writer.set_file_attr("failed_replays", json.dumps(failures))
+                writer.set_file_attr(FAILED_ATTR, json.dumps(failures))
     finally:
         envs.discard()
         writer.close()
     return summary
-
-
-def _settled_replays(out: Path, settings: dict) -> dict[str, str]:
-    """A resumed file's replays that need no second try: those recorded, and those that failed
-    (a replay is deterministic). Replays that crashed are tried again."""
-    import h5py
-
-    if not Path(out).is_file():
-        raise FileNotFoundError(f"--resume: {out} does not exist")
-    with h5py.File(out, "r") as f:
-        if "data" not in f or f["data"].attrs.get("policy") != REPLAY_POLICY:
-            raise ValueError(f"--resume: {out} was not written by bench regenerate-demos")
-        data = f["data"]
-        differing = [f"{k} {_plain(data.attrs.get(k))!r} (now {v!r})" for k, v in settings.items()
-                     if _plain(data.attrs.get(k)) != v]
-        if differing:
-            raise ValueError(f"--resume: {out} was written with other settings: {', '.join(differing)}")
-        settled = {f"task{g.attrs['task_index']}/{g.attrs['source_demo']}": "recorded" for g in data.values()}
-        settled.update(json.loads(data.attrs.get("failed_replays", "{}")))
-    return settled
-
-
-def _plain(value):
-    return value.item() if isinstance(value, np.generic) else value

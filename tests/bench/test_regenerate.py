@@ -105,7 +105,7 @@ def test_a_replay_whose_goal_does_not_hold_after_its_last_action_is_left_out(tmp
     assert summary.recorded == 0 and set(summary.not_recorded) == {"task0/demo_0", "task0/demo_1"}
     assert all(why.startswith("failure") for why in summary.not_recorded.values())
     with h5py.File(out) as f:
-        assert set(json.loads(f["data"].attrs["failed_replays"])) == {"task0/demo_0", "task0/demo_1"}
+        assert set(json.loads(f["data"].attrs["failed"])) == {"task0/demo_0", "task0/demo_1"}
 
 
 def test_demonstration_i_is_replayed_after_i_resets_even_after_a_crash(tmp_path, monkeypatch):
