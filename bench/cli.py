@@ -168,8 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="policy seed (default 0): what the policy draws once (random weights); each episode's "
                           "seed comes from the run")
     srv.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for every network: no authentication)")
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for every network: then use --token-file "
+                          "and TLS)")
     srv.add_argument("--port", type=NON_NEGATIVE, default=8765, help="port (default 8765; 0 picks a free one)")
+    srv.add_argument("--token-file", help="answer only clients that give the secret in this file "
+                     "(--policy-arg token_file=FILE on their side)")
+    srv.add_argument("--tls-cert", help="serve TLS with this certificate (PEM; clients: --policy-arg tls_ca=FILE)")
+    srv.add_argument("--tls-key", help="the certificate's private key (PEM)")
     srv.add_argument("--max-batch", type=NON_NEGATIVE, default=0,
                      help="most observations per policy call when clients' queries wait together (default, or 0: "
                           "all that wait)")
@@ -458,10 +463,15 @@ def cmd_serve(args) -> int:
     import socket
 
     from bench.analysis import policy_label
-    from bench.serve import PolicyServer, serve
+    from bench.serve import PolicyServer, serve, server_tls
     from policies import make_policy
+    from policies.remote import read_token
 
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    tls = server_tls(args.tls_cert, args.tls_key) if args.tls_cert else None
+    token = read_token(args.token_file) if args.token_file else None
     policy_args = _policy_args(args)
     policy = make_policy(args.policy, policy_args, seed=args.seed)
     label = policy_label({"policy": args.policy, "policy_args": policy_args})
@@ -470,11 +480,14 @@ def cmd_serve(args) -> int:
         host, port = address
         # Listening on every network: clients elsewhere reach it by this machine's name.
         reach = socket.gethostname() if host in ("0.0.0.0", "::") else host
-        print(f"serving {label} on {host}:{port}; clients: bench run --policy remote "
-              f"--policy-arg address={reach}:{port} (Ctrl-C stops)", flush=True)
+        extra = (" --policy-arg token_file=FILE" if token else "") + (" --policy-arg tls_ca=CERT" if tls else "")
+        print(f"serving {label} on {host}:{port}{' (TLS)' if tls else ''}; clients: bench run --policy remote "
+              f"--policy-arg address={reach}:{port}{extra} (Ctrl-C stops)", flush=True)
+        if token is None and host not in ("127.0.0.1", "::1", "localhost"):
+            print("without --token-file any client that reaches this port can use the policy", flush=True)
 
     try:
-        serve(PolicyServer(policy, policy_args, args.max_batch), args.host, args.port, on_ready=ready)
+        serve(PolicyServer(policy, policy_args, args.max_batch, token), args.host, args.port, on_ready=ready, tls=tls)
     except KeyboardInterrupt:
         print("\nbench: server stopped", file=sys.stderr)
     return 0

@@ -6,22 +6,29 @@ another. Each connection gets a thread; calls into the policy are serialised by 
 model, one device), and queries waiting together are answered by one call. Requests and their
 replies (``policies/wire.py``):
 
-- ``{"op": "hello", "protocol"}``: the policy's traits, identity and provenance;
+- ``{"op": "hello", "protocol", "token"}``: the policy's traits, identity and provenance;
 - ``{"op": "select_suite", "suite"}``, ``{"op": "reset", "episode"}``, ``{"op": "end", "episode"}``;
 - ``{"op": "act", "observations"}``: ``{"outputs": [{"actions", "stats"}]}``, each query's stats
   with ``served_ms``, the time the policy's call took, and ``served_batch``, the observations
   it answered.
 
 A failing call is answered ``{"error": {"type", "message"}}`` and the connection stays open.
-There is no authentication: serve on localhost or a network you trust.
+
+Started with a token (``--token-file``), the server answers a connection only after a hello
+that carries it, and closes one that does not. With a certificate (``--tls-cert``,
+``--tls-key``) every connection is TLS, so the token and the observations cannot be read on
+the way; clients then trust that certificate (``--policy-arg tls_ca=FILE``). Without both,
+serve on localhost or a network you trust.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections import deque
@@ -33,6 +40,20 @@ from policies.base import EpisodeInfo, Observation, Policy, PolicyOptionError
 from policies.wire import PROTOCOL, ProtocolError, receive, send
 
 log = logging.getLogger(__name__)  # who connects, what fails; bench serve prints it
+
+
+class AuthenticationError(PermissionError):
+    """A client without the server's token."""
+
+
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    """The TLS context of a server with this certificate (chain) and private key (PEM files)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"TLS certificate {cert} and key {key} cannot be used: {exc}") from None
+    return context
 
 
 @dataclass
@@ -51,8 +72,9 @@ class PolicyServer:
     its next call (at most ``max_batch`` observations, 0: no limit; a request is never split),
     as the worker pool batches its workers' queries."""
 
-    def __init__(self, policy: Policy, policy_args: dict[str, str], max_batch: int = 0):
+    def __init__(self, policy: Policy, policy_args: dict[str, str], max_batch: int = 0, token: str | None = None):
         self.policy = policy
+        self.token = token
         self.policy_args = dict(policy_args)
         self.max_batch = max_batch
         self.lock = threading.Lock()  # one call into the policy at a time
@@ -73,7 +95,10 @@ class PolicyServer:
             self._waiting.clear()
             self._arrived.notify()
 
-    def hello(self, protocol) -> dict:
+    def hello(self, protocol, token=None) -> dict:
+        if self.token is not None and not hmac.compare_digest(str(token or "").encode(), self.token.encode()):
+            raise AuthenticationError("this server needs its token: give the client --policy-arg token_file=FILE"
+                                      if not token else "the token is not this server's")
         if protocol != PROTOCOL:
             raise ProtocolError(f"the client speaks protocol {protocol}, this server {PROTOCOL}: update one of them")
         policy = self.policy
@@ -191,7 +216,14 @@ class _Connection(socketserver.BaseRequestHandler):
         client = self.client
         log.info("%s connected", client)
         ending = "disconnected"
+        self.authenticated = state.token is None
         try:
+            if self.server.tls is not None:  # the handshake runs here, not in the accepting thread
+                sock = self.server.tls.wrap_socket(sock, server_side=True)
+                with self.server.connections_lock:  # the wrapper now owns the connection
+                    self.server.connections.discard(self.request)
+                    self.server.connections.add(sock)
+                self.request = sock
             while (request := receive(sock)) is not None:
                 reply = self.answer(state, request, open_episodes)
                 try:
@@ -202,6 +234,9 @@ class _Connection(socketserver.BaseRequestHandler):
                 if "error" in reply:
                     log.warning("%s: %s failed: %s: %s", client, request.get("op"), reply["error"]["type"],
                                 reply["error"]["message"])
+                if not self.authenticated:
+                    ending = "refused (no token, or a wrong one)"
+                    break
         except (ConnectionError, ProtocolError, OSError) as exc:
             ending = f"dropped ({type(exc).__name__}: {exc})"  # went away, or spoke another protocol
         finally:
@@ -212,7 +247,11 @@ class _Connection(socketserver.BaseRequestHandler):
         op = request.get("op")
         try:
             if op == "hello":
-                return state.hello(request.get("protocol"))
+                reply = state.hello(request.get("protocol"), request.get("token"))
+                self.authenticated = True
+                return reply
+            if not self.authenticated:
+                raise AuthenticationError("this server needs a hello with its token first")
             if op == "select_suite":
                 state.select_suite(id(self), request["suite"])
                 log.info("%s evaluates %s", self.client, request["suite"])
@@ -237,9 +276,10 @@ class _TCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
 
-    def __init__(self, address, state: PolicyServer):
+    def __init__(self, address, state: PolicyServer, tls: ssl.SSLContext | None = None):
         super().__init__(address, _Connection)
         self.state = state
+        self.tls = tls
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
 
@@ -254,11 +294,11 @@ class _TCPServer(socketserver.ThreadingTCPServer):
 
 
 def serve(state: PolicyServer, host: str, port: int, on_ready: Callable[[tuple[str, int]], None] | None = None,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, tls: ssl.SSLContext | None = None) -> None:
     """Answer clients until interrupted (or ``stop`` is set); ``on_ready`` gets the address
-    bound (port 0 picks a free one)."""
+    bound (port 0 picks a free one). ``tls``: every connection is TLS (``server_tls``)."""
     try:
-        with _TCPServer((host, port), state) as server:
+        with _TCPServer((host, port), state, tls) as server:
             if on_ready is not None:
                 on_ready(server.server_address[:2])
             if stop is not None:
@@ -276,13 +316,13 @@ class ServerThread:
     ``with ServerThread(policy) as server: make_policy("remote", {"address": server.address})``."""
 
     def __init__(self, policy: Policy, policy_args: dict[str, str] | None = None, port: int = 0,
-                 max_batch: int = 0):
+                 max_batch: int = 0, token: str | None = None, tls: ssl.SSLContext | None = None):
         ready, self._stop = threading.Event(), threading.Event()
         bound = []
-        self.state = PolicyServer(policy, policy_args or {}, max_batch)
+        self.state = PolicyServer(policy, policy_args or {}, max_batch, token)
         self._thread = threading.Thread(
             target=serve, args=(self.state, "127.0.0.1", port),
-            kwargs={"on_ready": lambda address: (bound.append(address), ready.set()), "stop": self._stop},
+            kwargs={"on_ready": lambda address: (bound.append(address), ready.set()), "stop": self._stop, "tls": tls},
             daemon=True)
         self._thread.start()
         if not ready.wait(30):

@@ -4,12 +4,18 @@ The client asks the server what its policy reads and how long its chunks are, fo
 call, and reports the served policy's identity as its own part, so a run records, and a
 resumed run checks, what actually answered. A lost connection is made again at the next call;
 an episode under way then fails (the server has dropped its state), and later ones go on.
+
+``token_file`` holds the secret a server started with ``--token-file`` asks for (the file's
+name, not the secret, is what a run records); ``tls_ca`` makes the connection TLS, trusting
+that certificate file (a self-signed server's own certificate), or ``system`` for the system's
+certificate authorities.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,12 +42,16 @@ class RemotePolicy(Policy):
     class Options:
         address: str = "127.0.0.1:8765"
         timeout_s: float = 600.0  # longest wait for one answer (a first query may build CUDA graphs)
+        token_file: str = ""  # a file holding the server's token ("": the server needs none)
+        tls_ca: str = ""  # TLS, trusting this certificate file or "system" ("": plain TCP)
 
     def __init__(self, options: Options, seed: int = 0):
         super().__init__(options, seed)
         if not options.timeout_s > 0:
             raise PolicyOptionError(f"remote: timeout_s must be positive, got {options.timeout_s}")
         self.host, self.port = parse_address(options.address)
+        self._token = read_token(options.token_file) if options.token_file else None
+        self._tls = _client_tls(options.tls_ca) if options.tls_ca else None
         self._sock: socket.socket | None = None
         self._suite: str | None = None
         self._episodes: set[str] = set()  # episodes reset over the current connection
@@ -99,7 +109,18 @@ class RemotePolicy(Policy):
             raise ConnectionError(f"no policy server answers at {address} ({exc.strerror or exc}); "
                                   "start one there with 'bench serve --policy NAME'") from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        hello = self._exchange({"op": "hello", "protocol": PROTOCOL})
+        if self._tls is not None:
+            try:
+                self._sock = self._tls.wrap_socket(self._sock, server_hostname=self.host)
+            except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+                self.close()
+                raise ConnectionError(f"no TLS connection to the policy server at {address}: {exc}") from None
+        try:
+            hello = self._exchange({"op": "hello", "protocol": PROTOCOL, "token": self._token})
+        except ConnectionError as exc:
+            if self._tls is not None:
+                raise
+            raise ConnectionError(f"{exc} (if it serves TLS, give --policy-arg tls_ca=FILE)") from None
         previous = getattr(self, "served", None)
         if previous is not None and hello["identity"] != previous["identity"]:
             self.close()
@@ -136,3 +157,22 @@ class RemotePolicy(Policy):
             kind = PolicyOptionError if error["type"] == "PolicyOptionError" else RemotePolicyError
             raise kind(f"served policy: {error['type']}: {error['message']}")
         return reply
+
+
+def read_token(path: str) -> str:
+    """A token file's secret: its text without surrounding whitespace (client and server)."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise PolicyOptionError(f"token file {path} cannot be read ({exc.strerror or exc})") from None
+    if not token:
+        raise PolicyOptionError(f"token file {path} is empty")
+    return token
+
+
+def _client_tls(ca: str) -> ssl.SSLContext:
+    try:
+        return ssl.create_default_context(cafile=None if ca == "system" else ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise PolicyOptionError(f"remote: TLS certificate file {ca} cannot be used ({exc})") from None

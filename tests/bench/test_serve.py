@@ -367,3 +367,73 @@ def test_bench_serve_answers_a_run_and_stops_on_ctrl_c(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_server_with_a_token_answers_only_clients_that_give_it(tmp_path):
+    from policies.wire import PROTOCOL, receive, send
+
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-7f1c\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess")
+    policy = Noting()
+    with ServerThread(policy, token="s3cret-7f1c") as server:
+        with pytest.raises(RemotePolicyError, match="needs its token: give the client --policy-arg token_file"):
+            make_policy("remote", {"address": server.address})
+        with pytest.raises(RemotePolicyError, match="the token is not this server's"):
+            make_policy("remote", {"address": server.address, "token_file": str(wrong)})
+        client = make_policy("remote", {"address": server.address, "token_file": str(secret)})
+        client.select_suite("libero_goal")
+        client.reset(episode("a"))
+        (out,) = client.act([Observation(np.zeros(8), "do it", "a")])
+        assert out.actions.shape == (4, 7)
+        # a connection that skips the hello is answered once, then closed
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            send(raw, {"op": "select_suite", "suite": "libero_10"})
+            assert "hello with its token first" in receive(raw)["error"]["message"]
+            assert receive(raw) is None
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            send(raw, {"op": "hello", "protocol": PROTOCOL, "token": "guess"})
+            assert receive(raw)["error"]["type"] == "AuthenticationError" and receive(raw) is None
+    assert policy.suites == ["libero_goal"]  # the refused connections reached nothing
+    with pytest.raises(PolicyOptionError, match="token file .*missing cannot be read"):
+        make_policy("remote", {"address": "127.0.0.1:1", "token_file": str(tmp_path / "missing")})
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made by the openssl tool."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_a_tls_server_answers_clients_that_trust_its_certificate(certificate, tmp_path):
+    from bench.serve import server_tls
+
+    cert, key = certificate
+    with ServerThread(Noting(), tls=server_tls(str(cert), str(key))) as server:
+        client = make_policy("remote", {"address": server.address, "tls_ca": str(cert)})
+        client.select_suite("libero_goal")
+        client.reset(episode("a"))
+        (out,) = client.act([Observation(np.zeros(8), "do it", "a")])
+        assert out.actions.shape == (4, 7)
+        with pytest.raises(ConnectionError, match="if it serves TLS, give --policy-arg tls_ca=FILE"):
+            make_policy("remote", {"address": server.address})
+        with pytest.raises(ConnectionError, match="no TLS connection .*certificate verify failed"):
+            make_policy("remote", {"address": server.address, "tls_ca": "system"})
+    with ServerThread(Noting()) as plain:
+        with pytest.raises(ConnectionError, match="no TLS connection"):
+            make_policy("remote", {"address": plain.address, "tls_ca": str(cert)})
+    with pytest.raises(ValueError, match="cannot be used"):
+        server_tls(str(cert), str(tmp_path / "no-key.pem"))
+
+
+def test_bench_serve_refuses_half_a_tls_setting(capsys):
+    from bench.cli import main
+
+    assert main(["serve", "--policy", "noop", "--tls-cert", "cert.pem"]) == 2
+    assert "TLS needs both --tls-cert and --tls-key" in capsys.readouterr().err
