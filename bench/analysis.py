@@ -138,3 +138,30 @@ def load_published(path: str | Path = PUBLISHED) -> pd.DataFrame:
     table["success_pct"] = table["success_pct"].astype(float)
     table["visual_tokens"] = pd.to_numeric(table["visual_tokens"], errors="raise")
     return table[list(PUBLISHED_COLUMNS)]
+
+
+def load_finetune_logs(spec: str | Path) -> pd.DataFrame:
+    """The logs of ``bench finetune`` runs, one row per logged step: training lines (loss, lr,
+    step_ms, LightVLA's noise_scale and selected_tokens) and validation lines (val_loss,
+    val_visual_tokens) of the same step side by side, with the run's policy and directory."""
+    import json
+
+    from bench.finetune import LOG
+
+    frames = []
+    for run in find_run_dirs(spec):
+        if not (run / LOG).is_file():
+            continue  # an evaluation run
+        manifest = read_manifest(run)
+        lines = [json.loads(line) for line in (run / LOG).read_text().splitlines() if line.strip()]
+
+        def lines_with(key: str) -> pd.DataFrame:
+            rows = [e for e in lines if key in e]
+            return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["step", key])
+
+        frame = lines_with("loss").merge(lines_with("val_loss"), on="step", how="outer")
+        frame = frame.sort_values("step", ignore_index=True)
+        frames.append(frame.assign(run_dir=str(run), run_id=run.name, policy=manifest["config"]["policy"]))
+    if not frames:
+        raise FileNotFoundError(f"no fine-tuning run (with {LOG}) found at {spec}")
+    return pd.concat(frames, ignore_index=True)

@@ -222,3 +222,21 @@ def test_gradient_accumulation_takes_the_same_steps_in_micro_batches(demos, tmp_
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="--batch-size 4 does not divide into 3 micro-batches"):
         finetune(config(demos, batch_size=4, grad_accumulation=3), tmp_path / "bad", progress=False)
+
+
+def test_fine_tuning_logs_load_as_one_frame(demos, tmp_path):
+    from bench.analysis import load_finetune_logs
+
+    val = write_demo_file(tmp_path / "val.hdf5", learnable_episodes(count=1), seed=1)
+    finetune(config(demos, steps=4, val_demos=[str(val)], val_every=2, val_samples=4), tmp_path / "runs" / "a",
+             progress=False)
+    finetune(config(demos, steps=2, policy="lightvla"), tmp_path / "runs" / "b", progress=False)
+    frame = load_finetune_logs(tmp_path / "runs")
+    a, b = frame[frame.run_id == "a"], frame[frame.run_id == "b"]
+    assert a.step.tolist() == [2, 4] and a.loss.notna().all() and a.val_loss.notna().all()
+    assert set(a.policy) == {"oft"} and (a.val_samples == 4).all()
+    assert b.step.tolist() == [2] and b.val_loss.isna().all() and b.noise_scale.notna().all()
+    with pytest.raises(FileNotFoundError, match="no fine-tuning run"):
+        (tmp_path / "eval").mkdir()
+        (tmp_path / "eval" / "manifest.json").write_text("{}")
+        load_finetune_logs(tmp_path / "eval")
