@@ -224,7 +224,8 @@ class Trainer:
 
         from policies.vla.hooks import QueryTrace
 
-        n, b = len(self.val), self.config.batch_size // self.procs.world
+        # validated in micro-batches, the size training computes at once
+        n, b = len(self.val), self.config.batch_size // (self.procs.world * self.config.grad_accumulation)
         indices = sorted({int(i) for i in np.linspace(0, n - 1, min(n, self.config.val_samples))})
         mine = indices[self.procs.rank::self.procs.world]
         losses, tokens = [], []
