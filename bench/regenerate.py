@@ -168,10 +168,12 @@ def regenerate_demos(
     plan = [(suite.task(t), demo) for t, path in files.items() for demo in read_source(path, suite.task(t), demos_per_task)]
 
     settings = {"suite": suite.name, "image_size": image_size, "drop_noops": drop_noops}
+    sources = {p.name: file_sha256(p) for p in files.values()}
     settled: dict[str, str] = {}
     if resume:
         settled = settled_attempts(out, COMMAND, settings,
                                    lambda attrs: f"task{attrs['task_index']}/{attrs['source_demo']}")
+        sources = _same_sources(out, sources)
     elif Path(out).exists():
         raise FileExistsError(f"{out} already exists; continue it with --resume, or choose another --out")
     if env_factory is None:
@@ -185,7 +187,7 @@ def regenerate_demos(
         "command": COMMAND,
         "policy": "replay of LIBERO demonstrations",
         "image_orientation": IMAGE_ORIENTATION,
-        "sources": json.dumps({p.name: file_sha256(p) for p in files.values()}),
+        "sources": json.dumps(sources),
         "versions": str(package_versions()),
         "updated_at": now_iso(),
     }, append=resume)
@@ -228,3 +230,16 @@ def regenerate_demos(
         envs.discard()
         writer.close()
     return summary
+
+
+def _same_sources(out: Path, sources: dict[str, str]) -> dict[str, str]:
+    """The SHA-256 of every source file a resumed output was made from, refusing files that
+    changed since (their demonstrations are already in it)."""
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        recorded = json.loads(f["data"].attrs.get("sources", "{}"))
+    changed = sorted(name for name, digest in sources.items() if recorded.get(name, digest) != digest)
+    if changed:
+        raise ValueError(f"--resume: source files changed since {out} was begun: {', '.join(changed)}")
+    return {**recorded, **sources}

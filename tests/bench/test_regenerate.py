@@ -161,6 +161,11 @@ def test_resume_refuses_other_settings_and_other_files(tmp_path):
         run(folder, out, Envs(len(KEPT)), image_size=128, resume=True)
     with pytest.raises(ValueError, match="drop_noops True .now False"):
         run(folder, out, Envs(len(KEPT)), image_size=64, drop_noops=False, resume=True)
+    source = next(folder.glob("*.hdf5"))
+    with h5py.File(source, "r+") as f:  # the source changes after its replays were recorded
+        f["data/demo_0/actions"][5, 0] = 0.07
+    with pytest.raises(ValueError, match="source files changed since .*out.hdf5 was begun: " + source.name):
+        run(folder, out, Envs(len(KEPT)), image_size=64, resume=True)
     recorded = write_demo_file(tmp_path / "recorded.hdf5", [TELEOP])
     with pytest.raises(ValueError, match="not written by bench regenerate-demos"):
         run(folder, recorded, Envs(len(KEPT)), resume=True)
