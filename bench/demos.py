@@ -26,6 +26,7 @@ import numpy as np
 
 IMAGE_ORIENTATION = "upright (raw robosuite render rotated 180 degrees)"
 LOW_DIM_KEYS = ("ee_pos", "ee_ori", "gripper_states", "joint_states")
+JPEG_IMAGE_SOURCE = "jpeg"  # file attribute image_source: images decoded from stored JPEG files (bench.rlds)
 FAILED_ATTR = "failed"  # file attribute: JSON {attempt: why} of the attempts that gave no demonstration
 
 

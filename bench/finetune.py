@@ -137,6 +137,7 @@ class Trainer:
         milestones = [config.decay_at] if config.decay_at else []
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
         self.step = 0
+        self._selected = None  # LightVLA's distinct selected tokens in the last step, mean over its samples
         self._order: tuple[int, np.ndarray] | None = None  # an epoch and its sample order
         self._threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="images")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -288,8 +289,7 @@ class Trainer:
 
     def selected_tokens(self) -> float | None:
         """LightVLA's and LightVLA*'s distinct selected tokens in the last step, mean over its samples."""
-        selected = getattr(self, "_selected", None)
-        return None if selected is None else float(distributed.mean(selected.reshape(1), self.procs))
+        return None if self._selected is None else float(distributed.mean(self._selected.reshape(1), self.procs))
 
     # --- saving -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class RecordSummary:
     not_recorded: dict[str, str]  # episode key -> outcome (and error)
     already_done: int = 0  # planned episodes a resumed file had settled
 
+
 COMMAND = "record-demos"  # the output's "command" attribute, checked by --resume
 
 

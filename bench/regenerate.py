@@ -128,7 +128,7 @@ def _check_instruction(path: Path, problem_info, task: TaskSpec) -> None:
     if problem_info is None:
         return
     instruction = json.loads(problem_info).get("language_instruction")
-    if instruction is not None and " ".join(str(instruction).lower().split()) != " ".join(task.instruction.lower().split()):
+    if instruction is not None and get_suite(task.suite).task_with_instruction(str(instruction)) != task:
         raise ValueError(f"{path.name} records the instruction {instruction!r}, task {task.index} of {task.suite} "
                          f"is {task.instruction!r}")
 

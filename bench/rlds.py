@@ -25,7 +25,6 @@ from typing import Iterator
 
 import numpy as np
 
-JPEG_IMAGE_SOURCE = "jpeg"  # the file attribute image_source of images decoded from stored JPEG files
 STEP_KEYS = {"action": "steps/action", "state": "steps/observation/state",
              "joint_state": "steps/observation/joint_state", "image": "steps/observation/image",
              "wrist_image": "steps/observation/wrist_image", "instruction": "steps/language_instruction",
@@ -205,10 +204,6 @@ class ImportSummary:
     steps: int
 
 
-def _words(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def import_rlds(source: Path, out: Path, suite_name: str | None = None, progress: bool = True) -> ImportSummary:
     """Write the dataset in ``source`` as a demonstration file (``bench record-demos``' layout).
     The file is written aside and put in place when complete."""
@@ -216,7 +211,7 @@ def import_rlds(source: Path, out: Path, suite_name: str | None = None, progress
 
     from tqdm import tqdm
 
-    from bench.demos import IMAGE_ORIENTATION, DemoWriter
+    from bench.demos import IMAGE_ORIENTATION, JPEG_IMAGE_SOURCE, DemoWriter
     from bench.provenance import now_iso, package_versions
     from policies.vla.preprocess import decode_jpeg
     from suites import get_suite
@@ -231,7 +226,6 @@ def import_rlds(source: Path, out: Path, suite_name: str | None = None, progress
         if suite_name:
             raise
         raise ValueError(f"dataset {name}: its name does not say its suite; give it with --suite") from None
-    tasks = {_words(task.instruction): task for task in suite.tasks}
     partial = out.with_name(out.name + ".partial")
     partial.unlink(missing_ok=True)  # what an interrupted import left
     writer = DemoWriter(partial, {
@@ -246,7 +240,7 @@ def import_rlds(source: Path, out: Path, suite_name: str | None = None, progress
     total_steps, complete = 0, False
     try:
         for episode in tqdm(read_episodes(source), unit="episode", disable=not progress):
-            task = tasks.get(_words(episode.instruction))
+            task = suite.task_with_instruction(episode.instruction)
             if task is None:
                 raise ValueError(f"an episode's instruction {episode.instruction!r} is no task of {suite.name}; "
                                  "give the dataset's suite with --suite")

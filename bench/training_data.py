@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.demos import read_demos
-from bench.rlds import JPEG_IMAGE_SOURCE
+from bench.demos import JPEG_IMAGE_SOURCE, read_demos
 
 NOOP_THRESHOLD = 1e-4
 CAMERA_KEYS = ("agentview_rgb", "eye_in_hand_rgb")  # third-person first, as the policies' cameras

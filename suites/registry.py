@@ -54,6 +54,11 @@ class SuiteSpec:
     def tasks(self) -> list[TaskSpec]:
         return _load_tasks(self.name)
 
+    def task_with_instruction(self, instruction: str) -> TaskSpec | None:
+        """The task given this instruction, ignoring case and spacing (None: no task of the suite)."""
+        words = " ".join(instruction.lower().split())
+        return next((t for t in self.tasks if " ".join(t.instruction.lower().split()) == words), None)
+
     def task(self, index: int) -> TaskSpec:
         if not 0 <= index < self.num_tasks:
             raise ValueError(f"task index {index} is out of range for {self.name} (0..{self.num_tasks - 1})")
