@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, required=True, help="HDF5 file to write")
     rec.add_argument("--resume", action="store_true",
                      help="continue --out: run only the episodes it does not hold or record as failed")
+    rec.add_argument("--workers", type=POSITIVE, default=1,
+                     help="env worker processes (default 1); episodes are then written in the order they end")
     rec.add_argument("--no-progress", action="store_true")
 
     reg = sub.add_parser("regenerate-demos", help="replay LIBERO's own demonstration files into training files, "
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--keep-noops", action="store_true",
                      help="replay and record no-op actions too (OFT skips them: neither executed nor recorded)")
     reg.add_argument("--resume", action="store_true", help="continue --out: replay only what it does not settle yet")
+    reg.add_argument("--workers", type=POSITIVE, default=1,
+                     help="env worker processes (default 1); replays are then written in the order they end")
     reg.add_argument("--no-progress", action="store_true")
 
     imp = sub.add_parser("import-rlds", help="OpenVLA-OFT's LIBERO RLDS datasets as a demonstration file "
@@ -296,6 +300,7 @@ def cmd_record_demos(args) -> int:
         tasks=parse_index_list(args.tasks, "task"), episodes_per_task=args.episodes_per_task,
         init_states=parse_index_list(args.init_states, "init state"), image_size=args.image_size,
         seed=args.seed, max_steps=args.max_steps, progress=not args.no_progress, resume=args.resume,
+        workers=args.workers,
     )
     print(f"{summary.path}: recorded {summary.recorded} of {summary.attempted} episodes"
           + (f"; {summary.already_done} were settled before" if args.resume else ""))
@@ -319,7 +324,7 @@ def cmd_regenerate_demos(args) -> int:
     summary = regenerate_demos(
         args.suite, args.source, args.out, tasks=parse_index_list(args.tasks, "task"),
         demos_per_task=args.demos_per_task, image_size=args.image_size, drop_noops=not args.keep_noops,
-        resume=args.resume, progress=not args.no_progress,
+        resume=args.resume, progress=not args.no_progress, workers=args.workers,
     )
     print(f"{summary.path}: recorded {summary.recorded} of {summary.attempted} replays "
           f"({summary.skipped_noops} no-op actions skipped)"

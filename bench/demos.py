@@ -96,6 +96,18 @@ class RecordingEnv:
         self.env.close()
 
 
+class RecordingFactory:
+    """Builds ``factory``'s envs wrapped in ``RecordingEnv``; picklable (for worker processes)
+    where ``factory`` is."""
+
+    def __init__(self, factory, settle_steps: int):
+        self.factory = factory
+        self.settle_steps = settle_steps
+
+    def __call__(self, task) -> RecordingEnv:
+        return RecordingEnv(self.factory(task), self.settle_steps)
+
+
 class DemoWriter:
     """Writes demonstrations one by one, flushed after each. ``append``: add to an existing file
     (a resumed run), whose attributes ``file_attrs`` then update."""

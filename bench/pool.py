@@ -1,10 +1,11 @@
-"""Episodes on a pool of env worker processes, with the policy answering in batches.
+"""Jobs on a pool of env worker processes: episodes, with the policy answering in batches, or
+other work on an env (replaying demonstrations).
 
-Each worker owns one MuJoCo env at a time (reused across the episodes of its task) and runs
-the same episode loop as the serial runner, with a stand-in policy that forwards each query
-to the main process. The main process holds the real policy and answers every worker
-waiting at a query step with one batched ``act`` call. A worker that dies or hangs is
-killed and replaced; its episode is recorded as an error.
+Each worker owns one MuJoCo env at a time (reused across the jobs of its task) and runs each
+job's ``work`` on it. For an episode (``EpisodeWork``) that is the same episode loop as the
+serial runner, with a stand-in policy that forwards each query to the main process. The main
+process holds the real policy and answers every worker waiting at a query step with one batched
+``act`` call. A worker that dies or hangs is killed and replaced; its job is recorded as an error.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from bench.episode import (ERROR, DescribedError, EpisodeResult, EpisodeSettings, describe_error, end_episode,
-                           held_watchdog, run_episode)
+from bench.episode import (ERROR, SUCCESS, DescribedError, EpisodeResult, EpisodeSettings, describe_error,
+                           end_episode, held_watchdog, run_episode)
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from suites import TaskSpec
 
@@ -47,8 +48,10 @@ def rss_mb() -> float:
 class Job:
     key: str
     task: TaskSpec
-    episode: EpisodeInfo
-    init_state: object
+    resets: int  # the resets its env has had before it (see bench.runner.TaskEnv)
+    episode: EpisodeInfo | None = None  # an episode's, answered by the pool's policy
+    init_state: object = None
+    data: object = None  # what other work needs
 
 
 class WorkerStandIn(Policy):
@@ -71,11 +74,52 @@ class WorkerStandIn(Policy):
         return [answer]
 
 
-def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tuple) -> None:
+class EpisodeWork:
+    """A job of ``bench run`` and ``bench record-demos``: one episode. In a worker the policy's
+    answers come from the main process; ``here``: the policy is called in this process.
+    ``keep_recording``: a successful episode's recorded steps (the env is a
+    ``bench.demos.RecordingEnv``) are the job's output."""
+
+    def __init__(self, settings: EpisodeSettings, policy: Policy, keep_recording: bool = False, here: bool = False):
+        self.settings = settings
+        self.traits = (policy.needs_images, policy.needs_privileged, settings.chunk_length)
+        self.keep_recording = keep_recording
+        self.policy = policy if here else None  # a worker gets no copy of the policy
+
+    def __call__(self, env, job: Job, conn) -> tuple[EpisodeResult, object]:
+        policy = self.policy if self.policy is not None else WorkerStandIn(conn, *self.traits)
+        result = run_episode(env, policy, job.episode, job.init_state, self.settings)
+        return result, (env.steps if self.keep_recording and result.outcome == SUCCESS else None)
+
+
+def _run_job(envs, work: Callable, job: Job, conn) -> tuple[EpisodeResult, object]:
+    """``work`` on the job's env, brought to the job's resets; a failure is the job's error."""
+    try:
+        result, output = work(envs.get(job.task, job.resets), job, conn)
+    except Exception as exc:  # noqa: BLE001 - env construction (or the work) failed
+        result, output = EpisodeResult(outcome=ERROR, error=describe_error(exc)), None
+    if result.outcome == ERROR:
+        envs.discard()
+    return result, output
+
+
+def run_here(jobs: list[Job], env_factory: Callable, work: Callable,
+             on_result: Callable[[Job, EpisodeResult, object], None]) -> None:
+    """The jobs one after another in this process, as a pool's worker runs them."""
+    from bench.runner import TaskEnv
+
+    envs = TaskEnv(env_factory)
+    try:
+        for job in jobs:
+            on_result(job, *_run_job(envs, work, job, None))
+    finally:
+        envs.discard()
+
+
+def _worker_main(conn, env_factory, work: Callable) -> None:
     from bench.runner import TaskEnv
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    policy = WorkerStandIn(conn, *policy_traits)
     envs = TaskEnv(env_factory)
     conn.send(("ready",))
     try:
@@ -83,14 +127,8 @@ def _worker_main(conn, env_factory, settings: EpisodeSettings, policy_traits: tu
             job = conn.recv()
             if job is None:
                 break
-            try:
-                env = envs.get(job.task, job.episode.init_state_index)
-                result = run_episode(env, policy, job.episode, job.init_state, settings)
-            except Exception as exc:  # noqa: BLE001 - env construction failed
-                result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
-            if result.outcome == ERROR:
-                envs.discard()
-            conn.send(("done", result, (rss_mb(), peak_rss_mb())))
+            result, output = _run_job(envs, work, job, conn)
+            conn.send(("done", result, output, (rss_mb(), peak_rss_mb())))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
@@ -113,14 +151,18 @@ class PoolStartError(RuntimeError):
 
 
 class WorkerPool:
-    def __init__(self, workers: int, env_factory: Callable, settings: EpisodeSettings, policy: Policy,
-                 max_batch: int = 0):
+    """``work(env, job, conn) -> (result, output)`` runs in the workers (picklable, as is
+    ``env_factory``); ``policy``, where the work queries one, answers in this process.
+    ``hang_limit_s``: the work's own time limit, after which (and a grace) a silent worker is killed."""
+
+    def __init__(self, workers: int, env_factory: Callable, work: Callable, policy: Policy | None = None,
+                 max_batch: int = 0, hang_limit_s: float | None = None):
         self.size = workers
         self.env_factory = env_factory
-        self.settings = settings
+        self.work = work
         self.policy = policy
         self.max_batch = max_batch or workers
-        self.traits = (policy.needs_images, policy.needs_privileged, settings.chunk_length)
+        self.hang_limit_s = hang_limit_s
         self._ctx = mp.get_context("spawn")  # no inherited GL contexts or simulator state
         self.workers: list[_Worker] = []
         self.start_failures = 0
@@ -131,14 +173,15 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=_worker_main, args=(child, self.env_factory, self.settings, self.traits), daemon=True
+            target=_worker_main, args=(child, self.env_factory, self.work), daemon=True
         )
         process.start()
         child.close()
         return _Worker(process, parent)
 
-    def run(self, jobs: list[Job], on_result: Callable[[Job, EpisodeResult], None]) -> None:
-        """Run every job; ``on_result`` is called in the main process as each episode ends."""
+    def run(self, jobs: list[Job], on_result: Callable[[Job, EpisodeResult, object], None]) -> None:
+        """Run every job; ``on_result(job, result, output)`` is called in the main process as each ends
+        (``output``: what the work gave besides its result; None for an error)."""
         queues: dict[str, deque] = {}
         for job in jobs:
             queues.setdefault(job.task.key, deque()).append(job)
@@ -169,7 +212,7 @@ class WorkerPool:
                     elif message[0] == "query":
                         queries.append((worker, message[1]))
                     else:
-                        self._finish(worker, message[1], message[2], on_result)
+                        self._finish(worker, *message[1:], on_result)
                 self._answer(queries)
                 self._kill_hung(on_result)
         finally:
@@ -178,11 +221,12 @@ class WorkerPool:
     def _assign(self, worker: _Worker, queues: dict[str, deque], on_result) -> None:
         while (job := self._next_job(worker, queues)) is not None:
             try:
-                self.policy.reset(job.episode)
+                if self.policy is not None:
+                    self.policy.reset(job.episode)
             except Exception as exc:  # noqa: BLE001 - as in the serial loop: that episode's error
                 result = EpisodeResult(outcome=ERROR, error=describe_error(exc))
                 end_episode(self.policy, job.episode, result)
-                on_result(job, result)
+                on_result(job, result, None)
                 continue
             worker.job, worker.task_key, worker.started, worker.latencies = job, job.task.key, time.monotonic(), []
             worker.conn.send(job)
@@ -230,14 +274,15 @@ class WorkerPool:
         except (BrokenPipeError, OSError):
             pass  # a dead worker is noticed and replaced on the next receive
 
-    def _finish(self, worker: _Worker, result: EpisodeResult, memory: tuple, on_result) -> None:
+    def _finish(self, worker: _Worker, result: EpisodeResult, output, memory: tuple, on_result) -> None:
         job, worker.job = worker.job, None
-        end_episode(self.policy, job.episode, result)  # the real policy lives here; the worker's stand-in has no state
-        result.query_latency_ms = worker.latencies  # the policy's own time, not the round trip
+        if self.policy is not None:
+            end_episode(self.policy, job.episode, result)  # the real policy lives here; the worker's stand-in has no state
+            result.query_latency_ms = worker.latencies  # the policy's own time, not the round trip
         current, peak = memory
         self.peak_rss_mb[worker.process.pid] = peak
         self.rss_after_episode_mb.setdefault(worker.process.pid, []).append(current)
-        on_result(job, result)
+        on_result(job, result, output)
 
     def _start_failed(self, worker: _Worker, queues: dict[str, deque]) -> None:
         """A worker died before it could run anything: its episode goes back in the queue,
@@ -265,11 +310,12 @@ class WorkerPool:
         self.workers[index] = self._spawn()
         if job is not None and on_result is not None:
             result = EpisodeResult(outcome=ERROR, error=reason, wall_s=time.monotonic() - worker.started)
-            end_episode(self.policy, job.episode, result)
-            on_result(job, result)
+            if self.policy is not None:
+                end_episode(self.policy, job.episode, result)
+            on_result(job, result, None)
 
     def _kill_hung(self, on_result) -> None:
-        limit = (self.settings.watchdog_s or float("inf")) + HANG_GRACE_S
+        limit = (self.hang_limit_s or float("inf")) + HANG_GRACE_S
         for worker in list(self.workers):
             if worker.job is not None and time.monotonic() - worker.started > limit:
                 self._replace(worker, on_result, f"worker hung for more than {limit:g} s and was killed")

@@ -2,6 +2,9 @@
 
 ``resume`` continues a file: episodes it holds, and those that failed (a seeded episode fails
 again), are not run again; those that ended in an error are.
+
+With ``workers`` > 1 the episodes run in env worker processes (``bench.pool``), the policy
+answering in this process, and are written in the order they end.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, settled_attempts
-from bench.episode import SUCCESS, EpisodeSettings, run_episode
+from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingFactory, settled_attempts
+from bench.episode import ERROR, SUCCESS, EpisodeResult, EpisodeSettings
 from bench.plan import plan_episodes
+from bench.pool import EpisodeWork, Job, WorkerPool, run_here
 from bench.provenance import now_iso, package_versions
-from bench.runner import TaskEnv, episode_info
+from bench.runner import episode_info, make_libero_env
 from policies import make_policy
 from suites import TaskSpec, get_suite
 
@@ -46,7 +50,10 @@ def record_demos(
     env_factory: Callable[[TaskSpec], object] | None = None,
     progress: bool = True,
     resume: bool = False,
+    workers: int = 1,
 ) -> RecordSummary:
+    import functools
+
     from tqdm import tqdm
 
     suite = get_suite(suite_name)
@@ -54,12 +61,7 @@ def record_demos(
     policy = make_policy(policy_name, policy_args, seed=seed)
     policy.select_suite(suite.name)
     settings = EpisodeSettings(max_steps or suite.max_steps, suite.settle_steps, policy.chunk_length, watchdog_s=900.0)
-    if env_factory is None:
-        from suites.libero_env import LiberoEnv
-
-        def env_factory(task):
-            return LiberoEnv(task, camera_size=image_size)
-
+    env_factory = env_factory or functools.partial(make_libero_env, camera_size=image_size)  # picklable
     file_settings = {"suite": suite.name, "policy": policy_name, "image_size": image_size, "seed": seed,
                      "policy_args": json.dumps(policy_args or {}, sort_keys=True), "max_steps": settings.max_steps}
     settled: dict[str, str] = {}
@@ -78,39 +80,41 @@ def record_demos(
     if not resume:
         writer.set_file_attr("created_at", now_iso())
     failed = {key: why for key, why in settled.items() if why != "recorded"}
-    todo = [planned for planned in plan if planned.key not in settled]
-    envs = TaskEnv(lambda task: RecordingEnv(env_factory(task), suite.settle_steps))
-    not_recorded, recorded_before = {}, writer.count
-    try:
-        for planned in tqdm(todo, unit="ep", disable=not progress):
+    jobs = []
+    for planned in plan:
+        if planned.key not in settled:
             task = suite.task(planned.task_index)
-            episode = episode_info(planned, task, seed)
-            init_state = task.init_states()[planned.init_state_index]
-            try:
-                env = envs.get(task, planned.init_state_index)
-                result = run_episode(env, policy, episode, init_state, settings)
-            except Exception as exc:  # noqa: BLE001 - env construction failed: not a demonstration
-                not_recorded[planned.key] = f"error: {type(exc).__name__}: {exc}"
-                envs.discard()
-                continue
-            if result.outcome != SUCCESS:
-                not_recorded[planned.key] = result.outcome + (f": {result.error}" if result.error else "")
-                if result.error:
-                    envs.discard()
-                else:  # a failure is settled: the seeded episode would fail again
-                    failed[planned.key] = result.outcome
-                    writer.set_file_attr(FAILED_ATTR, json.dumps(failed))
-                continue
-            writer.add(env.steps, {
+            jobs.append(Job(planned.key, task, planned.init_state_index, episode_info(planned, task, seed),
+                            task.init_states()[planned.init_state_index]))
+    not_recorded, recorded_before = {}, writer.count
+    bar = tqdm(total=len(jobs), unit="ep", disable=not progress)
+
+    def finish(job: Job, result: EpisodeResult, steps) -> None:
+        bar.update()
+        if result.outcome == SUCCESS:
+            writer.add(steps, {
                 "suite": suite.name,
-                "task_index": planned.task_index,
-                "task_name": task.name,
-                "instruction": task.instruction,
-                "init_state_index": planned.init_state_index,
-                "init_state": init_state,
-                "seed": episode.seed,
+                "task_index": job.task.index,
+                "task_name": job.task.name,
+                "instruction": job.task.instruction,
+                "init_state_index": job.episode.init_state_index,
+                "init_state": job.init_state,
+                "seed": job.episode.seed,
             })
+            return
+        not_recorded[job.key] = result.outcome + (f": {result.error}" if result.error else "")
+        if result.outcome != ERROR:  # a failure is settled: the seeded episode would fail again
+            failed[job.key] = result.outcome
+            writer.set_file_attr(FAILED_ATTR, json.dumps(failed))
+
+    factory = RecordingFactory(env_factory, suite.settle_steps)
+    try:
+        if workers > 1 and len(jobs) > 1:
+            WorkerPool(workers, factory, EpisodeWork(settings, policy, keep_recording=True), policy,
+                       hang_limit_s=settings.watchdog_s).run(jobs, finish)
+        else:
+            run_here(jobs, factory, EpisodeWork(settings, policy, keep_recording=True, here=True), finish)
     finally:
-        envs.discard()
+        bar.close()
         writer.close()
-    return RecordSummary(Path(out), len(todo), writer.count - recorded_before, not_recorded, len(plan) - len(todo))
+    return RecordSummary(Path(out), len(jobs), writer.count - recorded_before, not_recorded, len(plan) - len(jobs))

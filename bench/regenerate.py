@@ -13,6 +13,9 @@ in its repository), and this does the same:
 - both cameras are rendered at ``image_size`` (OFT: 256) for every kept step and stored upright;
 - a demonstration is kept only if the task's goal holds after its last action.
 
+With ``workers`` > 1 the replays run in env worker processes (``bench.pool``), each
+demonstration still after as many resets as its index, and are written in the order they end.
+
 The output is in ``bench record-demos``' layout, so ``bench finetune`` trains on it. One
 difference from OFT's script: the state stored with the first step is the simulator's after
 settling (OFT copies the original's first state there), so each stored state is the one its
@@ -28,10 +31,11 @@ from typing import Callable
 
 import numpy as np
 
-from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, settled_attempts
-from bench.episode import describe_error, watchdog
+from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, RecordingFactory, settled_attempts
+from bench.episode import ERROR, FAILURE, SUCCESS, EpisodeResult, watchdog
+from bench.pool import Job, WorkerPool, run_here
 from bench.provenance import file_sha256, now_iso, package_versions
-from bench.runner import TaskEnv
+from bench.runner import make_libero_env
 from bench.training_data import kept_steps
 from suites import SuiteSpec, TaskSpec, get_suite
 from suites.registry import SETTLE_ACTION
@@ -144,6 +148,21 @@ def replay(env: RecordingEnv, demo: SourceDemo, steps: np.ndarray, settle_steps:
     return done
 
 
+class ReplayWork:
+    """A job of regeneration (``bench.pool``): replay the job's demonstration (``job.data``); its
+    recorded steps are the output where the goal holds after the last action."""
+
+    def __init__(self, settle_steps: int, drop_noops: bool):
+        self.settle_steps = settle_steps
+        self.drop_noops = drop_noops
+
+    def __call__(self, env: RecordingEnv, job: Job, conn=None) -> tuple[EpisodeResult, list | None]:
+        steps = kept_steps(job.data.actions, self.drop_noops)
+        with watchdog(WATCHDOG_S):
+            done = replay(env, job.data, steps, self.settle_steps)
+        return EpisodeResult(SUCCESS if done else FAILURE, steps=len(steps)), (env.steps if done else None)
+
+
 def regenerate_demos(
     suite_name: str,
     sources: list[Path],
@@ -155,7 +174,10 @@ def regenerate_demos(
     resume: bool = False,
     env_factory: Callable[[TaskSpec], object] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> RegenerateSummary:
+    import functools
+
     from tqdm import tqdm
 
     suite = get_suite(suite_name)
@@ -176,12 +198,7 @@ def regenerate_demos(
         sources = _same_sources(out, sources)
     elif Path(out).exists():
         raise FileExistsError(f"{out} already exists; continue it with --resume, or choose another --out")
-    if env_factory is None:
-        from suites.libero_env import LiberoEnv
-
-        def env_factory(task):
-            return LiberoEnv(task, camera_size=image_size)
-
+    env_factory = env_factory or functools.partial(make_libero_env, camera_size=image_size)  # picklable
     writer = DemoWriter(out, {
         **settings,
         "command": COMMAND,
@@ -193,41 +210,39 @@ def regenerate_demos(
     }, append=resume)
     if not resume:
         writer.set_file_attr("created_at", now_iso())
-    summary = RegenerateSummary(Path(out), 0, 0, 0, already_done=sum(d.key(t.index) in settled for t, d in plan))
+    jobs = [Job(demo.key(task.index), task, demo.index, data=demo) for task, demo in plan
+            if demo.key(task.index) not in settled]
+    summary = RegenerateSummary(Path(out), len(jobs), 0, 0, already_done=len(plan) - len(jobs))
     failures = {k: why for k, why in settled.items() if why != "recorded"}
-    envs = TaskEnv(lambda task: RecordingEnv(env_factory(task), suite.settle_steps))
+    bar = tqdm(total=len(jobs), unit="demo", disable=not progress)
+
+    def finish(job: Job, result: EpisodeResult, steps) -> None:
+        bar.update()
+        demo, task = job.data, job.task
+        if result.outcome == SUCCESS:
+            skipped = len(demo.actions) - len(steps)
+            writer.add(steps, {
+                "suite": suite.name, "task_index": task.index, "task_name": task.name,
+                "instruction": task.instruction, "init_state": demo.init_state,
+                "source_file": demo.file.name, "source_demo": demo.name,
+                "source_steps": len(demo.actions), "skipped_noops": skipped,
+            })
+            summary.recorded += 1
+            summary.skipped_noops += skipped
+        elif result.outcome == ERROR:  # a replay that crashed is reported (and tried again on --resume)
+            summary.not_recorded[job.key] = f"error: {result.error}"
+        else:
+            summary.not_recorded[job.key] = failures[job.key] = "failure: the goal does not hold after the last action"
+            writer.set_file_attr(FAILED_ATTR, json.dumps(failures))
+
+    factory, work = RecordingFactory(env_factory, suite.settle_steps), ReplayWork(suite.settle_steps, drop_noops)
     try:
-        for task, demo in tqdm(plan, unit="demo", disable=not progress):
-            key = demo.key(task.index)
-            if key in settled:
-                continue
-            summary.attempted += 1
-            steps = kept_steps(demo.actions, drop_noops)
-            try:
-                env = envs.get(task, demo.index)
-                with watchdog(WATCHDOG_S):
-                    success = replay(env, demo, steps, suite.settle_steps)
-            except Exception as exc:  # noqa: BLE001 - a replay that crashes is reported, the others go on
-                why = f"error: {describe_error(exc)}"
-                envs.discard()
-            else:
-                if success:
-                    writer.add(env.steps, {
-                        "suite": suite.name, "task_index": task.index, "task_name": task.name,
-                        "instruction": task.instruction, "init_state": demo.init_state,
-                        "source_file": demo.file.name, "source_demo": demo.name,
-                        "source_steps": len(demo.actions), "skipped_noops": len(demo.actions) - len(steps),
-                    })
-                    summary.recorded += 1
-                    summary.skipped_noops += len(demo.actions) - len(steps)
-                    continue
-                why = "failure: the goal does not hold after the last action"
-            summary.not_recorded[key] = why
-            if not why.startswith("error"):
-                failures[key] = why
-                writer.set_file_attr(FAILED_ATTR, json.dumps(failures))
+        if workers > 1 and len(jobs) > 1:
+            WorkerPool(workers, factory, work, hang_limit_s=WATCHDOG_S).run(jobs, finish)
+        else:
+            run_here(jobs, factory, work, finish)
     finally:
-        envs.discard()
+        bar.close()
         writer.close()
     return summary
 

@@ -121,23 +121,24 @@ def _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log
 
 
 def _run_pool(todo, suite, policy, settings, env_factory, config, log, bar) -> None:
-    from bench.pool import Job, WorkerPool
+    from bench.pool import EpisodeWork, Job, WorkerPool
 
     jobs, planned_by_key = [], {}
     for planned in todo:
         task = suite.task(planned.task_index)
-        jobs.append(Job(planned.key, task, episode_info(planned, task, config.seed),
+        jobs.append(Job(planned.key, task, planned.init_state_index, episode_info(planned, task, config.seed),
                         task.init_states()[planned.init_state_index]))
         planned_by_key[planned.key] = planned
 
-    def on_result(job, result):
+    def on_result(job, result, _output):
         # warm: the pool itself marks its first answer as warm-up, in the episode that got it
         # (the first episode to finish is usually another one).
         record = make_record(planned_by_key[job.key], job.task, job.episode, result, True, None)
         log.append(record)
         bar.update(record)
 
-    pool = WorkerPool(config.workers, env_factory, settings, policy, config.max_batch)
+    pool = WorkerPool(config.workers, env_factory, EpisodeWork(settings, policy), policy, config.max_batch,
+                      settings.watchdog_s)
     pool.run(jobs, on_result)
     return pool
 

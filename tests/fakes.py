@@ -121,7 +121,9 @@ def slow_fake_env(task: TaskSpec) -> FakeEnv:
     return FakeEnv(task, step_seconds=0.01)
 
 
-class _ResetLoggingEnv(FakeEnv):
+class ResetLoggingEnv(FakeEnv):
+    """Writes, at every reset, its task and the resets before it to $FAKE_ENV_RESET_LOG."""
+
     def reset(self, init_state) -> None:
         import os
 
@@ -133,7 +135,7 @@ class _ResetLoggingEnv(FakeEnv):
 def reset_logging_env(task: TaskSpec) -> FakeEnv:
     """Writes, at every episode's reset, its task and the resets before it to $FAKE_ENV_RESET_LOG
     (from whichever worker process runs it)."""
-    return _ResetLoggingEnv(task, step_seconds=0.002)
+    return ResetLoggingEnv(task, step_seconds=0.002)
 
 
 class _SelfKillingEnv(FakeEnv):

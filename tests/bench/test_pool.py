@@ -68,10 +68,12 @@ def test_only_the_pools_first_answer_is_marked_warmup():
     from types import SimpleNamespace
 
     from bench.episode import EpisodeSettings
-    from bench.pool import WorkerPool
+    from bench.pool import EpisodeWork, WorkerPool
     from tests.fakes import CountingPolicy
 
-    pool = WorkerPool(2, fake_env, EpisodeSettings(max_steps=10, settle_steps=0, chunk_length=8), CountingPolicy())
+    policy = CountingPolicy()
+    pool = WorkerPool(2, fake_env, EpisodeWork(EpisodeSettings(max_steps=10, settle_steps=0, chunk_length=8), policy),
+                      policy)
     sent = []
     workers = [SimpleNamespace(latencies=[], conn=SimpleNamespace(send=sent.append)) for _ in range(2)]
     pool._answer([(workers[1], {"t": 0})])

@@ -59,6 +59,20 @@ def test_a_resumed_recording_runs_only_what_it_lacks_and_ends_as_an_uninterrupte
         assert (a.actions == b.actions).all() and a.attrs["seed"] == b.attrs["seed"]
 
 
+def test_workers_record_what_one_process_records(tmp_path):
+    one = record(tmp_path / "one.hdf5", Envs(), init_states=[0, 1, 2])
+    two = record(tmp_path / "two.hdf5", Envs(), init_states=[0, 1, 2], workers=2)
+    assert (two.attempted, two.recorded, two.not_recorded) == (one.attempted, one.recorded, one.not_recorded)
+    assert sorted(keys(tmp_path / "two.hdf5")) == keys(tmp_path / "one.hdf5") == [(0, 0), (0, 1), (0, 2)]
+    ours = {(d.attrs["task_index"], d.attrs["init_state_index"]): d for d in read_demos(tmp_path / "two.hdf5")}
+    for theirs in read_demos(tmp_path / "one.hdf5"):
+        mine = ours[theirs.attrs["task_index"], theirs.attrs["init_state_index"]]
+        assert (mine.actions == theirs.actions).all() and (mine.states == theirs.states).all()
+        assert mine.attrs["seed"] == theirs.attrs["seed"]
+    with h5py.File(tmp_path / "two.hdf5") as f:
+        assert set(json.loads(f["data"].attrs["failed"])) == {f"libero_spatial/1/{i}" for i in range(3)}
+
+
 def test_resume_refuses_other_settings_and_other_files(tmp_path):
     out = tmp_path / "out.hdf5"
     record(out, Envs(), init_states=[0])

@@ -9,7 +9,7 @@ from bench.demos import read_demos
 from bench.regenerate import regenerate_demos, source_files
 from bench.training_data import TrainingSet
 from suites import get_suite
-from tests.fakes import FakeEnv, write_demo_file, write_libero_source_file
+from tests.fakes import FakeEnv, ResetLoggingEnv, write_demo_file, write_libero_source_file
 
 SUITE = get_suite("libero_spatial")
 SETTLE = SUITE.settle_steps
@@ -41,14 +41,15 @@ def source_dir(tmp_path, task_actions, task_index=0, name=None):
 class Envs:
     """The env factory: FakeEnvs that reach the goal after ``kept`` policy steps, kept for inspection."""
 
-    def __init__(self, succeed_after_policy_steps=None, fail_on_step=None):
+    def __init__(self, succeed_after_policy_steps=None, fail_on_step=None, env_class=FakeEnv):
         self.succeed_after = succeed_after_policy_steps
         self.fail_on_step = fail_on_step
+        self.env_class = env_class
         self.built = []
 
     def __call__(self, task):
         after = None if self.succeed_after is None else SETTLE + self.succeed_after
-        env = FakeEnv(task, succeed_after=after, fail_on_step=self.fail_on_step)
+        env = self.env_class(task, succeed_after=after, fail_on_step=self.fail_on_step)
         self.built.append(env)
         return env
 
@@ -127,6 +128,34 @@ def test_demonstration_i_is_replayed_after_i_resets_even_after_a_crash(tmp_path,
     assert [count for env in envs.built for count in env.reset_counts] == [0, 1, 2, 3]
     assert len(envs.built) == 2  # rebuilt after the crash
     assert [d.attrs["source_demo"] for d in read_demos(tmp_path / "out.hdf5")] == ["demo_0", "demo_2", "demo_3"]
+
+
+def test_workers_record_what_one_process_records_each_replay_after_as_many_resets_as_its_index(tmp_path,
+                                                                                              monkeypatch):
+    monkeypatch.setenv("FAKE_ENV_RESET_LOG", str(tmp_path / "resets"))
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    for task in (0, 1):  # demo_2 of each stops before the goal holds
+        source_dir(sources, [TELEOP, TELEOP, TELEOP[:12], TELEOP], task_index=task)
+    folder = sources / "libero_spatial"
+    one = run(folder, tmp_path / "one.hdf5", Envs(len(KEPT)))
+    two = run(folder, tmp_path / "two.hdf5", Envs(len(KEPT), env_class=ResetLoggingEnv), workers=2)
+    assert (two.attempted, two.recorded, two.skipped_noops) == (one.attempted, one.recorded, one.skipped_noops) == (
+        8, 6, 6 * (len(TELEOP) - len(KEPT)))
+    assert two.not_recorded == one.not_recorded and set(two.not_recorded) == {"task0/demo_2", "task1/demo_2"}
+    resets = sorted(tuple(line.split()) for line in (tmp_path / "resets").read_text().splitlines())
+    assert resets == sorted((SUITE.task(t).key, str(i)) for t in (0, 1) for i in range(4))
+
+    def by_key(path):
+        return {(d.attrs["task_index"], d.attrs["source_demo"]): d for d in read_demos(path)}
+
+    ours, theirs = by_key(tmp_path / "two.hdf5"), by_key(tmp_path / "one.hdf5")
+    assert ours.keys() == theirs.keys() and len(ours) == 6
+    for key, demo in ours.items():
+        assert np.array_equal(demo.actions, theirs[key].actions)
+        assert np.array_equal(demo.obs["ee_pos"], theirs[key].obs["ee_pos"])
+    with h5py.File(tmp_path / "two.hdf5") as f:
+        assert set(json.loads(f["data"].attrs["failed"])) == {"task0/demo_2", "task1/demo_2"}
 
 
 def test_resume_adds_what_is_missing_and_tries_crashed_replays_again(tmp_path):
