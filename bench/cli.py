@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default 5e-4, as OFT)")
     ft.add_argument("--decay-at", type=NON_NEGATIVE, default=0,
                     help="divide the learning rate by 10 after this many steps (default 0: never)")
+    ft.add_argument("--lr-warmup", type=NON_NEGATIVE, default=0,
+                    help="raise the learning rate linearly from a tenth to --lr over this many steps, as OFT's "
+                         "lr_warmup_steps (default 0: none)")
     ft.add_argument("--lora-rank", type=POSITIVE, default=32, help="LoRA rank (default 32)")
     ft.add_argument("--lora-alpha", type=float, default=0.0, help="LoRA alpha (default min(rank, 16))")
     ft.add_argument("--no-image-aug", action="store_true", help="train without image augmentation")
@@ -358,7 +361,7 @@ def cmd_finetune(args) -> int:
         config = FinetuneConfig(
             demos=[str(p) for p in args.demos], policy=args.policy, policy_args=_policy_args(args), steps=args.steps,
             batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, learning_rate=args.lr,
-            decay_at=args.decay_at, lora_rank=args.lora_rank,
+            decay_at=args.decay_at, lr_warmup=args.lr_warmup, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, image_aug=not args.no_image_aug, drop_noops=not args.keep_noops,
             save_every=args.save_every, log_every=args.log_every, seed=args.seed,
             val_demos=[str(p) for p in args.val_demos], val_every=args.val_every, val_samples=args.val_samples,

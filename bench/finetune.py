@@ -3,7 +3,8 @@
 The recipe (OpenVLA-OFT's ``finetune.py``, which LightVLA's training follows): LoRA adapters of
 rank 32 and alpha min(rank, 16) on every linear layer, the action head and proprio projector
 trained whole, the L1 loss between the predicted and the demonstrated normalised action chunks,
-AdamW at 5e-4 with a tenfold decay after ``decay_at`` steps, camera images augmented
+AdamW at 5e-4 with a tenfold decay after ``decay_at`` steps (and, if asked, OFT's linear warmup
+from a tenth of the rate over ``lr_warmup`` steps), camera images augmented
 (``policies.vla.augment``). LightVLA trains through its straight-through selection with noise
 annealed from 1 to 0 over the run; LightVLA* trains its queries too.
 
@@ -55,6 +56,7 @@ class FinetuneConfig:
     grad_accumulation: int = 1  # micro-batches each process splits its share into (one optimiser step)
     learning_rate: float = 5e-4
     decay_at: int = 0  # step after which the learning rate is a tenth (0: never)
+    lr_warmup: int = 0  # steps over which the rate rises linearly from a tenth to full (0: none)
     lora_rank: int = 32
     lora_alpha: float = 0.0  # 0: min(rank, 16), as OFT
     image_aug: bool = True
@@ -73,7 +75,7 @@ class FinetuneConfig:
         for name in ("steps", "batch_size", "grad_accumulation", "lora_rank", "log_every", "val_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("decay_at", "save_every", "val_every"):
+        for name in ("decay_at", "lr_warmup", "save_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.batch_size % self.grad_accumulation:
@@ -134,14 +136,22 @@ class Trainer:
         # the processes draw the same initial values from the seed; rank 0's make sure of it
         distributed.broadcast(self.trainable.values(), procs)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.learning_rate)
-        milestones = [config.decay_at] if config.decay_at else []
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=milestones, gamma=0.1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step = 0
         self._selected = None  # LightVLA's distinct selected tokens in the last step, mean over its samples
+        self.last_lr = None  # the learning rate of the last step
         self._order: tuple[int, np.ndarray] | None = None  # an epoch and its sample order
         self._threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="images")
         self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._next: tuple[int, Future] | None = None  # the next step's batch, prepared while this one trains
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimiser step ``step`` (from 0), relative to the configured one.
+        The warmup is OFT's (step s at 0.1 + 0.9 min((s + 1) / warmup, 1)); OFT's script sets the
+        rate outright at every step while warming up, which also undoes its decay: here they multiply."""
+        warmup, decay_at = self.config.lr_warmup, self.config.decay_at
+        warm = 0.1 + 0.9 * min((step + 1) / warmup, 1.0) if warmup else 1.0
+        return warm * (0.1 if decay_at and step >= decay_at else 1.0)
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -282,6 +292,7 @@ class Trainer:
         if not np.isfinite(step_loss):
             raise ValueError(f"the loss is {step_loss} at step {self.step}; nothing of this step is saved")
         distributed.average_gradients(self.trainable.values(), self.procs)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -313,7 +324,8 @@ class Trainer:
             for name, tensor in state["trainable"].items():
                 self.trainable[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        # (a state saved by the earlier step-decay scheduler holds no lr_lambdas: its schedule is the same)
+        self.scheduler.load_state_dict({"lr_lambdas": [None], **state["scheduler"]})
         self.step = int(state["step"])
 
     def norm_stats(self) -> dict:
@@ -443,7 +455,7 @@ def _train(trainer: Trainer, config: FinetuneConfig, out: Path, resume: bool, pr
             if trainer.step % config.log_every == 0 or trainer.step == config.steps:
                 elapsed = time.perf_counter() - started
                 last = float(np.mean(window))
-                entry = {"step": trainer.step, "loss": last, "lr": trainer.scheduler.get_last_lr()[0],
+                entry = {"step": trainer.step, "loss": last, "lr": trainer.last_lr,
                          "step_ms": 1e3 * elapsed / len(window)}
                 if hasattr(trainer.hooks, "noise_scale"):
                     entry["noise_scale"] = trainer.hooks.noise_scale

@@ -79,8 +79,17 @@ def test_the_checkpoint_acts_as_the_trained_model(demos, tmp_path):
     assert policy.identity()["weights"] != untrained.identity()["weights"]
 
 
+def test_the_learning_rate_warms_up_as_ofts_and_then_decays(demos, tmp_path):
+    finetune(config(demos, learning_rate=1e-3, lr_warmup=4, decay_at=4, log_every=1), tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # step s (from 0) at 0.1 + 0.9 min((s + 1) / 4, 1) of the rate, a tenth of that from step 4
+    np.testing.assert_allclose([e["lr"] for e in log], [3.25e-4, 5.5e-4, 7.75e-4, 1e-3, 1e-4, 1e-4], rtol=1e-12)
+    plain = finetune(config(demos, log_every=1), tmp_path / "plain", progress=False)
+    assert plain.steps == 6 and {json.loads(line)["lr"] for line in (tmp_path / "plain" / "log.jsonl").open()} == {5e-4}
+
+
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(demos, tmp_path, monkeypatch):
-    whole = finetune(config(demos, save_every=3), tmp_path / "whole", progress=False)
+    whole = finetune(config(demos, save_every=3, lr_warmup=4, decay_at=5), tmp_path / "whole", progress=False)
 
     original = Trainer.train_step
 
@@ -91,7 +100,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(demos, tmp_path, mon
 
     monkeypatch.setattr(Trainer, "train_step", stop_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        finetune(config(demos, save_every=3), tmp_path / "cut", progress=False)
+        finetune(config(demos, save_every=3, lr_warmup=4, decay_at=5), tmp_path / "cut", progress=False)
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = finetune(None, tmp_path / "cut", resume=True, progress=False)
     assert resumed.steps == whole.steps == 6
