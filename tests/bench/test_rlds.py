@@ -39,6 +39,8 @@ def test_episodes_read_as_tensorflow_reads_them(by_tensorflow):
 
 def test_tfrecord_checksums_and_damage(tmp_path):
     assert masked_crc32c(b"") == 0xA282EAD8  # CRC-32C of nothing is 0: only the mask's offset
+    crc = 0xE3069283  # CRC-32C's check value, of b"123456789"
+    assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
     damaged = tmp_path / "damaged"
     shutil.copytree(DATASET, damaged)
     shard = damaged / SHARD
@@ -46,9 +48,15 @@ def test_tfrecord_checksums_and_damage(tmp_path):
     shard.write_bytes(bytes(data[:-10]))
     with pytest.raises(ValueError, match="truncated"):
         list(read_episodes(damaged))
+    length = int.from_bytes(data[:8], "little")
+    flipped = bytearray(data)
+    flipped[12 + length // 2] ^= 0x01  # one bit inside the first record's data
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="damaged: record 0's data fails its checksum"):
+        list(read_episodes(damaged))
     data[3] ^= 0xFF  # the first record's length
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="fails its checksum"):
+    with pytest.raises(ValueError, match="record 0's length fails its checksum"):
         list(read_episodes(damaged))
     with pytest.raises(FileNotFoundError, match="no dataset_info.json"):
         list(read_episodes(DATASET.parent))
