@@ -41,6 +41,8 @@ def test_writer_and_reader_round_trip(tmp_path):
     assert "agentview_rgb" not in read_demos(path, images=False)[0].obs
     with h5py.File(path) as f:
         assert f["data"].attrs["num_demos"] == 1 and f["data"].attrs["suite"] == "libero_goal"
+        # a frame is read without decompressing its neighbours (training reads frames at random)
+        assert f["data/demo_0/obs/agentview_rgb"].chunks == f["data/demo_0/obs/eye_in_hand_rgb"].chunks == (1, 4, 4, 3)
     replay = make_policy("replay", {"path": str(path)})
     replay.reset(EpisodeInfo("e", "libero_goal", 4, "t", "i", 9, 0))
     with pytest.raises(FileExistsError, match="already exists"):  # recorded demonstrations are kept
