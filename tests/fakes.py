@@ -138,7 +138,9 @@ def reset_logging_env(task: TaskSpec) -> FakeEnv:
     return ResetLoggingEnv(task, step_seconds=0.002)
 
 
-class _SelfKillingEnv(FakeEnv):
+class SelfKillingEnv(FakeEnv):
+    """Kills its process at its 16th step, once ($FAKE_ENV_KILLED_FLAG remembers it)."""
+
     def step(self, action, render: bool) -> bool:
         import os
         import signal
@@ -154,7 +156,7 @@ class _SelfKillingEnv(FakeEnv):
 def self_killing_env(task: TaskSpec) -> FakeEnv:
     """Task 1's env kills its worker process in the middle of an episode, once
     (the file $FAKE_ENV_KILLED_FLAG remembers it across processes)."""
-    return _SelfKillingEnv(task) if task.index == 1 else FakeEnv(task)
+    return SelfKillingEnv(task) if task.index == 1 else FakeEnv(task)
 
 
 def _fail_to_load():
