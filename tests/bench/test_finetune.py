@@ -127,6 +127,19 @@ def test_only_adapters_and_the_heads_change(demos, tmp_path):
     assert any(n.startswith("language_model.model.layers.0.") and n.endswith("lora_b") for n in changed)
 
 
+def test_a_bf16_model_trains_with_float32_adapters_and_its_checkpoint_acts(demos, tmp_path):
+    # as on a GPU: the base weights (and the heads, as OFT's) in bfloat16, the adapters in float32
+    summary = finetune(config(demos, steps=24, policy_args={"dtype": "bf16"}), tmp_path / "run", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    trained = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["trainable"]
+    assert {v.dtype for n, v in trained.items() if ".lora_" in n} == {torch.float32}
+    policy = make_policy("oft", {"checkpoint": str(summary.checkpoint), "dtype": "bf16"})
+    policy.select_suite("libero_spatial")
+    actions = policy.act([observation(demos)])[0].actions
+    assert actions.shape == (8, 7) and np.isfinite(actions).all()
+
+
 def test_lightvla_trains_through_its_selection_with_annealed_noise(demos, tmp_path):
     summary = finetune(config(demos, policy="lightvla"), tmp_path / "run", progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
