@@ -9,6 +9,7 @@ answering in this process, and are written in the order they end.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,6 @@ def record_demos(
     resume: bool = False,
     workers: int = 1,
 ) -> RecordSummary:
-    import functools
-
     from tqdm import tqdm
 
     suite = get_suite(suite_name)

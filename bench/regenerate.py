@@ -24,6 +24,7 @@ observation was rendered from.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,6 @@ def regenerate_demos(
     progress: bool = True,
     workers: int = 1,
 ) -> RegenerateSummary:
-    import functools
-
     from tqdm import tqdm
 
     suite = get_suite(suite_name)
