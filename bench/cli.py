@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--keep-noops", action="store_true", help="train on no-op steps too (OFT drops them)")
     ft.add_argument("--save-every", type=NON_NEGATIVE, default=0,
                     help="write the state and checkpoint every N steps too (default 0: at the end)")
+    ft.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep every saved step's checkpoint as checkpoint-STEP (OFT's default; each holds the "
+                         "whole merged model); checkpoint then links to the latest")
     ft.add_argument("--log-every", type=POSITIVE, default=10, help="steps per line of log.jsonl (default 10)")
     ft.add_argument("--val-demos", nargs="+", type=Path, default=[], metavar="FILE",
                     help="held-out demonstration files: L1 loss as evaluation queries the model (LightVLA: "
@@ -363,7 +366,8 @@ def cmd_finetune(args) -> int:
             batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, learning_rate=args.lr,
             decay_at=args.decay_at, lr_warmup=args.lr_warmup, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, image_aug=not args.no_image_aug, drop_noops=not args.keep_noops,
-            save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+            save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
+            seed=args.seed,
             val_demos=[str(p) for p in args.val_demos], val_every=args.val_every, val_samples=args.val_samples,
         )
     summary = finetune(config, args.out, resume=args.resume, progress=not args.no_progress)

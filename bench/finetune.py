@@ -62,6 +62,7 @@ class FinetuneConfig:
     image_aug: bool = True
     drop_noops: bool = True
     save_every: int = 0  # also write state and checkpoint every N steps (0: at the end only)
+    keep_checkpoints: bool = False  # each saved step's checkpoint as checkpoint-STEP (else one, replaced)
     log_every: int = 10
     seed: int = 0
     val_demos: list[str] = field(default_factory=list)  # held-out files: L1 loss with inference's selection
@@ -335,12 +336,15 @@ class Trainer:
         return {f"{suite}{suffix}": self.data.stats for suite in suites}
 
     def save_checkpoint(self, manifest: dict) -> Path:
-        """The merged model in the OpenVLA-OFT layout, written aside and then put in place."""
+        """The merged model in the OpenVLA-OFT layout, written aside and then put in place: as
+        ``checkpoint/``, or with ``keep_checkpoints`` as ``checkpoint-STEP/`` with ``checkpoint``
+        a link to the latest (OFT keeps every saved step's, to choose among them by evaluation)."""
         from policies.vla.checkpoint import save_checkpoint
         from policies.vla.lora import merged_state
         from policies.vla.tokenizer import write_tokenizer
 
-        final, tmp = self.out / CHECKPOINT, self.out / (CHECKPOINT + ".tmp")
+        name = f"{CHECKPOINT}-{self.step}" if self.config.keep_checkpoints else CHECKPOINT
+        final, tmp = self.out / name, self.out / (name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         state = {k: v for k, v in merged_state(self.model).items() if not k.startswith("token_queries.")}
         save_checkpoint(self.model, tmp, self.norm_stats(), step=self.step, state=state)
@@ -351,7 +355,12 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        return final
+        if self.config.keep_checkpoints:
+            link = self.out / (CHECKPOINT + ".link")
+            link.unlink(missing_ok=True)
+            link.symlink_to(name, target_is_directory=True)
+            os.replace(link, self.out / CHECKPOINT)
+        return self.out / CHECKPOINT
 
 
 def drop_log_after(path: Path, step: int) -> None:

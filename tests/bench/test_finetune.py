@@ -115,6 +115,24 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(demos, tmp_path, mon
     assert log == [2, 4, 6]  # step 4's line, written after the saved state, was dropped and written again
 
 
+def test_kept_checkpoints_are_each_saved_steps_model_and_checkpoint_links_to_the_latest(demos, tmp_path):
+    out = tmp_path / "run"
+    summary = finetune(config(demos, save_every=2, keep_checkpoints=True), out, progress=False)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint", "checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert (out / "checkpoint").is_symlink() and (out / "checkpoint").resolve() == (out / "checkpoint-6").resolve()
+    assert summary.checkpoint == out / "checkpoint"
+    steps = [json.loads((out / f"checkpoint-{s}" / "finetune.json").read_text())["step"] for s in (2, 4, 6)]
+    assert steps == [2, 4, 6]
+    actions = {}
+    for name in ("checkpoint-2", "checkpoint-6", "checkpoint"):
+        policy = make_policy("oft", {"checkpoint": str(out / name)})
+        policy.select_suite("libero_spatial")
+        actions[name] = policy.act([observation(demos)])[0].actions
+    assert np.array_equal(actions["checkpoint"], actions["checkpoint-6"])
+    assert not np.array_equal(actions["checkpoint-2"], actions["checkpoint-6"])
+
+
 def test_only_adapters_and_the_heads_change(demos, tmp_path):
     trainer = Trainer(config(demos), tmp_path / "run")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
