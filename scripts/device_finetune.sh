@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU figures of fine-tuning, in one run: full-size LightVLA training steps (random weights, bf16
+# base, float32 adapters) at OpenVLA-OFT's per-GPU batch of 8 and at LightVLA's batch of 64 in 8
+# micro-batches, then a whole `bench finetune` run of the tiny model on the device (trainer loop,
+# validation, state, kept checkpoints) and `bench profile` of the checkpoint it wrote.
+#   scripts/device_finetune.sh                                     # on a CUDA machine, results in $OUT or results/device
+#   SIZE=tiny DEVICE=cpu DTYPE=bf16 scripts/device_finetune.sh     # the same steps on a CPU, as a smoke test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-full}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-auto}  # auto: bf16 on a GPU
+DEST=${OUT:-results/device}
+PY=${PYTHON:-python3}
+LARGE_BATCH=${LARGE_BATCH:-64}  # LightVLA's batch (the smoke test takes less)
+mkdir -p "$DEST"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+  | tee "$DEST/finetune_summary.txt"
+step() {  # step LIMIT_S COMMAND...: a failed or overlong step is reported and the next one still runs
+  local limit=$1 start=$SECONDS; shift
+  timeout "$limit" "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/finetune_failed.txt"; failed=1; }
+  echo "step took $((SECONDS - start)) s: $*" | tee -a "$DEST/finetune_summary.txt"
+}
+checks() {
+failed=0
+# Limits: what the 600 s of one remote command allows (each full-size step builds the model anew).
+step "${LIMIT_B8:-170}" $PY scripts/finetune_timing.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --policy lightvla --batch-size 8 --repeats 5 --warmup 2 --save "$DEST/finetune_b8.json"
+step "${LIMIT_B64:-230}" $PY scripts/finetune_timing.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+  --policy lightvla --batch-size "$LARGE_BATCH" --grad-accumulation 8 --repeats 2 --warmup 1 --save "$DEST/finetune_b64.json"
+# The whole command on the device, tiny model: data from a generated demonstration file.
+RUN="$DEST/finetune_run"
+rm -rf "$RUN" && mkdir -p "$RUN"
+$PY -c "import sys; from pathlib import Path; from scripts.finetune_timing import generated_demos
+for name, seed in (('train', 0), ('val', 1)): generated_demos(Path(sys.argv[1]) / f'{name}.hdf5', 40, 128, seed)" "$RUN"
+step "${LIMIT_RUN:-120}" $PY -m bench finetune --policy lightvla --policy-arg size=tiny --device "$DEVICE" \
+  --policy-arg dtype="$DTYPE" --demos "$RUN/train.hdf5" --val-demos "$RUN/val.hdf5" --val-samples 16 --steps 12 \
+  --batch-size 8 --grad-accumulation 2 --save-every 6 --keep-checkpoints --log-every 3 --no-progress --out "$RUN/out"
+step 90 $PY -m bench profile --policy lightvla --policy-arg checkpoint="$RUN/out/checkpoint" --size tiny \
+  --device "$DEVICE" --dtype "$DTYPE" --repeats 10 --warmup 2 --no-yardstick --save "$DEST/finetune_checkpoint.json"
+cp "$RUN/out/log.jsonl" "$DEST/finetune_log.jsonl" 2>/dev/null || true
+rm -rf "$RUN"  # checkpoints stay on the machine: what comes back is the figures
+return $failed
+}
+checks 2>&1 | tee -a "$DEST/device_finetune.log"
+exit "${PIPESTATUS[0]}"
