@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, metavar="FILE",
                      help="settings from a YAML or JSON file (or a run's manifest.json); flags given override them")
     run.add_argument("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 (libero_long), libero_90")
-    run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}); see 'bench list policies'")
+    run.add_argument("--policy", help=f"policy name (default {DEFAULT_POLICY}; see 'bench list policies'), or module.path:ClassName")
     _policy_options(run)
     run.add_argument("--tasks", help="task indices, e.g. 0,3 or 0-4 (default: all)")
     sel = run.add_mutually_exclusive_group()

@@ -40,7 +40,8 @@ class RunSummary:
 
 def default_run_dir(config: RunConfig, root: Path = Path("results")) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{config.suite}_{config.policy}_{stamp}"
+    policy = config.policy.replace(":", ".")  # a policy given as module.path:ClassName
+    return root / f"{config.suite}_{policy}_{stamp}"
 
 
 def make_libero_env(task: TaskSpec, camera_size: int):

@@ -1,7 +1,9 @@
 """Policies by name. A new adapter is one module plus one line here.
 
 Entries name the class by import path so that listing policies, or running a light one,
-never imports the heavy model code.
+never imports the heavy model code. Policies that live elsewhere need no change here: give
+``module.path:ClassName`` as the name, or declare it in the package that holds it under the
+entry point group ``vla_bench.policies`` (``name = module.path:ClassName``).
 """
 
 from __future__ import annotations
@@ -28,15 +30,45 @@ POLICIES: dict[str, tuple[str, str]] = {
 }
 
 
+ENTRY_POINT_GROUP = "vla_bench.policies"
+
+
 class UnknownPolicyError(ValueError):
     pass
 
 
+def installed_policies() -> dict[str, tuple[str, str]]:
+    """Policies other installed packages declare (name -> (module:Class, summary)); a built-in
+    name is not taken over."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: (ep.value, f"installed by {ep.dist.name if ep.dist else 'a package'} ({ep.value})")
+            for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name not in POLICIES}
+
+
 def policy_class(name: str) -> type[Policy]:
-    if name not in POLICIES:
-        raise UnknownPolicyError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
-    module_name, class_name = POLICIES[name][0].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    """The class of a registered or installed policy, or of ``module.path:ClassName``."""
+    if name in POLICIES:
+        target = POLICIES[name][0]
+    elif name in (installed := installed_policies()):
+        target = installed[name][0]
+    elif ":" in name:
+        target = name
+    else:
+        raise UnknownPolicyError(f"unknown policy {name!r}; valid policies: {', '.join([*POLICIES, *installed])}, "
+                                 "or module.path:ClassName for a Policy of your own")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if target != name:  # a registered policy whose dependencies are missing: the error says which
+            raise
+        raise UnknownPolicyError(f"policy {name!r}: module {module_name!r} cannot be imported ({exc})") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise UnknownPolicyError(f"policy {name!r}: {module_name} has no Policy subclass {class_name!r} "
+                                 "(see policies.base.Policy)")
+    return cls
 
 
 def make_policy(name: str, args: dict[str, str] | None = None, seed: int = 0) -> Policy:
@@ -44,4 +76,4 @@ def make_policy(name: str, args: dict[str, str] | None = None, seed: int = 0) ->
 
 
 def list_policies() -> list[tuple[str, str]]:
-    return [(name, summary) for name, (_, summary) in POLICIES.items()]
+    return [(name, summary) for name, (_, summary) in {**POLICIES, **installed_policies()}.items()]
