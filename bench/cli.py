@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=POSITIVE, help="override the suite's step budget (smoke tests only)")
     run.add_argument("--watchdog", type=positive_seconds, dest="watchdog_s", help="wall-clock seconds per episode (default 900)")
     run.add_argument("--video", action="store_true", default=None,
-                     help="write an MP4 per episode (runs episodes in this process)")
+                     help="write an MP4 per episode (rendering both cameras at every step)")
     run.add_argument("--workers", type=POSITIVE, help=f"env worker processes (default: the {os.cpu_count()} cores)")
     run.add_argument("--max-batch", type=NON_NEGATIVE, help="most observations per policy call (default, or 0: one per worker)")
     run.add_argument("--out", type=Path, help="run directory (default results/<suite>_<policy>_<time>)")

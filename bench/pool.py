@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Callable, Sequence
 
 from bench.episode import (ERROR, SUCCESS, DescribedError, EpisodeResult, EpisodeSettings, describe_error,
@@ -77,18 +78,26 @@ class WorkerStandIn(Policy):
 class EpisodeWork:
     """A job of ``bench run`` and ``bench record-demos``: one episode. In a worker the policy's
     answers come from the main process; ``here``: the policy is called in this process.
-    ``keep_recording``: a successful episode's recorded steps (the env is a
-    ``bench.demos.RecordingEnv``) are the job's output."""
+    The job's output: with ``keep_recording``, a successful episode's recorded steps (the env is
+    a ``bench.demos.RecordingEnv``); with ``video_dir``, the file name of its video there."""
 
-    def __init__(self, settings: EpisodeSettings, policy: Policy, keep_recording: bool = False, here: bool = False):
+    def __init__(self, settings: EpisodeSettings, policy: Policy, keep_recording: bool = False, here: bool = False,
+                 video_dir: Path | None = None):
         self.settings = settings
         self.traits = (policy.needs_images, policy.needs_privileged, settings.chunk_length)
         self.keep_recording = keep_recording
+        self.video_dir = video_dir
         self.policy = policy if here else None  # a worker gets no copy of the policy
 
     def __call__(self, env, job: Job, conn) -> tuple[EpisodeResult, object]:
+        from bench.video import EpisodeVideo, finish_video, video_stem
+
         policy = self.policy if self.policy is not None else WorkerStandIn(conn, *self.traits)
-        result = run_episode(env, policy, job.episode, job.init_state, self.settings)
+        video = EpisodeVideo(self.video_dir, video_stem(job.episode)) if self.video_dir else None
+        result = run_episode(env, policy, job.episode, job.init_state, self.settings,
+                             on_frame=video.add if video else None)
+        if video is not None:
+            return result, finish_video(video, result.outcome)
         return result, (env.steps if self.keep_recording and result.outcome == SUCCESS else None)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -93,8 +92,8 @@ def execute(
         bar = _progress(len(plan), len(plan) - len(todo), log.records, enabled=progress)
         pool = None
         try:
-            if config.workers > 1 and not config.video and len(todo) > 1:
-                pool = _run_pool(todo, suite, policy, settings, env_factory, config, log, bar)
+            if config.workers > 1 and len(todo) > 1:
+                pool = _run_pool(todo, suite, policy, settings, env_factory, config, run_dir, log, bar)
             else:
                 _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log, bar)
         finally:
@@ -121,7 +120,7 @@ def _run_serial(todo, suite, policy, settings, env_factory, config, run_dir, log
         envs.discard()
 
 
-def _run_pool(todo, suite, policy, settings, env_factory, config, log, bar) -> None:
+def _run_pool(todo, suite, policy, settings, env_factory, config, run_dir, log, bar) -> None:
     from bench.pool import EpisodeWork, Job, WorkerPool
 
     jobs, planned_by_key = [], {}
@@ -131,15 +130,15 @@ def _run_pool(todo, suite, policy, settings, env_factory, config, log, bar) -> N
                         task.init_states()[planned.init_state_index]))
         planned_by_key[planned.key] = planned
 
-    def on_result(job, result, _output):
+    def on_result(job, result, video):
         # warm: the pool itself marks its first answer as warm-up, in the episode that got it
         # (the first episode to finish is usually another one).
-        record = make_record(planned_by_key[job.key], job.task, job.episode, result, True, None)
+        record = make_record(planned_by_key[job.key], job.task, job.episode, result, True, video)
         log.append(record)
         bar.update(record)
 
-    pool = WorkerPool(config.workers, env_factory, EpisodeWork(settings, policy), policy, config.max_batch,
-                      settings.watchdog_s)
+    work = EpisodeWork(settings, policy, video_dir=Path(run_dir) / "videos" if config.video else None)
+    pool = WorkerPool(config.workers, env_factory, work, policy, config.max_batch, settings.watchdog_s)
     pool.run(jobs, on_result)
     return pool
 
@@ -209,29 +208,18 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
         env = envs.get(task, planned.init_state_index)
         init_state = task.init_states()[planned.init_state_index]
         if config.video:
-            from bench.video import EpisodeVideo
+            from bench.video import EpisodeVideo, video_stem
 
-            stem = f"{planned.suite}--task{planned.task_index}--init{planned.init_state_index}"
-            video = EpisodeVideo(run_dir / "videos", stem)
+            video = EpisodeVideo(run_dir / "videos", video_stem(episode))
         result = run_episode(env, policy, episode, init_state, settings, on_frame=video.add if video else None)
     except Exception as exc:  # noqa: BLE001 - env construction or video set-up failed
         result = EpisodeResult(outcome=ERROR, error=f"{type(exc).__name__}: {exc}")
         end_episode(policy, episode, result)  # as run_episode does for the episodes it runs
     if result.outcome == ERROR:
         envs.discard()  # rebuilt for the next episode
-    return make_record(planned, task, episode, result, warm, _finish_video(video, result))
+    from bench.video import finish_video
 
-
-def _finish_video(video, result: EpisodeResult) -> str | None:
-    """The video's file name; a video that cannot be written costs the video, not the record."""
-    if video is None:
-        return None
-    try:
-        path = video.finish(result.outcome)
-    except Exception as exc:  # noqa: BLE001
-        print(f"warning: the video of this episode was not saved: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
-    return path.name if path else None
+    return make_record(planned, task, episode, result, warm, finish_video(video, result.outcome))
 
 
 def make_record(planned, task, episode, result: EpisodeResult, warm: bool, video: str | None) -> dict:

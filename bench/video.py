@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,20 @@ class EpisodeVideo:
     def discard(self) -> None:
         self._writer.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def video_stem(episode) -> str:
+    """An episode's video name, before its outcome: suite, task and init state."""
+    return f"{episode.suite}--task{episode.task_index}--init{episode.init_state_index}"
+
+
+def finish_video(video: EpisodeVideo | None, outcome: str) -> str | None:
+    """The video's file name; a video that cannot be written costs the video, not the record."""
+    if video is None:
+        return None
+    try:
+        path = video.finish(outcome)
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: the video of this episode was not saved: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    return path.name if path else None

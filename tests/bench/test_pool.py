@@ -81,6 +81,21 @@ def test_only_the_pools_first_answer_is_marked_warmup():
     assert [output.stats.get("warmup", False) for output in sent] == [True, False, False]
 
 
+def test_workers_write_each_episodes_video_as_one_process_does(tmp_path):
+    import imageio.v2 as imageio
+
+    for workers in (1, 2):
+        execute(config(workers=workers, video=True, episodes_per_task=1), tmp_path / f"w{workers}",
+                env_factory=fake_env, progress=False)
+    serial, pooled = (sorted((r["key"], r["video"], r["steps"]) for r in read_episodes(tmp_path / f"w{w}"))
+                      for w in (1, 2))
+    assert pooled == serial and [v for _, v, _ in pooled] == [f"libero_goal--task{t}--init0--success.mp4"
+                                                               for t in range(3)]
+    for _, video, steps in pooled:  # a frame per control step and the first observation
+        assert len(imageio.mimread(tmp_path / "w2" / "videos" / video)) == steps + 1
+    assert not list((tmp_path / "w2" / "videos").glob(".*"))  # no partial file left
+
+
 def test_a_worker_killed_mid_episode_is_one_error_and_the_run_completes(tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_ENV_KILLED_FLAG", str(tmp_path / "killed"))
     summary = execute(config(workers=2), tmp_path / "run", env_factory=self_killing_env, progress=False)
