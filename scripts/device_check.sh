@@ -5,23 +5,11 @@
 #   scripts/device_check.sh                       # on a CUDA machine, results in $OUT or results/device
 #   SIZE=tiny DEVICE=cpu DTYPE=bf16 scripts/device_check.sh  # the same steps on a CPU, as a smoke test
 set -euo pipefail
-cd "$(dirname "$0")/.."
-SIZE=${SIZE:-full}
-DEVICE=${DEVICE:-cuda}
-DTYPE=${DTYPE:-auto}  # auto: bf16 on a GPU
-DEST=${OUT:-results/device}
-PY=${PYTHON:-python3}
-mkdir -p "$DEST"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+SUMMARY=summary.txt FAILED=failed.txt
+source "$(dirname "$0")/device_common.sh"
 # Few result files, so that a remote run returns all of them (the batching comparison,
 # scripts/lightvla_batching.py, and the product timing, scripts/llm_gemm_timing.py, run on their own).
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$DEST/summary.txt"
 $PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$DEST/summary.txt"
-step() {  # step LIMIT_S COMMAND...: a failed or overlong step is reported and the next one still
-  local limit=$1 start=$SECONDS; shift  # runs (device time is scarce); 0 means no limit
-  timeout "$limit" "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/failed.txt"; failed=1; }
-  echo "step took $((SECONDS - start)) s: $*" | tee -a "$DEST/summary.txt"
-}
 checks() {
 failed=0
 # Most telling first, so that a run cut short keeps it. Limits: about 2.5x each step's time on

@@ -6,22 +6,9 @@
 #   scripts/device_finetune.sh                                     # on a CUDA machine, results in $OUT or results/device
 #   SIZE=tiny DEVICE=cpu DTYPE=bf16 scripts/device_finetune.sh     # the same steps on a CPU, as a smoke test
 set -euo pipefail
-cd "$(dirname "$0")/.."
-SIZE=${SIZE:-full}
-DEVICE=${DEVICE:-cuda}
-DTYPE=${DTYPE:-auto}  # auto: bf16 on a GPU
-DEST=${OUT:-results/device}
-PY=${PYTHON:-python3}
+SUMMARY=finetune_summary.txt FAILED=finetune_failed.txt
+source "$(dirname "$0")/device_common.sh"
 LARGE_BATCH=${LARGE_BATCH:-64}  # LightVLA's batch (the smoke test takes less)
-mkdir -p "$DEST"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
-  | tee "$DEST/finetune_summary.txt"
-step() {  # step LIMIT_S COMMAND...: a failed or overlong step is reported and the next one still runs
-  local limit=$1 start=$SECONDS; shift
-  timeout "$limit" "$@" || { echo "FAILED ($?): $*" | tee -a "$DEST/finetune_failed.txt"; failed=1; }
-  echo "step took $((SECONDS - start)) s: $*" | tee -a "$DEST/finetune_summary.txt"
-}
 checks() {
 failed=0
 # Limits: what the 600 s of one remote command allows (each full-size step builds the model anew).
