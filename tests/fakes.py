@@ -138,9 +138,7 @@ def reset_logging_env(task: TaskSpec) -> FakeEnv:
     return ResetLoggingEnv(task, step_seconds=0.002)
 
 
-class SelfKillingEnv(FakeEnv):
-    """Kills its process at its 16th step, once ($FAKE_ENV_KILLED_FLAG remembers it)."""
-
+class _SelfKillingEnv(FakeEnv):
     def step(self, action, render: bool) -> bool:
         import os
         import signal
@@ -156,7 +154,7 @@ class SelfKillingEnv(FakeEnv):
 def self_killing_env(task: TaskSpec) -> FakeEnv:
     """Task 1's env kills its worker process in the middle of an episode, once
     (the file $FAKE_ENV_KILLED_FLAG remembers it across processes)."""
-    return SelfKillingEnv(task) if task.index == 1 else FakeEnv(task)
+    return _SelfKillingEnv(task) if task.index == 1 else FakeEnv(task)
 
 
 def _fail_to_load():

@@ -1,4 +1,6 @@
 import json
+import os
+import signal
 
 import h5py
 import numpy as np
@@ -9,7 +11,7 @@ from bench.demos import read_demos
 from bench.regenerate import regenerate_demos, source_files
 from bench.training_data import TrainingSet
 from suites import get_suite
-from tests.fakes import FakeEnv, ResetLoggingEnv, SelfKillingEnv, write_demo_file, write_libero_source_file
+from tests.fakes import FakeEnv, ResetLoggingEnv, write_demo_file, write_libero_source_file
 
 SUITE = get_suite("libero_spatial")
 SETTLE = SUITE.settle_steps
@@ -158,14 +160,20 @@ def test_workers_record_what_one_process_records_each_replay_after_as_many_reset
         assert set(json.loads(f["data"].attrs["failed"])) == {"task0/demo_2", "task1/demo_2"}
 
 
-def test_a_worker_that_dies_costs_its_replay_only_and_resume_replays_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_ENV_KILLED_FLAG", str(tmp_path / "killed"))
+class KillsItsProcessInDemo1(FakeEnv):
+    """Dies (SIGKILL) in the middle of the replay that follows one reset: demo_1's."""
+
+    def step(self, action, render):
+        if self.reset_counts[-1] == 1 and len(self.actions) == 15:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().step(action, render)
+
+
+def test_a_worker_that_dies_costs_its_replay_only_and_resume_replays_it(tmp_path):
     folder = source_dir(tmp_path, [TELEOP] * 4)
     out = tmp_path / "out.hdf5"
-    summary = run(folder, out, Envs(len(KEPT), env_class=SelfKillingEnv), workers=2)
-    assert summary.recorded == 3 and len(summary.not_recorded) == 1
-    (why,) = summary.not_recorded.values()
-    assert why == "error: worker process died (exit code -9)"
+    summary = run(folder, out, Envs(len(KEPT), env_class=KillsItsProcessInDemo1), workers=2)
+    assert summary.recorded == 3 and summary.not_recorded == {"task0/demo_1": "error: worker process died (exit code -9)"}
     again = run(folder, out, Envs(len(KEPT)), resume=True, workers=2)
     assert (again.already_done, again.attempted, again.recorded) == (3, 1, 1)
     assert sorted(d.attrs["source_demo"] for d in read_demos(out)) == [f"demo_{i}" for i in range(4)]
