@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from bench.episode import (ERROR, SUCCESS, DescribedError, EpisodeResult, EpisodeSettings, describe_error,
                            end_episode, held_watchdog, run_episode)
+from bench.video import EpisodeVideo, finish_video, video_stem
 from policies.base import EpisodeInfo, Observation, Policy, PolicyOutput
 from suites import TaskSpec
 
@@ -90,8 +91,6 @@ class EpisodeWork:
         self.policy = policy if here else None  # a worker gets no copy of the policy
 
     def __call__(self, env, job: Job, conn) -> tuple[EpisodeResult, object]:
-        from bench.video import EpisodeVideo, finish_video, video_stem
-
         policy = self.policy if self.policy is not None else WorkerStandIn(conn, *self.traits)
         video = EpisodeVideo(self.video_dir, video_stem(job.episode)) if self.video_dir else None
         result = run_episode(env, policy, job.episode, job.init_state, self.settings,

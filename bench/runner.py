@@ -20,6 +20,7 @@ from bench.episode import ERROR, EpisodeResult, EpisodeSettings, end_episode, ru
 from bench.plan import PlannedEpisode, plan_episodes
 from bench.provenance import SIMULATOR_PACKAGES, code_revision, host_info, now_iso, package_versions
 from bench.records import MANIFEST, EpisodeLog, RunDirError, read_manifest, write_json_atomic
+from bench.video import EpisodeVideo, finish_video, video_stem
 from policies import EpisodeInfo, Policy, make_policy
 from suites import TaskSpec, get_suite
 
@@ -208,8 +209,6 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
         env = envs.get(task, planned.init_state_index)
         init_state = task.init_states()[planned.init_state_index]
         if config.video:
-            from bench.video import EpisodeVideo, video_stem
-
             video = EpisodeVideo(run_dir / "videos", video_stem(episode))
         result = run_episode(env, policy, episode, init_state, settings, on_frame=video.add if video else None)
     except Exception as exc:  # noqa: BLE001 - env construction or video set-up failed
@@ -217,8 +216,6 @@ def _run_one(planned: PlannedEpisode, task, policy: Policy, settings, envs: Task
         end_episode(policy, episode, result)  # as run_episode does for the episodes it runs
     if result.outcome == ERROR:
         envs.discard()  # rebuilt for the next episode
-    from bench.video import finish_video
-
     return make_record(planned, task, episode, result, warm, finish_video(video, result.outcome))
 
 
