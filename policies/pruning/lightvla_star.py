@@ -99,9 +99,7 @@ class LightVLAStarPruner(Hooks, nn.Module):
             return self._fill_slots(tokens, prefix)
         if self._patch_keep is None:
             raise ValueError("the vision placement chooses patches in tower 0 before tower 1 runs")
-        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=self._patch_keep.device)
-        keep[:, prefix:] = self._patch_keep
-        return keep
+        return self._patch_keep  # the same mask for both towers: its counts are read once
 
     def _images_per_sample(self, n: int) -> int:
         return n // len(self.cost()) if self.cost() else n  # start(batch) has run: its batch size

@@ -172,10 +172,11 @@ class Hooks:
     def on_vision_block(self, tower: int, block: int,
                         tokens: torch.Tensor) -> torch.Tensor | VisionSlots | None:
         """After vision block ``block`` of tower 0 (DINOv2) or 1 (SigLIP), tokens (B*images, N, C)
-        with the tower's prefix tokens first: None to go on, a (B*images, N) bool mask of the
-        tokens to keep (prefix tokens included), after which the tower runs image by image, or
-        ``VisionSlots`` that replace the tokens (same count per image, so the batch stays whole).
-        Both towers must keep the same patches."""
+        with the tower's prefix tokens first: None to go on, a (B*images, P) bool mask of the
+        patches to keep (the prefix tokens always stay), after which the tower runs image by
+        image, or ``VisionSlots`` that replace the tokens (same count per image, so the batch
+        stays whole). Both towers must keep the same patches: handing both the same mask
+        object costs one read of its counts on the host instead of three."""
         return None
 
     def before_llm(self, stream: TokenStream) -> TokenStream:

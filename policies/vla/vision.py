@@ -68,6 +68,7 @@ class VisionBackbone(nn.Module):
         self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim
         self.parallel_towers = False  # set by ``OFTModel.use_speedups``
         self._side_streams: dict = {}
+        self._kept: tuple | None = None  # the last patch mask a hook gave, its counts and indices
         self._compiled_blocks: list[list] | None = None  # per tower, torch.compile'd blocks (a plain
         # list, so they are not registered as submodules and checkpoint keys stay the same)
 
@@ -127,7 +128,7 @@ class VisionBackbone(nn.Module):
                     x, patches = change.tokens, list(change.patches.cpu())
                 elif change is not None:
                     pruned = True
-                    kept, patches = self._keep_rows(x, change, prefix)
+                    kept, patches = self._keep_patches(x, change, prefix)
                     if len({k.shape[0] for k in kept}) == 1:
                         x = torch.stack(kept)
                     else:
@@ -150,19 +151,29 @@ class VisionBackbone(nn.Module):
             x = self._block(index, block)(x)
         return x
 
-    @staticmethod
-    def _keep_rows(x: torch.Tensor, keep: torch.Tensor, prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per image, the kept tokens and the kept patch indices."""
-        if x.device.type != "meta":
-            keep = keep.to(x.device)
-        # One read on the host for the kept counts and the prefix check (on a GPU, a wait).
-        counts = torch.cat([keep.sum(dim=1), keep[:, :prefix].all(dim=1).long()]).tolist()
-        counts, prefixes_kept = counts[:x.shape[0]], counts[x.shape[0]:]
-        if not all(prefixes_kept):
-            raise ValueError("a vision hook must keep the tower's prefix tokens")
-        order = right_aligned(keep, max(counts))
-        rows = [order[i, order.shape[1] - n:] for i, n in enumerate(counts)]
-        return [x[i].index_select(0, r.to(x.device)) for i, r in enumerate(rows)], [r[prefix:] - prefix for r in rows]
+    def _keep_patches(self, x: torch.Tensor, mask: torch.Tensor,
+                      prefix: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image, the tokens left (the prefix tokens and the patches ``mask`` keeps) and the
+        kept patch indices."""
+        images, patches = x.shape[0], x.shape[1] - prefix
+        if mask.dtype != torch.bool or tuple(mask.shape) != (images, patches):
+            raise ValueError(f"a vision hook keeps patches with a ({images}, {patches}) bool mask "
+                             f"(images, patches), got {mask.dtype} {tuple(mask.shape)}")
+        counts, kept = self._kept_patches(mask)
+        order = right_aligned(torch.cat([mask.new_ones(images, prefix), mask], dim=1), prefix + max(counts))
+        rows = [order[i, order.shape[1] - prefix - n:].to(x.device) for i, n in enumerate(counts)]
+        return [x[i].index_select(0, r) for i, r in enumerate(rows)], kept
+
+    def _kept_patches(self, mask: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
+        """Per image, the count and the indices of the patches ``mask`` keeps. Read on the host
+        once per mask (on a GPU, a wait): the second tower, handed the same mask, reads nothing."""
+        if self._kept is not None and self._kept[0] is mask:
+            return self._kept[1], self._kept[2]
+        counts = mask.sum(dim=1).tolist()
+        order = right_aligned(mask, max(counts))
+        kept = [order[i, order.shape[1] - n:] for i, n in enumerate(counts)]
+        self._kept = (mask, counts, kept)
+        return counts, kept
 
     def forward(self, pixel_values: torch.Tensor, hooks: Hooks | None = None,
                 traces: list[QueryTrace] | None = None) -> VisualTokens:
@@ -173,6 +184,7 @@ class VisionBackbone(nn.Module):
         """
         hooks = hooks or Hooks()
         self.check_channels(pixel_values)
+        self._kept = None  # no mask is shared with an earlier query
         b = pixel_values.shape[0]
         images = self.num_images
         # All images of the batch go through each tower in one call: (B*images, 3, H, W).
@@ -253,7 +265,10 @@ class VisionBackbone(nn.Module):
 
 
 def _same_patches(a: list[torch.Tensor] | None, b: list[torch.Tensor] | None) -> bool:
-    """Whether two towers kept the same patches of every image (one read on the host)."""
+    """Whether two towers kept the same patches of every image (one read on the host, unless
+    both kept those of one mask)."""
+    if a is b and a is not None:
+        return True
     if a is None or b is None or [len(p) for p in a] != [len(p) for p in b]:
         return False
     return torch.equal(torch.cat(list(a)), torch.cat(list(b)))

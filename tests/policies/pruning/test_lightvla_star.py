@@ -10,6 +10,7 @@ from policies.base import PolicyOptionError
 from policies.pruning.lightvla_star import LightVLAStarPruner, parse_placement
 from policies.registry import make_policy
 from policies.vla import flops
+from policies.vla.graphs import HostReads
 from policies.vla.hooks import QueryTrace
 from tests.tiny_vla import fake_observation, inputs, tiny_model
 
@@ -174,6 +175,9 @@ def test_vision_placement_prunes_both_towers_from_the_next_block():
     trace = QueryTrace()
     with torch.no_grad():
         model(pixels, proprio, prompts, 2, hooks=pruner, traces=[trace])
+        with HostReads() as reads:  # (a trace reads its token counts at the end)
+            model(pixels, proprio, prompts, 2, hooks=vision_pruner())
+    assert reads.count == 1  # the kept counts, once for both towers and the LLM
     kept_per_image = pruner._patch_keep.sum(dim=1).tolist()
     assert all(1 <= n <= 16 for n in kept_per_image)
     # DINOv2 (5 prefix tokens) and SigLIP (none): blocks 0 and 1 run, block 1 after the selection

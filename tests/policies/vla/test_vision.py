@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from policies.vla.config import tiny_config
+from policies.vla.graphs import HostReads
+from policies.vla.hooks import Hooks
 from policies.vla.vision import VisionBackbone
 
 
@@ -91,3 +93,47 @@ def test_parallel_towers_on_the_cpu_run_one_after_the_other_and_give_the_same_fe
         finally:
             backbone.parallel_towers = False
     assert torch.equal(parallel, sequential) and not backbone._side_streams
+
+
+class KeepPatches(Hooks):
+    """Keeps, after block 0 of each tower, the patches of that tower's mask."""
+
+    def __init__(self, masks):
+        self.masks = masks
+
+    def plain_vision_block(self, tower, block):
+        return block != 0
+
+    def on_vision_block(self, tower, block, tokens):
+        return self.masks[tower] if block == 0 else None
+
+
+def patch_mask(images=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(images, 256, generator=generator) < 0.2
+
+
+def test_a_mask_both_towers_share_is_read_once_and_keeps_the_same_as_two_equal_masks(backbone):
+    pixels = torch.randn(1, 12, 224, 224)
+    mask = patch_mask()
+    with torch.no_grad():
+        with HostReads() as shared_reads:
+            shared = backbone(pixels, KeepPatches([mask, mask]))
+        with HostReads() as equal_reads:
+            equal = backbone(pixels, KeepPatches([mask, mask.clone()]))
+    assert shared_reads.count == 1 and equal_reads.count == 3
+    assert torch.equal(shared.features, equal.features) and torch.equal(shared.index, equal.index)
+    # the kept patches in order, numbered over both images; the prefix tokens stayed in DINOv2
+    assert shared.index[0].tolist() == mask.reshape(-1).nonzero().flatten().tolist()
+    assert shared.features.shape == (1, int(mask.sum()), backbone.embed_dim)
+
+
+def test_towers_keeping_different_patches_are_refused(backbone):
+    with torch.no_grad(), pytest.raises(ValueError, match="same patches in both towers"):
+        backbone(torch.randn(1, 12, 224, 224), KeepPatches([patch_mask(seed=0), patch_mask(seed=1)]))
+
+
+def test_a_patch_mask_of_the_wrong_shape_is_refused_naming_the_shape(backbone):
+    with_prefix = torch.ones(2, 261, dtype=torch.bool)  # DINOv2's 5 prefix tokens are not the hook's to keep
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(2, 256\) bool mask .* got torch.bool \(2, 261\)"):
+        backbone(torch.randn(1, 12, 224, 224), KeepPatches([with_prefix, with_prefix]))
