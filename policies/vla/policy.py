@@ -1,7 +1,8 @@
 """The ``oft`` policy: OpenVLA-OFT on LIBERO observations, from a local checkpoint.
 
-Without a checkpoint it runs the chosen size with random weights (cost figures and smoke
-runs; its actions are meaningless and no unnormalisation statistics exist, so outputs pass
+Given a ``size`` instead of a checkpoint it runs that preset with random weights (cost figures
+and smoke runs; asked for by name, so a forgotten checkpoint is an error, not a run of
+meaningless episodes; its actions are meaningless and no unnormalisation statistics exist, so outputs pass
 through unscaled). Plug-in adapters (LightVLA, FastV, ...) subclass this and supply hooks.
 """
 
@@ -90,8 +91,8 @@ class OFTPolicy(Policy):
 
     @dataclass
     class Options(Policy.Options):
-        checkpoint: str = ""  # OpenVLA-OFT checkpoint directory or cached Hub repository id; empty: random weights of `size`
-        size: str = "tiny"  # preset for random weights: full or tiny
+        checkpoint: str = ""  # OpenVLA-OFT checkpoint directory or cached Hub repository id
+        size: str = ""  # instead of a checkpoint: random weights of this preset, full or tiny
         unnorm_key: str = ""  # dataset statistics entry (needed when the checkpoint has several)
         device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
         dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16
@@ -134,6 +135,14 @@ class OFTPolicy(Policy):
         from policies.vla.tokenizer import ByteTokenizer, checkpoint_tokenizer
 
         opts = self.options
+        if opts.checkpoint and opts.size:
+            raise PolicyOptionError(f"{self.name}: give a checkpoint or a size for random weights, not both "
+                                    f"(checkpoint={opts.checkpoint!r}, size={opts.size!r})")
+        if not opts.checkpoint and not opts.size:
+            raise PolicyOptionError(
+                f"{self.name} needs a checkpoint: --checkpoint DIR (or --policy-arg checkpoint=DIR or a cached Hub "
+                f"repository id); for random weights (smoke runs and cost figures, no real success rate) "
+                f"give --policy-arg size=tiny or size=full")
         if opts.checkpoint:
             try:
                 ckpt = load_checkpoint(opts.checkpoint, self.device, self.dtype)

@@ -48,7 +48,7 @@ def test_a_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, m
     demos = write_demo_file(tmp_path / "demos.hdf5", episodes(2))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="--batch-size 4 .the whole step's. does not divide among 3 processes"):
-        finetune(FinetuneConfig(demos=[str(demos)], batch_size=4, policy_args={"device": "cpu"}), tmp_path / "run",
+        finetune(FinetuneConfig(demos=[str(demos)], batch_size=4, policy_args={"device": "cpu", "size": "tiny"}), tmp_path / "run",
                  progress=False)
 
 
@@ -68,9 +68,9 @@ def log_of(run):
 def test_two_processes_train_as_one_does_on_the_whole_batch(tmp_path, policy):
     demos = write_demo_file(tmp_path / "demos.hdf5", episodes(3))
     val = write_demo_file(tmp_path / "val.hdf5", episodes(2, seed=1))
-    args = ["finetune", "--policy", policy, "--device", "cpu", "--demos", str(demos), "--val-demos", str(val),
-            "--val-every", "2", "--val-samples", "7", "--steps", "4", "--batch-size", "4", "--lora-rank", "2",
-            "--log-every", "2", "--no-progress"]
+    args = ["finetune", "--policy", policy, "--policy-arg", "size=tiny", "--device", "cpu", "--demos", str(demos),
+            "--val-demos", str(val), "--val-every", "2", "--val-samples", "7", "--steps", "4", "--batch-size", "4",
+            "--lora-rank", "2", "--log-every", "2", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     torchrun(2, [*args, "--out", str(tmp_path / "two")])
 
@@ -101,7 +101,7 @@ def test_a_process_prepares_only_its_share_of_the_batch_augmented_as_one_process
     monkeypatch.setattr(bench.distributed, "broadcast", lambda tensors, procs: None)  # no process group here
 
     demos = write_demo_file(tmp_path / "demos.hdf5", episodes(3))
-    config = FinetuneConfig(demos=[str(demos)], batch_size=4, lora_rank=2, policy_args={"device": "cpu"})
+    config = FinetuneConfig(demos=[str(demos)], batch_size=4, lora_rank=2, policy_args={"device": "cpu", "size": "tiny"})
     whole = Trainer(config, tmp_path / "one")
     second = Trainer(config, tmp_path / "two", Processes(1, 1, 2))  # no process group: batches need none
     try:

@@ -31,7 +31,8 @@ def demos(tmp_path_factory):
 
 def config(demos, **changes):
     settings = dict(demos=[str(demos)], steps=6, batch_size=2, lora_rank=4, log_every=2)
-    return FinetuneConfig(**{**settings, **changes})
+    policy_args = {"size": "tiny", **changes.pop("policy_args", {})}  # random weights, asked for by name
+    return FinetuneConfig(**{**settings, **changes, "policy_args": policy_args})
 
 
 def observation(demos):
@@ -75,7 +76,7 @@ def test_the_checkpoint_acts_as_the_trained_model(demos, tmp_path):
 
     expected = gripper_to_env(unnormalize_actions(normalized[0].numpy(), policy.stats["action"]))
     np.testing.assert_allclose(loaded, expected, rtol=1e-4, atol=1e-5)
-    untrained = make_policy("oft", {})
+    untrained = make_policy("oft", {"size": "tiny"})
     assert policy.identity()["weights"] != untrained.identity()["weights"]
 
 
@@ -179,7 +180,7 @@ def test_lightvla_star_saves_its_trained_queries(demos, tmp_path):
     assert all(0 < e["selected_tokens"] <= 16 for e in log)  # at most one token per query
     (saved,) = summary.checkpoint.glob(QUERIES_FILE.format(step="*"))
     trained = torch.load(saved, weights_only=True)["queries"]
-    untrained = make_policy("lightvla_star", args).hooks().queries.detach()
+    untrained = make_policy("lightvla_star", {**args, "size": "tiny"}).hooks().queries.detach()
     assert trained.shape == untrained.shape and not torch.equal(trained, untrained)
     policy = make_policy("lightvla_star", {**args, "checkpoint": str(summary.checkpoint)})
     torch.testing.assert_close(policy.hooks().queries.detach(), trained)
@@ -210,7 +211,7 @@ def test_resume_refuses_changed_demonstrations(tmp_path):
 def test_the_cli(demos, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--demos", str(demos), "--out", str(out), "--steps", "2", "--batch-size", "2",
-                 "--lora-rank", "2", "--no-image-aug", "--no-progress"]) == 0
+                 "--lora-rank", "2", "--policy-arg", "size=tiny", "--no-image-aug", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "2 steps on 21 samples; L1 loss" in printed and str(out / "checkpoint") in printed
     assert "held out" not in printed

@@ -109,7 +109,7 @@ def test_the_cli_imports_and_fine_tuning_trains_on_it(tmp_path, capsys):
     assert main(["import-rlds", "--source", str(DATASET), "--out", str(out), "--no-progress"]) == 0
     assert "3 episodes, 30 steps of libero_spatial_no_noops" in capsys.readouterr().out
     assert main(["finetune", "--demos", str(out), "--out", str(tmp_path / "ft"), "--steps", "2", "--batch-size", "2",
-                 "--lora-rank", "2", "--device", "cpu", "--no-progress"]) == 0
+                 "--lora-rank", "2", "--device", "cpu", "--policy-arg", "size=tiny", "--no-progress"]) == 0
     assert (tmp_path / "ft" / "checkpoint" / "dataset_statistics.json").is_file()
 
 
@@ -119,7 +119,7 @@ def test_the_trainer_resizes_imported_images_without_a_jpeg_round_trip(tmp_path)
 
     out = tmp_path / "spatial.hdf5"
     import_rlds(DATASET, out, progress=False)
-    trainer = Trainer(FinetuneConfig(demos=[str(out)], batch_size=2, lora_rank=2, policy_args={"device": "cpu"}),
+    trainer = Trainer(FinetuneConfig(demos=[str(out)], batch_size=2, lora_rank=2, policy_args={"device": "cpu", "size": "tiny"}),
                       tmp_path / "ft")
     try:
         pixels = trainer.tensors(trainer.data, [0], None, crop=False)[0][0].numpy()

@@ -58,8 +58,8 @@ def test_recorded_demo_replays_to_the_same_success(recorded, tmp_path):
 
 def test_a_model_fine_tuned_on_the_recorded_demo_runs_in_the_simulator(recorded, tmp_path, capsys):
     out = tmp_path / "finetune"
-    assert main(["finetune", "--demos", str(recorded), "--policy", "lightvla", "--out", str(out), "--steps", "2",
-                 "--batch-size", "2", "--lora-rank", "2", "--no-progress"]) == 0
+    assert main(["finetune", "--demos", str(recorded), "--policy", "lightvla", "--policy-arg", "size=tiny",
+                 "--out", str(out), "--steps", "2", "--batch-size", "2", "--lora-rank", "2", "--no-progress"]) == 0
     run = tmp_path / "run"
     assert main(["run", "--suite", "libero_object", "--policy", "lightvla", "--checkpoint", str(out / "checkpoint"),
                  "--tasks", "1", "--init-states", "0", "--max-steps", "16", "--out", str(run), "--no-progress",

@@ -107,6 +107,15 @@ def test_random_weights_without_checkpoint():
     assert out.actions.shape == (8, 7) and policy.identity()["weights"] == {"random": True, "size": "tiny", "seed": 3}
 
 
+@pytest.mark.parametrize("name", ["oft", "lightvla", "fastv"])
+def test_random_weights_are_asked_for_by_name_and_not_beside_a_checkpoint(name, tiny_checkpoint):
+    # a forgotten --checkpoint would otherwise run a whole benchmark of meaningless episodes
+    with pytest.raises(PolicyOptionError, match=f"{name} needs a checkpoint: .* size=tiny or size=full"):
+        make_policy(name, {})
+    with pytest.raises(PolicyOptionError, match="a checkpoint or a size for random weights, not both"):
+        make_policy(name, {"checkpoint": str(tiny_checkpoint), "size": "tiny"})
+
+
 def test_speedups_give_the_same_actions(tiny_checkpoint, policy):
     from tests.tiny_vla import compiled_calls
 
