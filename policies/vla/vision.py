@@ -10,6 +10,7 @@ norm, and the prefix tokens (class token, registers) are dropped: OpenVLA's
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,8 +95,11 @@ class VisionBackbone(nn.Module):
     def patches_per_image(self) -> int:
         return self.featurizer.patch_embed.num_patches
 
-    def tower_features(self, index: int, pixels: torch.Tensor, hooks: Hooks) -> TowerOutput:
+    def tower_features(self, index: int, x: torch.Tensor, hooks: Hooks, head: int = 0) -> TowerOutput:
         """One tower through its second-to-last block, prefix tokens dropped.
+
+        ``x``: the pixels, or with ``head`` > 0 the output of the tower's first ``head`` blocks,
+        after none but the last of which a hook acts (``_heads``).
 
         Until a hook prunes, all images run as one batch; after it, still as one batch when
         every image keeps the same number of tokens, else image by image (so no padding enters
@@ -106,22 +110,11 @@ class VisionBackbone(nn.Module):
         prefix = self.towers[index].num_prefix_tokens
         depth = len(self.towers[index].blocks) - 1  # through the second-to-last block
         graphs = hooks.graphs
-        counts, patches, parts, pruned = [], None, None, False
-        x = pixels  # the first run embeds the pixels
-        start = 0
-        while start < depth:
-            end = start + 1
-            if graphs is not None:
-                while end < depth and (pruned or hooks.plain_vision_block(index, end - 1)):
-                    end += 1
-            if parts is None:
-                x = self._run_blocks(index, start, end, x, graphs)
-                counts += [[x.shape[1]] * x.shape[0] for _ in range(start, end)]
-            else:
-                parts = [self._run_blocks(index, start, end, p[None], graphs)[0] for p in parts]
-                counts += [[p.shape[0] for p in parts] for _ in range(start, end)]
-            if not pruned:
-                change = hooks.on_vision_block(index, end - 1, x)
+        counts, patches, parts, pruned = [[x.shape[1]] * x.shape[0] for _ in range(head)], None, None, False
+        start = head
+        while True:
+            if start > 0 and not pruned:  # the hook after the block just run
+                change = hooks.on_vision_block(index, start - 1, x)
                 if isinstance(change, VisionSlots):
                     if change.tokens.shape[1] - prefix != change.patches.shape[1]:
                         raise ValueError("vision slots need one patch index per slot after the prefix tokens")
@@ -133,6 +126,18 @@ class VisionBackbone(nn.Module):
                         x = torch.stack(kept)
                     else:
                         parts = kept
+            if start >= depth:
+                break
+            end = start + 1
+            if graphs is not None:
+                while end < depth and (pruned or hooks.plain_vision_block(index, end - 1)):
+                    end += 1
+            if parts is None:
+                x = self._run_blocks(index, start, end, x, graphs)
+                counts += [[x.shape[1]] * x.shape[0] for _ in range(start, end)]
+            else:
+                parts = [self._run_blocks(index, start, end, p[None], graphs)[0] for p in parts]
+                counts += [[p.shape[0] for p in parts] for _ in range(start, end)]
             start = end
         if parts is None:
             return TowerOutput(x[:, prefix:], patches, counts)
@@ -203,20 +208,52 @@ class VisionBackbone(nn.Module):
     def _both_towers(self, per_image: torch.Tensor, hooks: Hooks) -> list[TowerOutput]:
         """Both towers' outputs; with ``parallel_towers`` on a GPU, DINOv2 on a side stream while
         SigLIP runs on the current one. At a few images each tower's products are too small to
-        fill a large GPU, and the towers do not depend on each other. Only where no hook acts
-        inside the towers (hooks may read back to the host)."""
+        fill a large GPU, and the towers do not depend on each other. Where a hook acts inside
+        the towers (it may read back to the host, and SigLIP's waits for DINOv2's choice), only
+        the blocks up to the first hook point run side by side, as one graph (``_heads``)."""
         dino, siglip = per_image[:, :3], per_image[:, 3:6]
-        if not (self.parallel_towers and per_image.is_cuda and hooks.plain_vision()):
-            return [self.tower_features(0, dino, hooks), self.tower_features(1, siglip, hooks)]
-        main = torch.cuda.current_stream(per_image.device)
-        side = self._side_stream(per_image.device)
-        side.wait_stream(main)  # the pixels are ready; under graph capture this forks the capture
+        if hooks.plain_vision():
+            return list(self._side_by_side(functools.partial(self.tower_features, 0, dino, hooks),
+                                           functools.partial(self.tower_features, 1, siglip, hooks),
+                                           per_image, lambda out: out.features))
+        lengths = (self._plain_head(0, hooks), self._plain_head(1, hooks))
+        heads = functools.partial(self._heads, lengths)
+        graphs = hooks.graphs
+        if graphs is None:
+            first, second = heads(dino, siglip)
+        else:
+            first, second = graphs.run(f"towers 0 and 1 blocks to {lengths[0] - 1} and {lengths[1] - 1}",
+                                       heads, dino, siglip)
+        return [self.tower_features(0, first, hooks, lengths[0]), self.tower_features(1, second, hooks, lengths[1])]
+
+    def _plain_head(self, tower: int, hooks: Hooks) -> int:
+        """How many of a tower's first blocks run before a hook may act: through the first block
+        after which one does (or the last block run)."""
+        depth, n = len(self.towers[tower].blocks) - 1, 1
+        while n < depth and hooks.plain_vision_block(tower, n - 1):
+            n += 1
+        return n
+
+    def _heads(self, lengths: tuple[int, int], dino: torch.Tensor, siglip: torch.Tensor):
+        """Each tower's first ``lengths`` blocks (a pure function of the pixels: graphable)."""
+        return self._side_by_side(functools.partial(self._blocks, 0, 0, lengths[0], dino),
+                                  functools.partial(self._blocks, 1, 0, lengths[1], siglip), dino, lambda x: x)
+
+    def _side_by_side(self, first: Callable, second: Callable, like: torch.Tensor, tensor_of: Callable):
+        """``first()`` and ``second()``; with ``parallel_towers`` on a GPU, ``first`` on a side
+        stream while ``second`` runs on the current one (``tensor_of`` names what ``first``
+        gives back to the current stream)."""
+        if not (self.parallel_towers and like.is_cuda):
+            return first(), second()
+        main = torch.cuda.current_stream(like.device)
+        side = self._side_stream(like.device)
+        side.wait_stream(main)  # the inputs are ready; under graph capture this forks the capture
         with torch.cuda.stream(side):
-            first = self.tower_features(0, dino, hooks)
-        second = self.tower_features(1, siglip, hooks)
+            out = first()
+        other = second()
         main.wait_stream(side)  # ... and this joins it again
-        first.features.record_stream(main)  # allocated on the side stream, read on the main one
-        return [first, second]
+        tensor_of(out).record_stream(main)  # allocated on the side stream, read on the main one
+        return out, other
 
     def _side_stream(self, device: torch.device):
         if device not in self._side_streams:

@@ -96,11 +96,12 @@ HOOKS = {
     "sparsevlm renumber": (lambda: SparseVLMPruner(budget=64, layers=(2, 5), positions="renumber"), 6),
     # vision, layer 0, layer 1 (selects), layers 2-7 for each of the two kept counts
     "lightvla_star llm": (lambda: LightVLAStarPruner(64, num_queries=16, after_layer=2), 5),
-    # Per tower: the embedding with block 0 (the hook acts after it), then block 1 as one batch
-    # when both images keep as many tokens (seed 0) or image by image (seed 1: 20 and 21 kept,
-    # two graphs); the projector and all layers for each of the two kept counts.
-    "lightvla_star vision": (lambda: vision_star(), 12),
-    "lightvla_star vision keep": (lambda: vision_star(keep=40), 6),  # 20 per image: one batch, one count
+    # Both towers' embedding with block 0 (the hook acts after it) as one graph; per tower, then
+    # block 1 as one batch when both images keep as many tokens (seed 0) or image by image
+    # (seed 1: 20 and 21 kept, two graphs); the projector and all layers for each of the two
+    # kept counts.
+    "lightvla_star vision": (lambda: vision_star(), 11),
+    "lightvla_star vision keep": (lambda: vision_star(keep=40), 5),  # 20 per image: one batch, one count
 }
 
 
