@@ -64,6 +64,7 @@ which the query's total includes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -426,17 +427,37 @@ class SparseVLMPruner(Hooks):
         """One sample's kept visual columns, centre columns, and the centres' aggregated states.
 
         hidden (T, D) is the sample's stream; columns (V,) its visual tokens, rated by importance.
+        Once the target is known every shape is, so with graphs the choice and the clustering
+        replay as one graph per (visual tokens, plan): about 60 operators a stage otherwise
+        launched one by one.
         """
-        visual = columns.numel()
-        removed, recycled, clusters = self.removal_plan(visual, target)
-        order = columns[importance.argsort(descending=True, stable=True).to(columns.device)]
-        kept = order[: visual - removed]
-        recycled_columns = order[visual - removed: visual - removed + recycled]
-        members = hidden[recycled_columns.to(hidden.device)]
-        if not clusters:
-            return kept, recycled_columns, members
+        plan = self.removal_plan(columns.numel(), target)
         if meta:  # no values to compare: any assignment costs the same
-            assign = torch.arange(recycled, device=hidden.device) % clusters
-            return kept, recycled_columns[:clusters], cluster_means(members, assign, clusters)
-        centres, assign = density_peaks(members, clusters)
-        return kept, recycled_columns[centres.to(recycled_columns.device)], cluster_means(members, assign, clusters)
+            return choose_and_recycle(*plan, hidden[columns.to(hidden.device)], columns, importance, meta=True)
+        columns = columns.to(hidden.device)
+        visual_hidden = hidden[columns]  # outside the graph, so that its key is not the stream's length
+        run = functools.partial(choose_and_recycle, *plan)
+        if self.graphs is None:
+            return run(visual_hidden, columns, importance)
+        return self.graphs.run(f"sparsevlm choose and recycle {plan}", run, visual_hidden, columns,
+                               importance.to(hidden.device))
+
+
+def choose_and_recycle(removed: int, recycled: int, clusters: int, visual_hidden: torch.Tensor, columns: torch.Tensor,
+                       importance: torch.Tensor, meta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``SparseVLMPruner.select`` for a removal plan: the kept columns (most important first),
+    the recycled tokens' centre columns, and the centres' aggregated states (without clusters:
+    the recycled columns and their states). visual_hidden (V, D) are the states of ``columns``
+    (V,). A pure function of its tensors (graphable)."""
+    visual = columns.numel()
+    order = importance.argsort(descending=True, stable=True).to(columns.device)  # positions in columns
+    kept = columns[order[: visual - removed]]
+    recycled_order = order[visual - removed: visual - removed + recycled]
+    members = visual_hidden[recycled_order.to(visual_hidden.device)]
+    if not clusters:
+        return kept, columns[recycled_order], members
+    if meta:  # no values to compare: any assignment costs the same
+        assign = torch.arange(recycled, device=members.device) % clusters
+        return kept, columns[recycled_order[:clusters]], cluster_means(members, assign, clusters)
+    centres, assign = density_peaks(members, clusters)
+    return kept, columns[recycled_order[centres]], cluster_means(members, assign, clusters)

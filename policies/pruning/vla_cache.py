@@ -41,6 +41,7 @@ step's context: reuse is an approximation, not an exact cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,17 @@ def layer_attention(q: torch.Tensor, keys: torch.Tensor, rounded: bool) -> tuple
     return probabilities.mean(dim=0), probabilities.float().mean(dim=0)
 
 
+def observed_attention(rounded: bool, relevance: bool, q: torch.Tensor, k: torch.Tensor,
+                       extra_k: torch.Tensor | None):
+    """A layer's attention entropy (0-d), and with ``relevance`` also its head-averaged rows
+    for the relevance (T, K): every row over the layer's own keys ``k`` and the reused tokens'
+    cached ones ``extra_k`` (``layer_attention``). A pure function of its tensors (graphable)."""
+    keys = k if extra_k is None else torch.cat([k, extra_k.to(k.dtype)], dim=2)
+    attention, for_relevance = layer_attention(q, keys, rounded)
+    entropy = attention_entropy(attention)
+    return (entropy, for_relevance) if relevance else entropy
+
+
 def attention_entropy(attention: torch.Tensor) -> torch.Tensor:
     """Mean over rows of each row's entropy, for head-averaged attention rows (T, K), as the
     reference computes it (rows renormalised, 1e-10 inside the log)."""
@@ -179,21 +191,24 @@ class VLACache(Hooks):
         self.reuse_order: torch.Tensor | None = None  # the reusable visual indices, in token order
         self.counts: list[tuple[int, int]] = []  # (stage layer, tokens reused from it on)
         self._slots: tuple | None = None  # the last stream's visual columns (see _visual_slots)
+        self._extra: dict[int, ExtraKeys | None] = {}  # this query's reused keys and values per layer
 
     # --- per-episode state -------------------------------------------------------------
     def reset(self) -> None:
         self.episodes.clear()
         self.current, self.reuse_order, self.counts, self._slots = None, None, [], None
+        self._extra = {}
 
     def forget(self, episode_id: str) -> None:
         self.episodes.pop(episode_id, None)
         if self.current == episode_id:  # a later query without begin() must not look for its cache
             self.current, self.reuse_order, self.counts, self._slots = None, None, [], None
+            self._extra = {}
 
     def begin(self, episode_id: str, pixels: torch.Tensor) -> None:
         """Called before each single-sample query with that sample's model input (6 * images, H, W)."""
         self.current = episode_id
-        self._slots = None
+        self._slots, self._extra = None, {}
         self.reuse_order, self.counts = None, []
         patches = patch_vectors(pixels, self.images, self.levels)  # a new array: never a view of the frame
         cache = self.episodes.get(episode_id)
@@ -250,12 +265,19 @@ class VLACache(Hooks):
         return keep_tokens(stream, ~drop[None], dropped_sizes(stream.host_sizes(), [later - now]))
 
     def extra_keys(self, layer: int, stream: TokenStream) -> ExtraKeys | None:
+        """The reused tokens' cached keys and values at this layer, gathered once per query (the
+        layer attends to them, and ``_observe`` then computes the layer's attention map with them;
+        ``on_kv`` in between writes only the tokens still in the stream, never these)."""
+        if layer in self._extra:
+            return self._extra[layer]
         n = self.reused_at(layer)
-        if not n:
-            return None
-        cache = self.episodes[self.current]
-        index = self.reuse_order[:n].to(cache.keys[layer].device)
-        return ExtraKeys(cache.keys[layer][None, :, index], cache.values[layer][None, :, index])
+        extra = None
+        if n:
+            cache = self.episodes[self.current]
+            index = self.reuse_order[:n].to(cache.keys[layer].device)
+            extra = ExtraKeys(cache.keys[layer][None, :, index], cache.values[layer][None, :, index])
+        self._extra[layer] = extra
+        return extra
 
     def wants_kv(self, layer: int) -> bool:
         return self.current is not None
@@ -288,11 +310,20 @@ class VLACache(Hooks):
         averaged give each visual token's relevance."""
         cache = self.episodes[self.current]
         extra = self.extra_keys(layer, stream)
-        keys = k if extra is None else torch.cat([k, extra.k.to(k.dtype)], dim=2)
-        attention, for_relevance = layer_attention(q, keys, self.rounded)  # (T, own + reused keys)
-        self.add_cost([2 * q.shape[1] * q.shape[2] * keys.shape[2] * q.shape[3]])
-        cache.entropy[layer] = attention_entropy(attention)  # in the dtype the schedule is computed in
-        if layer != self.relevance_layer:
+        extra_k = None if extra is None else extra.k
+        relevance = layer == self.relevance_layer
+        # About 20 operators: with graphs, one replay per layer shape
+        run = functools.partial(observed_attention, self.rounded, relevance)
+        if self.graphs is None:
+            observed = run(q, k, extra_k)
+        else:
+            observed = self.graphs.run(f"vla_cache attention rounded={self.rounded} relevance={relevance}", run,
+                                       q, k, extra_k)
+        keys = k.shape[2] + (0 if extra is None else extra.k.shape[2])
+        self.add_cost([2 * q.shape[1] * q.shape[2] * keys * q.shape[3]])
+        # the entropy in the dtype the schedule is computed in; the rows (T, own + reused keys)
+        cache.entropy[layer], for_relevance = observed if relevance else (observed, None)
+        if not relevance:
             return
         text_attention = for_relevance[self._text_rows(stream, q.shape[2])].mean(dim=0)
         columns, index = self._visual_slots(stream, q.device)

@@ -92,8 +92,9 @@ HOOKS = {
     "lightvla keep": (lambda: LightVLAPruner(keep=40), 3),
     # Layers after which a plug-in acts are graphs of their own, the plug-in eager after them.
     "fastv": (lambda: FastVPruner(2, 0.5), 4),  # vision, layer 0, layer 1 (ranks), layers 2-7
-    "sparsevlm": (lambda: SparseVLMPruner(budget=64, layers=(2, 5)), 6),  # vision, 0, 1, 2-3, 4, 5-7
-    "sparsevlm renumber": (lambda: SparseVLMPruner(budget=64, layers=(2, 5), positions="renumber"), 6),
+    # SparseVLM: vision, 0, 1, 2-3, 4, 5-7, and each stage's choice and recycling after its read
+    "sparsevlm": (lambda: SparseVLMPruner(budget=64, layers=(2, 5)), 8),
+    "sparsevlm renumber": (lambda: SparseVLMPruner(budget=64, layers=(2, 5), positions="renumber"), 8),
     # vision, layer 0, layer 1 (selects), layers 2-7 for each of the two kept counts
     "lightvla_star llm": (lambda: LightVLAStarPruner(64, num_queries=16, after_layer=2), 5),
     # Both towers' embedding with block 0 (the hook acts after it) as one graph; per tower, then

@@ -1,0 +1,91 @@
+"""Operators a query launches outside CUDA graphs, per method.
+
+On a GPU at batch 1 the host is the bottleneck: each operator outside a graph is a launch the
+host issues one by one (microseconds each), while a replayed graph is one launch. Counted here
+on the CPU, where graphs call their functions as a recording would (``policies.vla.graphs``),
+on the tiny model given the full model's 32 LLM layers: the count depends on the depth, the
+stages and the batch, not on the widths. Each method's fifth query on one observation is
+counted: two without graphs (VLA-Cache then reuses as it does after an identical frame), two
+that capture its graphs, as ``bench profile`` times them.
+
+    python scripts/eager_operators.py
+    python scripts/eager_operators.py --methods oft,sparsevlm --prompt-tokens 29
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from bench.profile import ProfileSettings, build_hooks, sweep_methods  # noqa: E402
+from policies.vla.config import replace_llm, tiny_config  # noqa: E402
+from policies.vla.graphs import is_recording  # noqa: E402
+from policies.vla.model import OFTModel  # noqa: E402
+from policies.vla.tokenizer import ByteTokenizer  # noqa: E402
+
+LAYERS = 32  # the full model's
+
+
+class EagerOperators(TorchDispatchMode):
+    """Counts the operators dispatched outside graph recordings."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not is_recording():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(model: OFTModel, policy: str, options: dict, prompt_tokens: int, seed: int = 0) -> dict:
+    """One method's operators outside graphs in its fifth query, and the model's graphs by then."""
+    gen = torch.Generator().manual_seed(seed)
+    size = model.config.image_sizes[0]
+    pixels = torch.randn(1, 6 * model.config.num_images, size, size, generator=gen)
+    proprio = torch.rand(1, model.config.proprio_dim, generator=gen) * 2 - 1
+    prompts = [[1] + torch.randint(3, model.config.llm.vocab_size, (prompt_tokens - 1,), generator=gen).tolist()]
+    hooks = build_hooks(ProfileSettings(policy=policy, policy_args=options), model.config)
+    counter = EagerOperators()
+    for query in range(5):
+        if query in (0, 2):
+            model.use_cuda_graphs(False)  # drops the graphs a method before captured
+            if query == 2:
+                model.use_cuda_graphs()
+        if hasattr(hooks, "begin"):
+            hooks.begin("count", pixels[0])
+        with torch.inference_mode(), (counter if query == 4 else contextlib.nullcontext()):
+            model(pixels, proprio, prompts, ByteTokenizer.stop_id, hooks=hooks)
+    return {"policy": policy, "options": options, "eager_operators": counter.count, "graphs": len(model.graphs)}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="", help="comma-separated policies (default: those of bench profile --sweep)")
+    parser.add_argument("--prompt-tokens", type=int, default=29)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    config = replace_llm(tiny_config(), num_layers=LAYERS)
+    model = OFTModel(config).eval()
+    wanted = [m for m in args.methods.split(",") if m]
+    rows = []
+    for policy, options in sweep_methods(config):
+        if wanted and policy not in wanted:
+            continue
+        row = count(model, policy, options, args.prompt_tokens)
+        rows.append(row)
+        label = " ".join([policy] + [f"{k}={v}" for k, v in options.items()])
+        print(f"{label:48s} {row['eager_operators']:5d} operators outside graphs   {row['graphs']:3d} graphs", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
