@@ -99,6 +99,8 @@ class OFTPolicy(Policy):
         action_slice: str = "train"  # train: hidden[T-58:T-2] (OFT); release: hidden[-56:] (LightVLA code)
         center_crop: bool = True  # the LIBERO checkpoints were trained with crop augmentation
         cuda_graphs: bool = True  # on a GPU, replay the fixed-shape parts of a query as CUDA graphs
+        # at most this many shapes captured; later new shapes run eagerly (marked `over_graph_limit`)
+        graph_limit: int = 64
         # auto (all on a GPU, none on a CPU), none, all, or comma-separated: compile_kernels,
         # compile_towers, parallel_towers, fuse_gate_up
         speedups: str = "auto"
@@ -118,8 +120,10 @@ class OFTPolicy(Policy):
         except ValueError as error:
             raise PolicyOptionError(str(error)) from None
         self.model.use_speedups(speedups)
+        if options.graph_limit < 1:
+            raise PolicyOptionError(f"graph_limit must be at least 1, got {options.graph_limit}")
         if options.cuda_graphs and self.device.startswith("cuda"):
-            self.model.use_cuda_graphs()
+            self.model.use_cuda_graphs(limit=options.graph_limit)
         if options.chunk_length > self.config.chunk_length:
             raise PolicyOptionError(
                 f"chunk_length {options.chunk_length} exceeds the model's chunk of {self.config.chunk_length}"
@@ -274,7 +278,7 @@ class OFTPolicy(Policy):
 
         traces = [QueryTrace() for _ in prompts]
         graphs = self.model.graphs
-        captures = graphs.captures if graphs is not None else 0
+        captures, eager_calls = (graphs.captures, graphs.eager_calls) if graphs is not None else (0, 0)
         start = time.perf_counter()
         with torch.inference_mode():
             normalized = self.model(pixels, proprio, prompts, self.tokenizer.stop_id, self.hooks(),
@@ -282,6 +286,8 @@ class OFTPolicy(Policy):
         normalized = normalized.cpu().numpy()  # waits for the device
         model_ms = (time.perf_counter() - start) * 1e3
         captured = graphs is not None and graphs.captures > captures  # a one-time cost of a new shape
+        # a shape past the limit ran eagerly: slower, and each new one will (its mean: their share)
+        over_limit = graphs is not None and graphs.eager_calls > eager_calls
         outputs = []
         for chunk, trace in zip(normalized, traces):
             actions = unnormalize_actions(chunk, self.stats["action"]) if self.stats else chunk.astype(np.float64)
@@ -291,6 +297,8 @@ class OFTPolicy(Policy):
             stats["tflops"] = flops.query_flops(self.dims, trace)["total"] / 1e12
             stats["batch_size"] = len(prompts)
             stats["warmup"] = captured
+            if graphs is not None:
+                stats["over_graph_limit"] = over_limit
             stats["model_ms"] = model_ms  # the model's forward for the whole batch, inputs on the device
             outputs.append(PolicyOutput(actions, stats))
         return outputs

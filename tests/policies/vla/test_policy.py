@@ -116,6 +116,20 @@ def test_random_weights_are_asked_for_by_name_and_not_beside_a_checkpoint(name, 
         make_policy(name, {"checkpoint": str(tiny_checkpoint), "size": "tiny"})
 
 
+def test_a_query_with_a_shape_past_the_graph_limit_is_marked(tiny_checkpoint):
+    # graphs serve a GPU only; on a CPU the same bookkeeping runs when a model is given them
+    policy = make_policy("oft", {"checkpoint": str(tiny_checkpoint), "device": "cpu", "graph_limit": "2"})
+    policy.model.use_cuda_graphs(limit=policy.options.graph_limit)
+    first = policy.act([fake_observation(0, INSTRUCTIONS[0])])[0].stats  # vision, and the LLM at its length
+    again = policy.act([fake_observation(1, INSTRUCTIONS[0])])[0].stats
+    longer = policy.act([fake_observation(0, INSTRUCTIONS[1])])[0].stats  # another prompt length: a third shape
+    assert (first["warmup"], first["over_graph_limit"]) == (True, False)
+    assert (again["warmup"], again["over_graph_limit"]) == (False, False)
+    assert (longer["warmup"], longer["over_graph_limit"]) == (False, True)
+    with pytest.raises(PolicyOptionError, match="graph_limit must be at least 1, got 0"):
+        make_policy("oft", {"checkpoint": str(tiny_checkpoint), "graph_limit": "0"})
+
+
 def test_speedups_give_the_same_actions(tiny_checkpoint, policy):
     from tests.tiny_vla import compiled_calls
 
