@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench.profile import ProfileSettings, build_hooks, sweep_methods  # noqa: E402
+from bench.profile import DEFAULT_PROMPT_TOKENS, ProfileSettings, build_hooks, example_inputs, sweep_methods  # noqa: E402
 from policies.vla.config import replace_llm, tiny_config  # noqa: E402
 from policies.vla.graphs import is_recording  # noqa: E402
 from policies.vla.model import OFTModel  # noqa: E402
@@ -46,20 +46,15 @@ class EagerOperators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(model: OFTModel, policy: str, options: dict, prompt_tokens: int, seed: int = 0) -> dict:
+def count(model: OFTModel, policy: str, options: dict, prompt_tokens: int) -> dict:
     """One method's operators outside graphs in its fifth query, and the model's graphs by then."""
-    gen = torch.Generator().manual_seed(seed)
-    size = model.config.image_sizes[0]
-    pixels = torch.randn(1, 6 * model.config.num_images, size, size, generator=gen)
-    proprio = torch.rand(1, model.config.proprio_dim, generator=gen) * 2 - 1
-    prompts = [[1] + torch.randint(3, model.config.llm.vocab_size, (prompt_tokens - 1,), generator=gen).tolist()]
-    hooks = build_hooks(ProfileSettings(policy=policy, policy_args=options), model.config)
+    settings = ProfileSettings(policy=policy, policy_args=options, prompt_tokens=prompt_tokens)
+    pixels, proprio, prompts = example_inputs(model, settings, "cpu")
+    hooks = build_hooks(settings, model.config)
     counter = EagerOperators()
     for query in range(5):
-        if query in (0, 2):
-            model.use_cuda_graphs(False)  # drops the graphs a method before captured
-            if query == 2:
-                model.use_cuda_graphs()
+        if query in (0, 2):  # none, then a fresh set: no graphs of the method before
+            model.use_cuda_graphs(query == 2)
         if hasattr(hooks, "begin"):
             hooks.begin("count", pixels[0])
         with torch.inference_mode(), (counter if query == 4 else contextlib.nullcontext()):
@@ -70,7 +65,7 @@ def count(model: OFTModel, policy: str, options: dict, prompt_tokens: int, seed:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="", help="comma-separated policies (default: those of bench profile --sweep)")
-    parser.add_argument("--prompt-tokens", type=int, default=29)
+    parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = replace_llm(tiny_config(), num_layers=LAYERS)

@@ -435,12 +435,11 @@ class SparseVLMPruner(Hooks):
         if meta:  # no values to compare: any assignment costs the same
             return choose_and_recycle(*plan, hidden[columns.to(hidden.device)], columns, importance, meta=True)
         columns = columns.to(hidden.device)
-        visual_hidden = hidden[columns]  # outside the graph, so that its key is not the stream's length
+        args = (hidden[columns], columns, importance)  # the gather outside: a key without the stream's length
         run = functools.partial(choose_and_recycle, *plan)
         if self.graphs is None:
-            return run(visual_hidden, columns, importance)
-        return self.graphs.run(f"sparsevlm choose and recycle {plan}", run, visual_hidden, columns,
-                               importance.to(hidden.device))
+            return run(*args)
+        return self.graphs.run(f"sparsevlm choose and recycle {plan}", run, *args)
 
 
 def choose_and_recycle(removed: int, recycled: int, clusters: int, visual_hidden: torch.Tensor, columns: torch.Tensor,

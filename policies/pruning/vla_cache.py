@@ -196,20 +196,20 @@ class VLACache(Hooks):
     # --- per-episode state -------------------------------------------------------------
     def reset(self) -> None:
         self.episodes.clear()
-        self.current, self.reuse_order, self.counts, self._slots = None, None, [], None
-        self._extra = {}
+        self._new_query(None)
 
     def forget(self, episode_id: str) -> None:
         self.episodes.pop(episode_id, None)
         if self.current == episode_id:  # a later query without begin() must not look for its cache
-            self.current, self.reuse_order, self.counts, self._slots = None, None, [], None
-            self._extra = {}
+            self._new_query(None)
+
+    def _new_query(self, episode_id: str | None) -> None:
+        """Nothing of the last query's choice, columns or gathered keys carries over."""
+        self.current, self.reuse_order, self.counts, self._slots, self._extra = episode_id, None, [], None, {}
 
     def begin(self, episode_id: str, pixels: torch.Tensor) -> None:
         """Called before each single-sample query with that sample's model input (6 * images, H, W)."""
-        self.current = episode_id
-        self._slots, self._extra = None, {}
-        self.reuse_order, self.counts = None, []
+        self._new_query(episode_id)
         patches = patch_vectors(pixels, self.images, self.levels)  # a new array: never a view of the frame
         cache = self.episodes.get(episode_id)
         if cache is None:

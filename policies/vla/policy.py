@@ -1,9 +1,9 @@
 """The ``oft`` policy: OpenVLA-OFT on LIBERO observations, from a local checkpoint.
 
 Given a ``size`` instead of a checkpoint it runs that preset with random weights (cost figures
-and smoke runs; asked for by name, so a forgotten checkpoint is an error, not a run of
-meaningless episodes; its actions are meaningless and no unnormalisation statistics exist, so outputs pass
-through unscaled). Plug-in adapters (LightVLA, FastV, ...) subclass this and supply hooks.
+and smoke runs; asked for by name, so that a forgotten checkpoint is an error). Their actions
+are meaningless and no unnormalisation statistics exist, so outputs pass through unscaled.
+Plug-in adapters (LightVLA, FastV, ...) subclass this and supply hooks.
 """
 
 from __future__ import annotations
