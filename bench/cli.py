@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--resume", action="store_true",
                      help="continue --out: run only the episodes it does not hold or record as failed")
     rec.add_argument("--workers", type=POSITIVE, default=1,
-                     help="env worker processes (default 1); episodes are then written in the order they end")
+                     help="env worker processes (default 1); the file numbers its demonstrations by task and init state")
     rec.add_argument("--no-progress", action="store_true")
 
     reg = sub.add_parser("regenerate-demos", help="replay LIBERO's own demonstration files into training files, "
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replay and record no-op actions too (OFT skips them: neither executed nor recorded)")
     reg.add_argument("--resume", action="store_true", help="continue --out: replay only what it does not settle yet")
     reg.add_argument("--workers", type=POSITIVE, default=1,
-                     help="env worker processes (default 1); replays are then written in the order they end")
+                     help="env worker processes (default 1); the file numbers its demonstrations by task and source demonstration")
     reg.add_argument("--no-progress", action="store_true")
 
     imp = sub.add_parser("import-rlds", help="OpenVLA-OFT's LIBERO RLDS datasets as a demonstration file "

@@ -110,12 +110,18 @@ class RecordingFactory:
 
 class DemoWriter:
     """Writes demonstrations one by one, flushed after each. ``append``: add to an existing file
-    (a resumed run), whose attributes ``file_attrs`` then update."""
+    (a resumed run), whose attributes ``file_attrs`` then update.
 
-    def __init__(self, path: Path, file_attrs: dict, append: bool = False):
+    With ``order_key`` (a demonstration's attributes -> a sort key), ``close`` numbers the
+    demonstrations in that order: worker processes end them in an order that depends on timing,
+    and a resumed run appends, yet the file should not depend on either."""
+
+    def __init__(self, path: Path, file_attrs: dict, append: bool = False,
+                 order_key: Callable[[dict], tuple] | None = None):
         import h5py
 
         self.path = Path(path)
+        self.order_key = order_key
         if append:
             self._file = h5py.File(self.path, "r+")
             self._data = self._file["data"]
@@ -157,8 +163,29 @@ class DemoWriter:
         self._file.flush()
 
     def close(self) -> None:
+        if self.order_key is not None:
+            self._renumber()
         self._data.attrs["num_demos"] = self.count
         self._file.close()
+
+    def _renumber(self) -> None:
+        """demo_0, demo_1, ... in ``order_key`` order. Renaming moves links, not data; the names
+        in between (demo_3_as_0) stay unique, so a process killed halfway leaves every
+        demonstration readable and a resumed run's next name (demo_<count>) free."""
+        names = sorted(self._data, key=demo_number)
+        wanted = sorted(names, key=lambda name: self.order_key(dict(self._data[name].attrs)))
+        if wanted == names:
+            return
+        for i, name in enumerate(wanted):
+            self._data.move(name, f"{name}_as_{i}")
+        for i, name in enumerate(wanted):
+            self._data.move(f"{name}_as_{i}", f"demo_{i}")
+        self._file.flush()
+
+
+def demo_number(name: str) -> int:
+    """i of a group demo_i (or of demo_i_as_j, a name a renumbering was interrupted in)."""
+    return int(name.split("_")[1])
 
 
 def settled_attempts(path: Path, command: str, settings: dict, key_of: Callable[[dict], str]) -> dict[str, str]:
@@ -192,7 +219,7 @@ def read_demos(path: str | Path, images: bool = True) -> list[Demo]:
     with h5py.File(path, "r") as f:
         if "data" not in f:
             raise ValueError(f"{path} is not a demonstration file: it has no 'data' group")
-        names = sorted(f["data"], key=lambda n: int(n.split("_")[1]))
+        names = sorted(f["data"], key=demo_number)
         for name in names:
             g = f["data"][name]
             demos.append(Demo(

@@ -4,7 +4,8 @@
 again), are not run again; those that ended in an error are.
 
 With ``workers`` > 1 the episodes run in env worker processes (``bench.pool``), the policy
-answering in this process, and are written in the order they end.
+answering in this process. Whatever order they end in, and however often the run was resumed,
+the file numbers its demonstrations by task and init state.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def record_demos(
         "image_orientation": IMAGE_ORIENTATION,
         "versions": str(package_versions()),
         "updated_at": now_iso(),
-    }, append=resume)
+    }, append=resume, order_key=lambda a: (a["task_index"], a["init_state_index"]))
     if not resume:
         writer.set_file_attr("created_at", now_iso())
     failed = {key: why for key, why in settled.items() if why != "recorded"}

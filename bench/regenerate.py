@@ -14,7 +14,8 @@ in its repository), and this does the same:
 - a demonstration is kept only if the task's goal holds after its last action.
 
 With ``workers`` > 1 the replays run in env worker processes (``bench.pool``), each
-demonstration still after as many resets as its index, and are written in the order they end.
+demonstration still after as many resets as its index. Whatever order they end in, and however
+often the run was resumed, the file numbers its demonstrations by task and source demonstration.
 
 The output is in ``bench record-demos``' layout, so ``bench finetune`` trains on it. One
 difference from OFT's script: the state stored with the first step is the simulator's after
@@ -32,7 +33,8 @@ from typing import Callable
 
 import numpy as np
 
-from bench.demos import FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, RecordingFactory, settled_attempts
+from bench.demos import (FAILED_ATTR, IMAGE_ORIENTATION, DemoWriter, RecordingEnv, RecordingFactory, demo_number,
+                         settled_attempts)
 from bench.episode import ERROR, FAILURE, SUCCESS, EpisodeResult, watchdog
 from bench.pool import Job, WorkerPool, run_here
 from bench.provenance import file_sha256, now_iso, package_versions
@@ -116,7 +118,7 @@ def read_source(path: Path, task: TaskSpec, limit: int | None = None) -> list[So
         if str(data.attrs.get("image_orientation", "")).startswith("upright"):
             raise ValueError(f"{path} was written by bench record-demos or regenerate-demos: train on it as it is")
         _check_instruction(path, data.attrs.get("problem_info"), task)
-        names = sorted(data, key=lambda n: int(n.split("_")[1]))[:limit]
+        names = sorted(data, key=demo_number)[:limit]
         demos = []
         for name in names:
             group = data[name]
@@ -125,7 +127,7 @@ def read_source(path: Path, task: TaskSpec, limit: int | None = None) -> list[So
                 raise ValueError(f"{path}: {name}'s actions have shape {actions.shape}, expected (T, 7) with T > 0")
             if not np.isfinite(actions).all():
                 raise ValueError(f"{path}: {name}'s actions hold NaN or infinite values")
-            demos.append(SourceDemo(path, name, int(name.split("_")[1]), actions, np.asarray(group["states"][0])))
+            demos.append(SourceDemo(path, name, demo_number(name), actions, np.asarray(group["states"][0])))
     return demos
 
 
@@ -206,7 +208,7 @@ def regenerate_demos(
         "sources": json.dumps(sources),
         "versions": str(package_versions()),
         "updated_at": now_iso(),
-    }, append=resume)
+    }, append=resume, order_key=lambda a: (a["task_index"], demo_number(a["source_demo"])))
     if not resume:
         writer.set_file_attr("created_at", now_iso())
     jobs = [Job(demo.key(task.index), task, demo.index, data=demo) for task, demo in plan

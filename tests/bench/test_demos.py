@@ -50,6 +50,48 @@ def test_writer_and_reader_round_trip(tmp_path):
     assert len(read_demos(path)) == 1
 
 
+def few_steps(value: float) -> list[dict]:
+    return [{"action": np.full(7, value), "state": np.zeros(5), "reward": 1.0,
+             "agentview_rgb": np.zeros((4, 4, 3), np.uint8), "eye_in_hand_rgb": np.zeros((4, 4, 3), np.uint8),
+             **{k: np.zeros(3 if k != "gripper_states" else 2) for k in LOW_DIM_KEYS}}]
+
+
+def test_the_writer_numbers_demonstrations_by_its_order_key_across_resumed_runs(tmp_path):
+    path = tmp_path / "demos.hdf5"
+    key = lambda attrs: (attrs["task_index"], attrs["init_state_index"])  # noqa: E731
+    writer = DemoWriter(path, {"suite": "libero_goal"}, order_key=key)
+    for task, init in [(1, 0), (0, 2)]:  # ended out of order
+        writer.add(few_steps(10 * task + init), {"task_index": task, "init_state_index": init})
+    writer.close()
+    writer = DemoWriter(path, {"suite": "libero_goal"}, append=True, order_key=key)  # resumed
+    writer.add(few_steps(1), {"task_index": 0, "init_state_index": 1})
+    writer.close()
+    demos = read_demos(path)
+    assert [d.name for d in demos] == ["demo_0", "demo_1", "demo_2"]
+    assert [key(d.attrs) for d in demos] == [(0, 1), (0, 2), (1, 0)]
+    assert [d.actions[0, 0] for d in demos] == [1, 2, 10]  # each group moved with its data
+    with h5py.File(path) as f:
+        assert f["data"].attrs["num_demos"] == 3 and sorted(f["data"]) == ["demo_0", "demo_1", "demo_2"]
+
+
+def test_a_renumbering_cut_short_loses_nothing_and_the_next_run_completes_it(tmp_path):
+    path = tmp_path / "demos.hdf5"
+    key = lambda attrs: attrs["task_index"]  # noqa: E731
+    writer = DemoWriter(path, {"suite": "libero_goal"})
+    for task in (2, 1, 0):
+        writer.add(few_steps(task), {"task_index": task, "init_state_index": 0})
+    writer.close()
+    with h5py.File(path, "r+") as f:  # killed after the first pass's first move
+        f["data"].move("demo_2", "demo_2_as_0")
+    assert sorted(d.attrs["task_index"] for d in read_demos(path)) == [0, 1, 2]
+    writer = DemoWriter(path, {"suite": "libero_goal"}, append=True, order_key=key)
+    writer.add(few_steps(3), {"task_index": 3, "init_state_index": 0})  # demo_3: a free name
+    writer.close()
+    demos = read_demos(path)
+    assert [d.name for d in demos] == [f"demo_{i}" for i in range(4)]
+    assert [d.attrs["task_index"] for d in demos] == [d.actions[0, 0] for d in demos] == [0, 1, 2, 3]
+
+
 def test_reading_a_file_that_is_no_demo_file(tmp_path):
     path = tmp_path / "other.hdf5"
     with h5py.File(path, "w") as f:
