@@ -69,7 +69,7 @@ class VisionBackbone(nn.Module):
         self.embed_dim = self.featurizer.embed_dim + self.fused_featurizer.embed_dim
         self.parallel_towers = False  # set by ``OFTModel.use_speedups``
         self._side_streams: dict = {}
-        self._kept: tuple | None = None  # the last patch mask a hook gave, its counts and indices
+        self._kept: tuple | None = None  # the last patch mask a hook gave, and its kept indices
         self._compiled_blocks: list[list] | None = None  # per tower, torch.compile'd blocks (a plain
         # list, so they are not registered as submodules and checkpoint keys stay the same)
 
@@ -164,21 +164,21 @@ class VisionBackbone(nn.Module):
         if mask.dtype != torch.bool or tuple(mask.shape) != (images, patches):
             raise ValueError(f"a vision hook keeps patches with a ({images}, {patches}) bool mask "
                              f"(images, patches), got {mask.dtype} {tuple(mask.shape)}")
-        counts, kept = self._kept_patches(mask)
-        order = right_aligned(torch.cat([mask.new_ones(images, prefix), mask], dim=1), prefix + max(counts))
-        rows = [order[i, order.shape[1] - prefix - n:].to(x.device) for i, n in enumerate(counts)]
+        kept = self._kept_patches(mask)
+        head = torch.arange(prefix, device=x.device)  # the prefix tokens, then the kept patches
+        rows = [torch.cat([head, k.to(x.device) + prefix]) if prefix else k.to(x.device) for k in kept]
         return [x[i].index_select(0, r) for i, r in enumerate(rows)], kept
 
-    def _kept_patches(self, mask: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
-        """Per image, the count and the indices of the patches ``mask`` keeps. Read on the host
-        once per mask (on a GPU, a wait): the second tower, handed the same mask, reads nothing."""
+    def _kept_patches(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the indices of the patches ``mask`` keeps. Their counts are read on the
+        host once per mask (on a GPU, a wait): the second tower, handed the same mask, reads nothing."""
         if self._kept is not None and self._kept[0] is mask:
-            return self._kept[1], self._kept[2]
+            return self._kept[1]
         counts = mask.sum(dim=1).tolist()
         order = right_aligned(mask, max(counts))
         kept = [order[i, order.shape[1] - n:] for i, n in enumerate(counts)]
-        self._kept = (mask, counts, kept)
-        return counts, kept
+        self._kept = (mask, kept)
+        return kept
 
     def forward(self, pixel_values: torch.Tensor, hooks: Hooks | None = None,
                 traces: list[QueryTrace] | None = None) -> VisualTokens:
